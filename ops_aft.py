@@ -123,7 +123,17 @@ def _band_sum(coef, x_win):
     return out
 
 
-def _windowed(k, v, band, left: int, right: int, *, causal: bool, mask=None, return_state: bool = False):
+def _windowed(
+    k,
+    v,
+    band,
+    left: int,
+    right: int,
+    *,
+    causal: bool,
+    mask=None,
+    return_state: bool = False,
+):
     """Pool (bias 0) + window band (bias `band`), exact in both causal and non-causal modes.
 
     k, v as in the module docstring; band: (B|1, T, H|1, 1, W) bias of window entry j (position t - left + j),
@@ -157,7 +167,15 @@ def _windowed(k, v, band, left: int, right: int, *, causal: bool, mask=None, ret
             pool = (
                 AFTState(m[:, T - W], n[:, T - W], torch.ones_like(m[:, 0]))
                 if has_pool
-                else empty_state(B, k.shape[2], k.shape[3], v.shape[3], 0, device=k.device, dtype=k.dtype)
+                else empty_state(
+                    B,
+                    k.shape[2],
+                    k.shape[3],
+                    v.shape[3],
+                    0,
+                    device=k.device,
+                    dtype=k.dtype,
+                )
             )
             k_buf = _unfold(k, left, 0, NEG)[:, -1, ..., 1:].permute(0, 3, 1, 2)  # last W - 1 keys
             v_buf = _unfold(v, left, 0, 0.0)[:, -1, ..., 1:].permute(0, 3, 1, 2)
@@ -192,7 +210,18 @@ def aft_simple(q, k, v, *, causal: bool, mask=None, return_state: bool = False):
     return _gate(q, y), state
 
 
-def aft_local(q, k, v, pos_u, pos_v, window: int, *, causal: bool, mask=None, return_state: bool = False):
+def aft_local(
+    q,
+    k,
+    v,
+    pos_u,
+    pos_v,
+    window: int,
+    *,
+    causal: bool,
+    mask=None,
+    return_state: bool = False,
+):
     """AFT-local: bias u_t . v_t' for |t - t'| < window, 0 outside. pos_u, pos_v: (B|1, T, R)."""
     left, right = (window - 1, 0) if causal else (window - 1, window - 1)
     pos_u, pos_v = pos_u.to(_acc_dtype(k)), pos_v.to(_acc_dtype(k))
@@ -253,6 +282,7 @@ def _full_causal(k, v, w):
         num = ew @ (ek * vb).permute(0, 1, 3, 2, 4)  # (B, P, H, b, Dv)
         den = ew @ ek.permute(0, 1, 3, 2, 4)  # (B, P, H, b, Dk)
         ref = wmax[:, :, None] + kmax.permute(0, 1, 3, 2, 4)  # (B, P, H, b, Dk)
+
         # Scatter onto the odd row blocks; even rows get an empty part (NEG, 0, 0).
         def rows(x, fill):  # noqa: E306
             x = x.permute(0, 1, 3, 2, 4)  # (B, P, b, H, D)
@@ -319,8 +349,12 @@ class AFTState(NamedTuple):
 
 def empty_state(B, H, Dk, Dv, buffer: int, *, rank: int = 0, device=None, dtype=torch.float32):
     """The state before any token: an empty pool (z = 0) and a window buffer of `buffer` empty (NEG) slots."""
-    kw = dict(device=device, dtype=dtype)
-    state = AFTState(torch.full((B, H, Dk), NEG, **kw), torch.zeros(B, H, Dv, **kw), torch.zeros(B, H, Dk, **kw))
+    kw = {"device": device, "dtype": dtype}
+    state = AFTState(
+        torch.full((B, H, Dk), NEG, **kw),
+        torch.zeros(B, H, Dv, **kw),
+        torch.zeros(B, H, Dk, **kw),
+    )
     if buffer is None:
         return state
     return state._replace(
@@ -330,7 +364,18 @@ def empty_state(B, H, Dk, Dv, buffer: int, *, rank: int = 0, device=None, dtype=
     )
 
 
-def aft_step(q, k, v, state: AFTState, *, window: int | None, kernel=None, pos_u=None, pos_v=None, mask=None):
+def aft_step(
+    q,
+    k,
+    v,
+    state: AFTState,
+    *,
+    window: int | None,
+    kernel=None,
+    pos_u=None,
+    pos_v=None,
+    mask=None,
+):
     """Advance the state by one causal step; returns (y, new_state).
 
     q, v: (B, H, Dv); k: (B, H, Dk); mask: (B,) or None. window: 0 for simple, s for local/conv (the buffer keeps

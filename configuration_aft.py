@@ -1,0 +1,153 @@
+"""AFT model configuration."""
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+from transformers.activations import ACT2FN
+
+AFT_VARIANTS = ("full", "local", "simple", "conv")
+QUERY_ACTIVATIONS = ("sigmoid", "relu")
+POSITION_EMBEDDING_TYPES = ("absolute", "none")
+
+
+@strict
+class AFTConfig(PreTrainedConfig):
+    r"""
+    Configuration of an Attention Free Transformer (Zhai et al. 2021): a pre-LN Transformer whose attention is
+    replaced by an AFT token mixer.
+
+    Args:
+        vocab_size (`int`, defaults to 256): tokens in the vocabulary (256: byte level).
+        hidden_size (`int`, defaults to 256): width d of the residual stream.
+        num_hidden_layers (`int`, defaults to 12): number of blocks.
+        intermediate_size (`int`, *optional*): MLP hidden width; defaults to 4 * hidden_size.
+        hidden_act (`str`, defaults to `"gelu"`): MLP activation.
+        max_position_embeddings (`int`, defaults to 1024): positions of the learned absolute embeddings and of
+            the `full`/`local` position bias; inputs must not be longer.
+        layer_norm_eps (`float`, defaults to 1e-5), initializer_range (`float`, defaults to 0.02).
+        hidden_dropout_prob (`float`, defaults to 0.0): dropout on embeddings and on each residual branch.
+        aft_variant (`str`, defaults to `"local"`): the token mixer, one of `"full"`, `"local"`, `"simple"`,
+            `"conv"`.
+        local_window_size (`int`, defaults to 32): window s of `local`: the bias is learned for |t - t'| < s and
+            exactly 0 outside.
+        position_bias_rank (`int`, defaults to 128): rank d' of the factorised bias w = u v^T (`full`, `local`).
+        conv_kernel_size (`int`, defaults to 11): kernel size s of `conv`.
+        num_heads (`int`, defaults to 8): heads of `conv` (one key scalar and one kernel per head).
+        query_activation (`str`, defaults to `"sigmoid"`): sigma_q, `"sigmoid"` or `"relu"`.
+        position_embedding_type (`str`, defaults to `"absolute"`): `"absolute"` (learned) or `"none"`.
+        use_cache (`bool`, defaults to `True`): return an `AFTCache` from `forward` for fast decoding.
+
+    Example:
+
+    ```python
+    >>> from aft import AFTConfig, AFTForCausalLM
+    >>> config = AFTConfig(aft_variant="simple", num_hidden_layers=2)
+    >>> model = AFTForCausalLM(config)
+    ```
+    """
+
+    model_type = "aft"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    vocab_size: int = 256
+    hidden_size: int = 256
+    num_hidden_layers: int = 12
+    intermediate_size: int | None = None
+    hidden_act: str = "gelu"
+    max_position_embeddings: int = 1024
+    layer_norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    hidden_dropout_prob: float | int = 0.0
+    aft_variant: str = "local"
+    local_window_size: int = 32
+    position_bias_rank: int = 128
+    conv_kernel_size: int = 11
+    num_heads: int = 8
+    query_activation: str = "sigmoid"
+    position_embedding_type: str = "absolute"
+    use_cache: bool = True
+    tie_word_embeddings: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.intermediate_size is None:
+            self.intermediate_size = 4 * self.hidden_size
+        super().__post_init__(**kwargs)
+
+    def validate_architecture(self):
+        """Every cross-field check of the config, each naming the field, the value and what is allowed."""
+
+        def need(ok, field, allowed):
+            if not ok:
+                raise ValueError(f"AFTConfig.{field}={getattr(self, field)!r} is not allowed: {allowed}.")
+
+        need(
+            self.aft_variant in AFT_VARIANTS,
+            "aft_variant",
+            f"use one of {AFT_VARIANTS}",
+        )
+        need(
+            self.query_activation in QUERY_ACTIVATIONS,
+            "query_activation",
+            f"use one of {QUERY_ACTIVATIONS}",
+        )
+        need(
+            self.position_embedding_type in POSITION_EMBEDDING_TYPES,
+            "position_embedding_type",
+            f"use one of {POSITION_EMBEDDING_TYPES}",
+        )
+        need(
+            self.hidden_act in ACT2FN,
+            "hidden_act",
+            "use an activation name from transformers.activations.ACT2FN",
+        )
+        for field in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "intermediate_size",
+            "max_position_embeddings",
+        ):
+            need(getattr(self, field) >= 1, field, "it must be a positive integer")
+        need(
+            0 <= self.hidden_dropout_prob < 1,
+            "hidden_dropout_prob",
+            "it must be in [0, 1)",
+        )
+        need(self.layer_norm_eps > 0, "layer_norm_eps", "it must be > 0")
+        if self.aft_variant == "local":
+            need(
+                self.local_window_size >= 1,
+                "local_window_size",
+                "the window must be >= 1",
+            )
+        if self.aft_variant in ("full", "local"):
+            need(
+                self.position_bias_rank >= 1,
+                "position_bias_rank",
+                "the bias rank must be >= 1",
+            )
+        if self.aft_variant == "conv":
+            need(
+                self.conv_kernel_size >= 1,
+                "conv_kernel_size",
+                "the kernel size must be >= 1",
+            )
+            need(self.num_heads >= 1, "num_heads", "it must be >= 1")
+            need(
+                self.hidden_size % self.num_heads == 0,
+                "num_heads",
+                f"hidden_size={self.hidden_size} must be divisible by num_heads",
+            )
+
+    @property
+    def has_position_limit(self) -> bool:
+        """Whether inputs are limited to `max_position_embeddings` positions (absolute embeddings or a u v^T bias)."""
+        return self.position_embedding_type == "absolute" or self.aft_variant in (
+            "full",
+            "local",
+        )
+
+
+__all__ = ["AFTConfig"]

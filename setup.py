@@ -1,0 +1,42 @@
+"""Packaging: the repository root is the `aft` package (the layout transformers' Hub code loader expects)."""
+
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+
+class BuildPy(build_py):
+    """Ship the model modules, not this file."""
+
+    def find_package_modules(self, package, package_dir):
+        return [m for m in super().find_package_modules(package, package_dir) if m[1] != "setup"]
+
+
+setup(
+    name="aft-transformers",
+    version="0.1.0",
+    description="Attention Free Transformer (Zhai et al. 2021) models for Hugging Face transformers",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=["aft"],
+    package_dir={"aft": "."},
+    cmdclass={"build_py": BuildPy},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.6,<2.14",
+        "transformers>=5.23,<5.24",
+        "safetensors>=0.6,<0.9",
+        "huggingface_hub>=1.0,<2.5",
+        "tokenizers>=0.22,<0.24",
+    ],
+    extras_require={
+        "train": [
+            "accelerate>=1.10,<1.16",
+            "datasets>=4.0,<5.3",
+            "evaluate>=0.4.5,<0.5",
+        ],
+        "test": ["pytest>=8,<10", "ruff>=0.15,<0.18"],
+    },
+)

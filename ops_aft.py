@@ -55,9 +55,11 @@ def aft_reference(q, k, v, w=None, *, causal: bool, mask=None):
     allowed = allowed.expand(B, T, T)
     if mask is not None:
         allowed = allowed & mask.bool()[:, None, :]
-    logits = logits.expand(B, T, T, H, k.shape[-1]).masked_fill(~allowed[..., None, None], float("-inf"))
+    empty = ~allowed.any(-1, keepdim=True)  # rows that see only padding: defined as 0
+    logits = logits.expand(B, T, T, H, k.shape[-1]).masked_fill(~(allowed | empty)[..., None, None], float("-inf"))
     p = torch.softmax(logits, dim=2)  # over t'
     y = (p * v.to(dtype)[:, None]).sum(2)  # (B, T, H, Dv)
+    y = torch.where(empty[..., None], torch.zeros_like(y), y)
     return (q.to(dtype) * y).to(q.dtype)
 
 
@@ -100,13 +102,14 @@ def conv_kernel(weight, gamma, beta, eps: float = 1e-5):
 def _prefix_pool(k, v):
     """Causal pool over t' <= t, as a log-normaliser m_t = log sum e^k and the weighted mean n_t (so z_t = 1).
 
-    The mean is exp(logcumsumexp(k + log(v - c)) - m) + c with c below every value: the logs stay finite and c
-    cancels exactly. -> m (B, T, H, Dk), n (B, T, H, Dv).
+    v = a - b with a = relu(v) + 1 >= 1 and b = a - v >= 1, so both weighted means come from a log-space cumulative
+    sum with finite logs, nothing in it looks past t, and d(a - b)/dv = 1 exactly. -> m (B, T, H, Dk), n (B, T, H, Dv).
     """
     m = torch.logcumsumexp(k, dim=1)
-    c = v.detach().amin(dim=1, keepdim=True) - 1
-    n = torch.exp(torch.logcumsumexp(k + torch.log(v - c), dim=1) - m) + c
-    return m, n
+    a = v.clamp(min=0) + 1
+    b = a - v
+    mean = lambda x: torch.exp(torch.logcumsumexp(k + torch.log(x), dim=1) - m)  # noqa: E731
+    return m, mean(a) - mean(b)
 
 
 def _unfold(x, left: int, right: int, fill: float):

@@ -1,0 +1,146 @@
+"""AFTConfig, AFTModel and AFTForCausalLM: the transformers API surface, errors, causality and numerics."""
+
+import pytest
+import torch
+from conftest import VARIANTS, tiny_config
+from huggingface_hub.errors import StrictDataclassClassValidationError
+
+from aft import AFTCache, AFTConfig, AFTForCausalLM, AFTModel
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"aft_variant": "sparse"}, r"aft_variant='sparse' is not allowed.*'full', 'local', 'simple', 'conv'"),
+        (
+            {"aft_variant": "local", "local_window_size": 0},
+            r"local_window_size=0 is not allowed: the window must be >= 1",
+        ),
+        ({"aft_variant": "conv", "hidden_size": 30, "num_heads": 4}, r"num_heads=4 is not allowed: hidden_size=30"),
+        ({"query_activation": "tanh"}, r"query_activation='tanh' is not allowed"),
+        ({"position_embedding_type": "rotary"}, r"position_embedding_type='rotary' is not allowed"),
+        ({"aft_variant": "full", "position_bias_rank": 0}, r"position_bias_rank=0 is not allowed"),
+    ],
+)
+def test_config_errors_name_field_value_and_allowed(kwargs, match):
+    with pytest.raises(StrictDataclassClassValidationError, match=match):
+        AFTConfig(**kwargs)
+
+
+def test_config_roundtrip(tmp_path):
+    config = tiny_config("conv", query_activation="relu", position_embedding_type="none")
+    config.save_pretrained(tmp_path)
+    loaded = AFTConfig.from_pretrained(tmp_path)
+    assert loaded.to_dict() == config.to_dict()
+    assert AFTConfig().intermediate_size == 4 * AFTConfig().hidden_size
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_model_is_causal(variant):
+    """Changing token t+1 changes no logit at positions <= t."""
+    model = AFTForCausalLM(tiny_config(variant)).eval()
+    ids = torch.randint(1, 37, (2, 12))
+    changed = ids.clone()
+    changed[:, 7] = (ids[:, 7] + 5) % 37
+    with torch.no_grad():
+        a, b = model(ids).logits, model(changed).logits
+    torch.testing.assert_close(a[:, :7], b[:, :7], atol=0, rtol=0)
+    assert not torch.allclose(a[:, 7:], b[:, 7:])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_forward_outputs_loss_and_backward(variant):
+    config = tiny_config(variant)
+    model = AFTForCausalLM(config)
+    ids = torch.randint(1, 37, (2, 10))
+    out = model(ids, labels=ids, output_hidden_states=True)
+    assert out.logits.shape == (2, 10, 37)
+    assert len(out.hidden_states) == config.num_hidden_layers + 1
+    assert isinstance(out.past_key_values, AFTCache) and out.past_key_values.get_seq_length() == 10
+    expected = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 37), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss, expected)
+    out.loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    if variant in ("local", "full"):
+        assert model.model.layers[0].mixer.pos_u.grad.abs().sum() > 0
+    if variant == "conv":  # gamma receives gradient even while the kernel is zero
+        assert model.model.layers[0].mixer.conv_gamma.grad.abs().sum() > 0
+
+
+def test_tied_embeddings_inputs_embeds_and_logits_to_keep():
+    model = AFTForCausalLM(tiny_config("local")).eval()
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    ids = torch.randint(1, 37, (2, 9))
+    with torch.no_grad():
+        logits = model(ids).logits
+        from_embeds = model(inputs_embeds=model.get_input_embeddings()(ids)).logits
+        last = model(ids, logits_to_keep=1).logits
+    torch.testing.assert_close(from_embeds, logits)
+    assert last.shape == (2, 1, 37)
+    torch.testing.assert_close(last[:, 0], logits[:, -1])
+
+
+def test_paper_initialisation():
+    model = AFTForCausalLM(tiny_config("full", position_bias_rank=64, max_position_embeddings=512))
+    pos_u = model.model.layers[0].mixer.pos_u
+    assert abs(pos_u.std().item() - 0.01) < 0.002
+    conv = AFTForCausalLM(tiny_config("conv")).model.layers[1].mixer
+    assert torch.equal(conv.conv_gamma, torch.zeros_like(conv.conv_gamma))
+    assert torch.equal(conv.conv_beta, torch.zeros_like(conv.conv_beta))
+
+
+@pytest.mark.parametrize("variant", ["simple", "full"])
+def test_gradient_checkpointing_matches(variant):
+    model = AFTForCausalLM(tiny_config(variant))
+    ids = torch.randint(1, 37, (2, 10))
+    loss = model(ids, labels=ids).loss
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    model.activation_checkpointing_enable()
+    model.train()
+    out = model(ids, labels=ids, use_cache=True)
+    assert out.past_key_values is None  # checkpointed training keeps no cache
+    grads_ckpt = torch.autograd.grad(out.loss, list(model.parameters()))
+    for a, b in zip(grads, grads_ckpt, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_clear_errors_before_any_work():
+    model = AFTForCausalLM(tiny_config("local")).eval()
+    ids = torch.randint(1, 37, (2, 8))
+    with pytest.raises(ValueError, match=r"`input_ids` contains the id 37.*\[0, 36\].*vocab_size=37"):
+        model(torch.full((1, 4), 37))
+    with pytest.raises(ValueError, match=r"`input_ids` contains the id -1"):
+        model(torch.full((1, 4), -1))
+    with pytest.raises(ValueError, match=r"`attention_mask` has shape \(2, 7\); expected \(2, 8\)"):
+        model(ids, attention_mask=torch.ones(2, 7))
+    with pytest.raises(ValueError, match=r"reaches position 96.*max_position_embeddings=96"):
+        model(torch.randint(1, 37, (1, 97)))
+    with pytest.raises(ValueError, match="exactly one of `input_ids` and `inputs_embeds`"):
+        model()
+
+
+def test_no_length_limit_without_positions():
+    """simple and conv without absolute positions run past max_position_embeddings."""
+    for variant in ("simple", "conv"):
+        model = AFTModel(tiny_config(variant, position_embedding_type="none", max_position_embeddings=8)).eval()
+        with torch.no_grad():
+            out = model(torch.randint(1, 37, (1, 40)))
+        assert out.last_hidden_state.shape == (1, 40, 16)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_large_keys_finite_in_every_dtype(variant, dtype):
+    """Scale the key projections so keys reach +-60: logits stay finite in fp32, bf16 and fp16."""
+    model = AFTForCausalLM(tiny_config(variant)).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mixer.k_proj.weight.mul_(800)
+        probe = model.model.layers[0]
+        ids = torch.randint(1, 37, (2, 24))
+        hidden = probe.ln_1(model.model.embed_tokens(ids) + model.model.embed_positions(torch.arange(24)))
+        assert probe.mixer.k_proj(hidden).abs().max() > 60
+        model.to(dtype)
+        logits = model(ids, attention_mask=torch.ones(2, 24, dtype=torch.long)).logits
+    assert torch.isfinite(logits).all()

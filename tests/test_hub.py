@@ -1,0 +1,70 @@
+"""Auto classes with the package installed, and a saved folder loaded as Hub remote code without it."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import tiny_config
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from aft import AFTConfig, AFTForCausalLM, AFTModel
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = AFTForCausalLM(tiny_config("local")).eval()
+    model.save_pretrained(tmp_path / "model")
+    return model, tmp_path / "model"
+
+
+def test_save_writes_code_and_auto_map(saved):
+    _, folder = saved
+    files = set(os.listdir(folder))
+    assert {"config.json", "model.safetensors", "configuration_aft.py", "modeling_aft.py", "ops_aft.py"} <= files
+    auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
+    assert auto_map == {
+        "AutoConfig": "configuration_aft.AFTConfig",
+        "AutoModel": "modeling_aft.AFTModel",
+        "AutoModelForCausalLM": "modeling_aft.AFTForCausalLM",
+    }
+
+
+def test_auto_classes_with_the_package_installed(saved):
+    model, folder = saved
+    assert isinstance(AutoConfig.from_pretrained(folder), AFTConfig)
+    loaded = AutoModelForCausalLM.from_pretrained(folder)
+    assert type(loaded) is AFTForCausalLM  # the installed class, not remote code
+    assert type(AutoModel.from_pretrained(folder)) is AFTModel
+    ids = torch.randint(1, 37, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+
+
+def test_remote_code_in_a_fresh_process_without_the_package(saved, tmp_path):
+    model, folder = saved
+    ids = torch.randint(1, 37, (2, 9))
+    torch.save(ids, tmp_path / "ids.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["aft"] = None  # the package is not importable in this process
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        ids = torch.load({str(tmp_path / "ids.pt")!r})
+        with torch.no_grad():
+            torch.save(model(ids).logits, {str(tmp_path / "logits.pt")!r})
+            out = model.generate(ids[:1], max_new_tokens=4, do_sample=False)
+        assert out.shape == (1, 13)
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), model(ids).logits)

@@ -475,14 +475,18 @@ def _pad_grid(x, grid, s: int):
 def _depthwise_2d(x, coef, grid):
     """sum_{i,j} coef[h, i, j] x[window entry (i, j)] as a depth-wise conv2d (cross-correlation).
 
-    x: (B, T, H, C), coef: (H, s, s) shared by the C channels of head h -> (B, T, H, C).
+    x: (B, T, H, C), coef: (H, s, s) shared by the C channels of head h -> (B, T, H, C). The (B, T, H * C) memory
+    is already channels-last, so the conv2d runs on a permuted view and its output permutes back without a copy.
     """
     B, T, H, C = x.shape
-    xg = _pad_grid(x, grid, coef.shape[-1])  # (B, Gh + s - 1, Gw + s - 1, H, C)
-    xg = xg.permute(0, 3, 4, 1, 2).reshape(B, H * C, *xg.shape[1:3])
+    s = coef.shape[-1]
+    lo, hi = (s - 1) // 2, s // 2
+    xg = x.reshape(B, *grid, H * C).permute(0, 3, 1, 2)  # (B, H * C, Gh, Gw) view
+    if lo != hi:  # an even kernel: one more patch after than before
+        xg = F.pad(xg, (lo, hi, lo, hi))
     weight = coef.to(x.dtype).repeat_interleave(C, dim=0)[:, None]  # (H * C, 1, s, s)
-    y = F.conv2d(xg, weight, groups=H * C)  # (B, H * C, Gh, Gw)
-    return y.view(B, H, C, T).permute(0, 3, 1, 2)
+    y = F.conv2d(xg, weight, padding=lo if lo == hi else 0, groups=H * C)  # (B, H * C, Gh, Gw)
+    return y.permute(0, 2, 3, 1).reshape(B, T, H, C)
 
 
 def _band_sum_2d(coef, x, grid):

@@ -3,18 +3,20 @@
 All three have the same width, depth, patch size and MLP; ViT uses transformers' default attention (SDPA),
 AFT-conv the paper's tiny recipe (one head per channel, an 11 x 11 kernel). Each model runs at 224^2 and 384^2.
 
-    python scripts/benchmark_vision.py                 # CPU: width 64, depth 2, batch 8 (a few minutes on 2 cores)
+    python scripts/benchmark_vision.py                 # CPU: width 192, depth 4, batch 8 (minutes on 2 cores)
     python scripts/benchmark_vision.py --quick         # a smoke run: one timed step per model and size
     python scripts/benchmark_vision.py --device cuda   # width 192, depth 12 (DeiT-tiny), batch 64
 
 Peak memory is what one step allocates above what was live before it (weights and the input batch are
 excluded and reported apart): on CUDA from `torch.cuda.max_memory_allocated`, on CPU by replaying the allocator
-events that `torch.profiler` records with `profile_memory=True`, in a separate untimed step.
+events that `torch.profiler` records with `profile_memory=True`, in a separate untimed step. Speed is the median
+of the timed steps (robust to other processes sharing the CPU); every step's time is saved in the JSON.
 """
 
 import argparse
 import json
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -34,8 +36,8 @@ def parse_args():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 384], help="image sides in pixels")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    parser.add_argument("--hidden-size", type=int, help="width (default: 192 on CUDA, 64 on CPU)")
-    parser.add_argument("--num-layers", type=int, help="depth (default: 12 on CUDA, 2 on CPU)")
+    parser.add_argument("--hidden-size", type=int, default=192, help="width (default: DeiT-tiny's 192)")
+    parser.add_argument("--num-layers", type=int, help="depth (default: 12 on CUDA, as DeiT-tiny; 4 on CPU)")
     parser.add_argument("--patch-size", type=int, default=16)
     parser.add_argument("--conv-heads", type=int, help="AFT-conv heads (default: one per channel, as the paper)")
     parser.add_argument("--conv-kernel-size", type=int, default=11)
@@ -50,8 +52,7 @@ def parse_args():
     parser.add_argument("--output", type=Path, default=Path("outputs/benchmark_vision.json"))
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
-    args.hidden_size = args.hidden_size or (192 if cuda else 64)
-    args.num_layers = args.num_layers or (12 if cuda else 2)
+    args.num_layers = args.num_layers or (12 if cuda else 4)
     args.conv_heads = args.conv_heads or args.hidden_size
     args.batch_size = args.batch_size or (64 if cuda else 8)
     if args.quick:
@@ -135,12 +136,14 @@ def measure(name, image_size, args, device):
     step = make_step(model, pixel_values, labels, args.mode)
     for _ in range(args.warmup):
         step()
-    sync(device)
-    start = time.perf_counter()
+    times = []
     for _ in range(args.steps):
+        sync(device)
+        start = time.perf_counter()
         step()
-    sync(device)
-    seconds = (time.perf_counter() - start) / args.steps
+        sync(device)
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
     peak = peak_step_bytes(step, device)
     return {
         "model": name,
@@ -148,6 +151,7 @@ def measure(name, image_size, args, device):
         "parameters": sum(p.numel() for p in model.parameters()),
         "parameter_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
         "ms_per_batch": 1e3 * seconds,
+        "ms_per_batch_each_step": [1e3 * t for t in times],
         "images_per_s": args.batch_size / seconds,
         "peak_step_mb": peak / 2**20,
     }
@@ -171,7 +175,7 @@ def ratios(results):
     return out
 
 
-def plot(results, path):
+def plot(results, path, title):
     try:
         import matplotlib
 
@@ -192,6 +196,7 @@ def plot(results, path):
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sizes))], [f"{s}²" for s in sizes])
         ax.set_ylabel(label)
     axes[0].legend()
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path
@@ -207,7 +212,8 @@ def main():
 
     print(
         f"\n{args.mode}, batch {args.batch_size}, width {args.hidden_size}, depth {args.num_layers}, "
-        f"patch {args.patch_size}, {args.steps} timed steps, device {device} ({torch.get_num_threads()} threads)"
+        f"patch {args.patch_size}, median of {args.steps} timed steps, "
+        f"device {device} ({torch.get_num_threads()} threads)"
     )
     print(f"{'model':<10}{'size':>6}{'params':>12}{'images/s':>12}{'ms/batch':>12}{'peak MiB':>12}")
     for r in results:
@@ -235,7 +241,8 @@ def main():
     }
     args.output.write_text(json.dumps(report, indent=2))
     print(f"saved {args.output}")
-    png = plot(results, args.output.with_suffix(".png"))
+    title = f"{args.mode}, batch {args.batch_size}, width {args.hidden_size}, depth {args.num_layers}, {device}"
+    png = plot(results, args.output.with_suffix(".png"), title)
     if png:
         print(f"saved {png}")
 

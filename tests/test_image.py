@@ -212,6 +212,20 @@ def test_conv_trained_at_32_runs_at_48_and_64():
     assert model(torch.randn(1, 3, 40, 24)).logits.shape == (1, 3)  # not square either
 
 
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = AFTForImageClassification(tiny_config("local")).train()
+    x, labels = torch.randn(2, 3, 32, 32), torch.tensor([0, 2])
+    model(x, labels=labels).loss.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.activation_checkpointing_enable()
+    assert model.model.layers[0].gradient_checkpointing
+    model(x, labels=labels).loss.backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, expected[name], msg=name)
+
+
 @pytest.mark.parametrize("variant", ["full", "local"])
 def test_absolute_bias_variants_reject_another_size_before_any_work(variant):
     model = AFTForImageClassification(tiny_config(variant)).eval()

@@ -15,6 +15,7 @@ of the timed steps (robust to other processes sharing the CPU); every step's tim
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -231,7 +232,10 @@ def main():
     report = {
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "environment": {
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+            "device": torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else f"{platform.machine()} CPU, {os.cpu_count()} cores",
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,

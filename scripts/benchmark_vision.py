@@ -129,34 +129,48 @@ def peak_step_bytes(step, device):
     return peak
 
 
-def measure(name, image_size, args, device):
-    torch.manual_seed(0)
-    model = build_model(name, image_size, args).to(device)
-    pixel_values = torch.randn(args.batch_size, 3, image_size, image_size, device=device)
-    labels = torch.randint(0, args.num_labels, (args.batch_size,), device=device)
-    step = make_step(model, pixel_values, labels, args.mode)
-    for _ in range(args.warmup):
-        step()
-    times = []
+def timed(step, device):
+    sync(device)
+    start = time.perf_counter()
+    step()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def measure(image_size, args, device, progress):
+    """Every model at one size. Timed steps take the models in turn, so that other processes sharing the machine
+    slow them alike instead of whichever model happens to run at the time."""
+    steps, models = {}, {}
+    for name in args.models:
+        torch.manual_seed(0)
+        models[name] = build_model(name, image_size, args).to(device)
+        pixel_values = torch.randn(args.batch_size, 3, image_size, image_size, device=device)
+        labels = torch.randint(0, args.num_labels, (args.batch_size,), device=device)
+        steps[name] = make_step(models[name], pixel_values, labels, args.mode)
+        for _ in range(args.warmup):
+            steps[name]()
+    times = {name: [] for name in args.models}
     for _ in range(args.steps):
-        sync(device)
-        start = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
-    peak = peak_step_bytes(step, device)
-    return {
-        "model": name,
-        "image_size": image_size,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "parameter_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
-        "ms_per_batch": 1e3 * seconds,
-        "ms_per_batch_best": 1e3 * min(times),
-        "ms_per_batch_each_step": [1e3 * t for t in times],
-        "images_per_s": args.batch_size / seconds,
-        "peak_step_mb": peak / 2**20,
-    }
+        for name in args.models:
+            times[name].append(timed(steps[name], device))
+        progress.update()
+    results = []
+    for name in args.models:
+        seconds = statistics.median(times[name])
+        results.append(
+            {
+                "model": name,
+                "image_size": image_size,
+                "parameters": sum(p.numel() for p in models[name].parameters()),
+                "parameter_mb": sum(p.numel() * p.element_size() for p in models[name].parameters()) / 2**20,
+                "ms_per_batch": 1e3 * seconds,
+                "ms_per_batch_best": 1e3 * min(times[name]),
+                "ms_per_batch_each_step": [1e3 * t for t in times[name]],
+                "images_per_s": args.batch_size / seconds,
+                "peak_step_mb": peak_step_bytes(steps[name], device) / 2**20,
+            }
+        )
+    return results
 
 
 def ratios(results):
@@ -207,14 +221,15 @@ def plot(results, path, title):
 def main():
     args = parse_args()
     device = torch.device(args.device)
-    runs = [(size, name) for size in args.sizes for name in args.models]
     results = []
-    for size, name in tqdm(runs, desc="benchmark", unit="model"):
-        results.append(measure(name, size, args, device))
+    with tqdm(total=len(args.sizes) * args.steps, desc="benchmark", unit="step") as progress:
+        for size in args.sizes:
+            progress.set_postfix(size=size)
+            results += measure(size, args, device, progress)
 
     print(
         f"\n{args.mode}, batch {args.batch_size}, width {args.hidden_size}, depth {args.num_layers}, "
-        f"patch {args.patch_size}, median of {args.steps} timed steps, "
+        f"patch {args.patch_size}, median of {args.steps} timed steps (models in turn), "
         f"device {device} ({torch.get_num_threads()} threads)"
     )
     print(f"{'model':<10}{'size':>6}{'params':>12}{'images/s':>12}{'ms/batch':>12}{'best ms':>10}{'peak MiB':>10}")

@@ -21,7 +21,9 @@ from aft.ops_aft import (
     aft_local_2d,
     aft_reference,
     aft_simple,
+    conv_bias_dense_2d,
     conv_kernel_2d,
+    local_bias_dense_2d,
 )
 
 F64 = torch.float64
@@ -96,6 +98,18 @@ def test_conv_2d_equals_reference(grid, s):
     w = torch.stack([window_bias(grid, s, lambda t, t2, i, j, h=h: kernel[h, i, j]) for h in range(H)])[None]
     ref = aft_reference(q, k, v, w, causal=False)
     assert_same(fast, ref, (q, k, v, kernel))
+
+
+@pytest.mark.parametrize("s", [1, 2, 3, 4])
+def test_dense_grid_biases_of_ops_match_the_literal_window(s):
+    grid, T, H = (3, 5), 15, 2
+    g = torch.Generator().manual_seed(5)
+    kernel = torch.randn(H, s, s, generator=g, dtype=F64)
+    literal = torch.stack([window_bias(grid, s, lambda t, t2, i, j, h=h: kernel[h, i, j]) for h in range(H)])
+    torch.testing.assert_close(conv_bias_dense_2d(kernel, grid), literal[None], rtol=0, atol=0)
+    pos_u, pos_v = torch.randn(1, T, 3, generator=g, dtype=F64), torch.randn(1, T, 3, generator=g, dtype=F64)
+    literal = window_bias(grid, s, lambda t, t2, i, j: pos_u[0, t] @ pos_v[0, t2])
+    torch.testing.assert_close(local_bias_dense_2d(pos_u, pos_v, s, grid), literal[None, None], rtol=0, atol=1e-15)
 
 
 @pytest.mark.parametrize("grid", [(3, 5), (4, 4)])

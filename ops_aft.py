@@ -177,53 +177,65 @@ def _causal_chunked(k, v, band, left: int, mask=None):
 
     Row t of chunk c reads the columns cC - left .. cC + C - 1 with coefficient exp(w_{t,j}) inside its window
     and 1 (bias 0) before it; everything before cC - left comes in as the chunk's carry, an exact prefix over
-    chunks. References: columns against their chunk's largest key `a`, rows against `a` plus the row's largest
-    log-coefficient, so no exponent is positive. The sum of a row cannot underflow unless the keys it sees lie
-    far below its chunk's largest (a jump of more than ~55 inside one chunk, in float32): such rows are detected
-    (den < tiny * 2^40, where every underflowed term is below 2^-40 of the sum) and the caller falls back to the
-    exact `_causal_reference`. Returns y (B, T, H, Dv), or None when that fallback is needed.
+    chunks. Every reference looks only at positions <= cC, so no output depends on a later token, not even in
+    its last bit: columns are scaled by exp(k - b) with b the largest key up to the chunk's first row, rows by
+    exp(b + max log-coefficient - ref) with ref >= both parts. Two things can go wrong, and both are detected:
+    a key more than 60 above b inside the chunk (exp(k - b) could overflow), and a row sum below tiny * 2^40
+    (its underflowed terms would no longer be below 2^-40 of it). Then this returns None and the caller uses the
+    exact `_causal_reference`. Otherwise returns y (B, T, H, Dv).
     """
     B, T, H, Dk = k.shape
     C = min(CHUNK, T)
     nC = -(-T // C)
-    # 1. in-chunk part: G (B|1, nC|1, H|1, C, L) @ columns (B, nC, H, L, D), L = C + left
-    kw = _chunk_columns(k, left, 0, C, NEG)
-    a = kw.detach().amax(-2, keepdim=True)  # (B, nC, H, 1, Dk)
-    x = torch.exp(kw - a)
-    num = x * _chunk_columns(v, left, 0, C, 0.0)
-    rows = torch.arange(C, device=k.device)
-    before = (torch.arange(C + left, device=k.device)[None, :] < rows[:, None]).to(k.dtype)  # bias 0, outside
-    if band is None:  # simple: the window is the diagonal
-        gmax = torch.zeros(1, 1, 1, C, 1, dtype=k.dtype, device=k.device)
-        G = before + torch.eye(C, dtype=k.dtype, device=k.device)
-    else:
-        b = _band_chunks(band.to(k.dtype), T, C)
-        gmax = b.detach().amax(-1, keepdim=True).clamp(min=0)  # (B|1, nC|1, H|1, C, 1); entries before: log 1 = 0
-        G = _skew(torch.exp(b - gmax)) + before * torch.exp(-gmax)
-    num, den = G @ num, G @ x  # (B, nC, H, C, Dv), (B, nC, H, C, Dk)
-    # 2. carry: segment c = the first C columns of chunk c; chunk c sees every segment before it in full
-    seg_k = F.pad(k, (0, 0, 0, 0, left, nC * C - T), value=NEG)[:, : nC * C].unflatten(1, (nC, C))
-    seg_v = F.pad(v, (0, 0, 0, 0, left, nC * C - T))[:, : nC * C].unflatten(1, (nC, C))
-    a_seg = seg_k.detach().amax(2, keepdim=True)
-    e = torch.exp(seg_k - a_seg)  # (B, nC, C, H, Dk), its max is 1
+    kp = F.pad(k, (0, 0, 0, 0, left, nC * C - T), value=NEG)  # (B, left + nC * C, H, Dk)
+    vp = F.pad(v, (0, 0, 0, 0, left, nC * C - T))
+    # 1. carry: segment c = the first C columns of chunk c; chunk c sees every segment before it in full
+    seg_k, seg_v = kp[:, : nC * C].unflatten(1, (nC, C)), vp[:, : nC * C].unflatten(1, (nC, C))
+    a_seg = seg_k.detach().amax(2)  # (B, nC, H, Dk)
+    e = torch.exp(seg_k - a_seg[:, :, None])  # (B, nC, C, H, Dk), its max is 1
     z_seg = e.sum(2)
-    m_seg, n_seg = _prefix_pool(a_seg[:, :, 0] + torch.log(z_seg), (e * seg_v).sum(2) / z_seg)
+    m_seg, n_seg = _prefix_pool(a_seg + torch.log(z_seg), (e * seg_v).sum(2) / z_seg)
     carry_m = F.pad(m_seg[:, :-1], (0, 0, 0, 0, 1, 0), value=NEG).unsqueeze(3)  # (B, nC, H, 1, Dk), exclusive
     carry_n = F.pad(n_seg[:, :-1], (0, 0, 0, 0, 1, 0)).unsqueeze(3)
     carry_z = (torch.arange(nC, device=k.device) > 0).to(k.dtype)[None, :, None, None, None]  # chunk 0: empty
+    # 2. in-chunk part: G (B|1, nC|1, H|1, C, L) @ columns (B, nC, H, L, D), L = C + left
+    kw = kp.unfold(1, C + left, C).transpose(-1, -2)  # (B, nC, H, L, Dk)
+    vw = vp.unfold(1, C + left, C).transpose(-1, -2)
+    with torch.no_grad():
+        before = torch.cummax(F.pad(a_seg[:, :-1], (0, 0, 0, 0, 1, 0), value=NEG), dim=1).values
+        b = torch.maximum(before.unsqueeze(3), kw[..., : left + 1, :].amax(-2, keepdim=True))  # positions <= cC
+        if mask is not None:  # only padding so far: the chunk's first real key (earlier rows see only padding)
+            first = (kw > NEG / 2).to(torch.uint8).argmax(-2, keepdim=True)
+            b = torch.where(b > NEG / 2, b, kw.gather(-2, first))
+        if bool((kw.amax(-2, keepdim=True) - b > 60).any()):
+            return None
+    x = torch.exp(kw - b)
+    rows = torch.arange(C, device=k.device)
+    outside = (torch.arange(C + left, device=k.device)[None, :] < rows[:, None]).to(k.dtype)  # bias 0
+    if band is None:  # simple: the window is the diagonal
+        gmax = torch.zeros(1, 1, 1, C, 1, dtype=k.dtype, device=k.device)
+        G = outside + torch.eye(C, dtype=k.dtype, device=k.device)
+    else:
+        w = _band_chunks(band.to(k.dtype), T, C)
+        gmax = w.detach().amax(-1, keepdim=True).clamp(min=0)  # (B|1, nC|1, H|1, C, 1); outside: log 1 = 0
+        G = _skew(torch.exp(w - gmax)) + outside * torch.exp(-gmax)
+    num, den = G @ (x * vw), G @ x  # (B, nC, H, C, Dv), (B, nC, H, C, Dk)
     # 3. rows: both parts against the larger of their references
-    inner = a + gmax
+    inner = b + gmax
     ref = torch.maximum(carry_m.detach(), inner)
     s_in, s_carry = torch.exp(inner - ref), torch.exp(carry_m - ref) * carry_z
     num = s_carry * carry_n + s_in * num
     den = s_carry + s_in * den
     underflow = den < torch.finfo(den.dtype).tiny * 2.0**40
-    if mask is not None:  # rows that have seen only padding are empty (den = 0) by definition, not underflow
+    seen = None
+    if mask is not None:  # rows that have seen only padding are empty: 0 by definition, not an underflow
         seen = F.pad(mask.cumsum(1) > 0, (0, nC * C - T)).view(B, nC, 1, C, 1)
         underflow = underflow & seen
     if bool(underflow.any()):
         return None
     y = num / torch.where(den > 0, den, torch.ones_like(den))
+    if seen is not None:
+        y = torch.where(seen, y, torch.zeros_like(y))
     return _from_chunks(y, T)
 
 

@@ -201,14 +201,13 @@ def _causal_chunked(k, v, band, left: int, mask=None):
     # 2. in-chunk part: G (B|1, nC|1, H|1, C, L) @ columns (B, nC, H, L, D), L = C + left
     kw = kp.unfold(1, C + left, C).transpose(-1, -2)  # (B, nC, H, L, Dk)
     vw = vp.unfold(1, C + left, C).transpose(-1, -2)
-    with torch.no_grad():
-        before = torch.cummax(F.pad(a_seg[:, :-1], (0, 0, 0, 0, 1, 0), value=NEG), dim=1).values
-        b = torch.maximum(before.unsqueeze(3), kw[..., : left + 1, :].amax(-2, keepdim=True))  # positions <= cC
-        if mask is not None:  # only padding so far: the chunk's first real key (earlier rows see only padding)
-            first = (kw > NEG / 2).to(torch.uint8).argmax(-2, keepdim=True)
-            b = torch.where(b > NEG / 2, b, kw.gather(-2, first))
-        if bool((kw.amax(-2, keepdim=True) - b > 60).any()):
-            return None
+    kd = kw.detach()
+    before = torch.cummax(F.pad(a_seg[:, :-1], (0, 0, 0, 0, 1, 0), value=NEG), dim=1).values
+    b = torch.maximum(before.unsqueeze(3), kd[..., : left + 1, :].amax(-2, keepdim=True))  # positions <= cC
+    if mask is not None:  # only padding so far: the chunk's first real key (earlier rows see only padding)
+        first = (kd > NEG / 2).to(torch.uint8).argmax(-2, keepdim=True)
+        b = torch.where(b > NEG / 2, b, kd.gather(-2, first))
+    overflow = (kd.amax(-2, keepdim=True) - b > 60).any()  # checked with the underflow, at the end
     x = torch.exp(kw - b)
     rows = torch.arange(C, device=k.device)
     outside = (torch.arange(C + left, device=k.device)[None, :] < rows[:, None]).to(k.dtype)  # bias 0
@@ -231,7 +230,7 @@ def _causal_chunked(k, v, band, left: int, mask=None):
     if mask is not None:  # rows that have seen only padding are empty: 0 by definition, not an underflow
         seen = F.pad(mask.cumsum(1) > 0, (0, nC * C - T)).view(B, nC, 1, C, 1)
         underflow = underflow & seen
-    if bool(underflow.any()):
+    if bool(overflow | underflow.any()):  # one data-dependent branch, after all the work (one graph under compile)
         return None
     y = num / torch.where(den > 0, den, torch.ones_like(den))
     if seen is not None:

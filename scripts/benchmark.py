@@ -47,9 +47,9 @@ def parse_args():
     p.add_argument("--conv-heads", type=int, default=8)
     p.add_argument("--train-lengths", type=int, nargs="+", default=None, help="default 512 .. 16384")
     p.add_argument("--context-lengths", type=int, nargs="+", default=None, help="default 256 .. 32768")
-    p.add_argument("--decode-tokens", type=int, default=8, help="timed decode steps per context (after 2 warm-up)")
+    p.add_argument("--decode-tokens", type=int, default=16, help="timed decode steps per context (after 2 warm-up)")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions per point (after one warm-up)")
-    p.add_argument("--max-seconds", type=float, default=20.0, help="skip a point whose projected time exceeds this")
+    p.add_argument("--max-seconds", type=float, default=30.0, help="skip a point whose projected time exceeds this")
     p.add_argument("--point-seconds", type=float, default=12.0, help="stop repeating a point after this much time")
     p.add_argument("--threads", type=int, default=None, help="torch threads for every model (default: torch's)")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
@@ -228,7 +228,8 @@ def bench_inference(model, name, lengths, args, bar):
             def prefill(ids=ids, out=out):
                 out["r"] = model(input_ids=ids, use_cache=True)
 
-            timed(prefill)  # warm-up
+            if guess < args.point_seconds / 4:  # a long prefill is its own warm-up: no extra run
+                timed(prefill)
             times = repeat(prefill, args.reps, args.point_seconds)
             row.update(prefill_s=statistics.median(times), prefill_times_s=times)
             history.append((L, statistics.median(times)))

@@ -12,8 +12,10 @@ padding contributes to neither sum.
 
 Numerics: everything is computed in float32 (float64 stays float64) and every exponential is taken against a
 reference that is at least the largest logit it scales, so nothing overflows; references are per position
-(a running log-sum-exp), never one global max, so nothing underflows to 0/0. Padding keys are set to the
-finite NEG rather than -inf so that NEG - NEG == 0 instead of NaN.
+(a running log-sum-exp) or per chunk of positions, never one global max, so nothing underflows to 0/0. The
+chunked causal form (`_causal_chunked`, matrix products per chunk) checks its own range and hands the rare input
+it cannot represent exactly (keys jumping by more than ~60 inside a chunk) to its exact twin `_causal_reference`.
+Padding keys are set to the finite NEG rather than -inf so that NEG - NEG == 0 instead of NaN.
 
 Layout of this file: the literal reference formula; the shared core (prefix pool + window band) used by
 `simple`, `local` and `conv`; the blocked form of `full`; the one-step recurrent form and its state.

@@ -12,8 +12,10 @@ padding contributes to neither sum.
 
 Numerics: everything is computed in float32 (float64 stays float64) and every exponential is taken against a
 reference that is at least the largest logit it scales, so nothing overflows; references are per position
-(a running log-sum-exp), never one global max, so nothing underflows to 0/0. Padding keys are set to the
-finite NEG rather than -inf so that NEG - NEG == 0 instead of NaN.
+(a running log-sum-exp) or per chunk of positions, never one global max, so nothing underflows to 0/0. The
+chunked causal form (`_causal_chunked`, matrix products per chunk) checks its own range and hands the rare input
+it cannot represent exactly (keys jumping by more than ~60 inside a chunk) to its exact twin `_causal_reference`.
+Padding keys are set to the finite NEG rather than -inf so that NEG - NEG == 0 instead of NaN.
 
 Layout of this file: the literal reference formula; the shared core (prefix pool + window band) used by
 `simple`, `local` and `conv`; the blocked form of `full`; the one-step recurrent form and its state.
@@ -126,6 +128,160 @@ def _band_sum(coef, x_win):
     return out
 
 
+# Rows per chunk of the chunked forms below: each chunk is one (C, C + W - 1) matrix product, so the work per
+# position is O(C + W) multiply-adds in a matmul instead of O(W) passes over the tensors.
+CHUNK = 64
+
+
+def _band_chunks(band, T: int, C: int):
+    """Window bias (B|1, T|1, H|1, 1, W) -> (B|1, nC|1, H|1, C, W): one row of W entries per position, by chunk."""
+    b = band[..., 0, :]
+    if b.shape[1] == 1:  # position-independent (conv): one chunk serves all
+        return b.expand(-1, C, -1, -1).unflatten(1, (1, C)).transpose(2, 3)
+    nC = -(-T // C)
+    b = F.pad(b, (0, 0, 0, 0, 0, nC * C - T))
+    return b.unflatten(1, (nC, C)).transpose(2, 3)
+
+
+def _skew(coef):
+    """(..., C, W) -> (..., C, C + W - 1) with coef[..., r, j] at column r + j, zeros elsewhere (pad and re-view)."""
+    C, W = coef.shape[-2:]
+    flat = F.pad(coef, (0, C)).flatten(-2)[..., : C * (C + W - 1)]
+    return flat.unflatten(-1, (C, C + W - 1))
+
+
+def _chunk_columns(x, left: int, right: int, C: int, fill: float):
+    """(B, T, H, D) -> (B, nC, H, C + left + right, D): the columns that chunk c of C rows reads (a strided view)."""
+    T = x.shape[1]
+    nC = -(-T // C)
+    xp = F.pad(x, (0, 0, 0, 0, left, nC * C - T + right), value=fill)
+    return xp.unfold(1, C + left + right, C).transpose(-1, -2)
+
+
+def _from_chunks(y, T: int):
+    """(B, nC, H, C, D) -> (B, T, H, D)."""
+    return y.permute(0, 1, 3, 2, 4).flatten(1, 2)[:, :T]
+
+
+def _band_matmul(coef, x, left: int, right: int):
+    """sum_j coef[t, j] * x[t - left + j] as one banded matrix product per chunk of rows.
+
+    coef: (B|1, T|1, H|1, 1, W) with W = left + right + 1; x: (B, T, H, D) -> (B, T, H, D).
+    """
+    T = x.shape[1]
+    C = min(CHUNK, T)
+    G = _skew(_band_chunks(coef, T, C))  # (B|1, nC|1, H|1, C, C + W - 1)
+    return _from_chunks(G @ _chunk_columns(x, left, right, C, 0.0), T)
+
+
+def _causal_chunked(k, v, band, left: int, mask=None):
+    """Causal pool + window band by chunks of C rows: one matmul per chunk and a scan over chunk totals.
+
+    Row t of chunk c reads the columns cC - left .. cC + C - 1 with coefficient exp(w_{t,j}) inside its window
+    and 1 (bias 0) before it; everything before cC - left comes in as the chunk's carry, an exact prefix over
+    chunks. Every reference looks only at positions <= cC, so no output depends on a later token, not even in
+    its last bit: columns are scaled by exp(k - b) with b the largest key up to the chunk's first row, rows by
+    exp(b + max log-coefficient - ref) with ref >= both parts. Two things can go wrong, and both are detected:
+    a key more than 60 above b inside the chunk (exp(k - b) could overflow), and a row sum below tiny * 2^40
+    (its underflowed terms would no longer be below 2^-40 of it). Then this returns None and the caller uses the
+    exact `_causal_reference`. Otherwise returns y (B, T, H, Dv).
+    """
+    B, T, H, Dk = k.shape
+    C = min(CHUNK, T)
+    nC = -(-T // C)
+    kp = F.pad(k, (0, 0, 0, 0, left, nC * C - T), value=NEG)  # (B, left + nC * C, H, Dk)
+    vp = F.pad(v, (0, 0, 0, 0, left, nC * C - T))
+    # 1. carry: segment c = the first C columns of chunk c; chunk c sees every segment before it in full
+    seg_k, seg_v = kp[:, : nC * C].unflatten(1, (nC, C)), vp[:, : nC * C].unflatten(1, (nC, C))
+    a_seg = seg_k.detach().amax(2)  # (B, nC, H, Dk)
+    e = torch.exp(seg_k - a_seg[:, :, None])  # (B, nC, C, H, Dk), its max is 1
+    z_seg = e.sum(2)
+    m_seg, n_seg = _prefix_pool(a_seg + torch.log(z_seg), (e * seg_v).sum(2) / z_seg)
+    carry_m = F.pad(m_seg[:, :-1], (0, 0, 0, 0, 1, 0), value=NEG).unsqueeze(3)  # (B, nC, H, 1, Dk), exclusive
+    carry_n = F.pad(n_seg[:, :-1], (0, 0, 0, 0, 1, 0)).unsqueeze(3)
+    carry_z = (torch.arange(nC, device=k.device) > 0).to(k.dtype)[None, :, None, None, None]  # chunk 0: empty
+    # 2. in-chunk part: G (B|1, nC|1, H|1, C, L) @ columns (B, nC, H, L, D), L = C + left
+    kw = kp.unfold(1, C + left, C).transpose(-1, -2)  # (B, nC, H, L, Dk)
+    vw = vp.unfold(1, C + left, C).transpose(-1, -2)
+    kd = kw.detach()
+    before = torch.cummax(F.pad(a_seg[:, :-1], (0, 0, 0, 0, 1, 0), value=NEG), dim=1).values
+    b = torch.maximum(before.unsqueeze(3), kd[..., : left + 1, :].amax(-2, keepdim=True))  # positions <= cC
+    if mask is not None:  # only padding so far: the chunk's first real key (earlier rows see only padding)
+        first = (kd > NEG / 2).to(torch.uint8).argmax(-2, keepdim=True)
+        b = torch.where(b > NEG / 2, b, kd.gather(-2, first))
+    overflow = (kd.amax(-2, keepdim=True) - b > 60).any()  # checked with the underflow, at the end
+    x = torch.exp(kw - b)
+    rows = torch.arange(C, device=k.device)
+    outside = (torch.arange(C + left, device=k.device)[None, :] < rows[:, None]).to(k.dtype)  # bias 0
+    if band is None:  # simple: the window is the diagonal
+        gmax = torch.zeros(1, 1, 1, C, 1, dtype=k.dtype, device=k.device)
+        G = outside + torch.eye(C, dtype=k.dtype, device=k.device)
+    else:
+        w = _band_chunks(band.to(k.dtype), T, C)
+        gmax = w.detach().amax(-1, keepdim=True).clamp(min=0)  # (B|1, nC|1, H|1, C, 1); outside: log 1 = 0
+        G = _skew(torch.exp(w - gmax)) + outside * torch.exp(-gmax)
+    num, den = G @ (x * vw), G @ x  # (B, nC, H, C, Dv), (B, nC, H, C, Dk)
+    # 3. rows: both parts against the larger of their references
+    inner = b + gmax
+    ref = torch.maximum(carry_m.detach(), inner)
+    s_in, s_carry = torch.exp(inner - ref), torch.exp(carry_m - ref) * carry_z
+    num = s_carry * carry_n + s_in * num
+    den = s_carry + s_in * den
+    underflow = den < torch.finfo(den.dtype).tiny * 2.0**40
+    seen = None
+    if mask is not None:  # rows that have seen only padding are empty: 0 by definition, not an underflow
+        seen = F.pad(mask.cumsum(1) > 0, (0, nC * C - T)).view(B, nC, 1, C, 1)
+        underflow = underflow & seen
+    if bool(overflow | underflow.any()):  # one data-dependent branch, after all the work (one graph under compile)
+        return None
+    y = num / torch.where(den > 0, den, torch.ones_like(den))
+    if seen is not None:
+        y = torch.where(seen, y, torch.zeros_like(y))
+    return _from_chunks(y, T)
+
+
+def _causal_reference(k, v, band, left: int):
+    """Exact causal pool + window band from per-position log-space prefix sums (the twin of `_causal_chunked`).
+
+    Slower (two logcumsumexp and one pass per window entry) but it needs no chunk reference at all.
+    """
+    T = k.shape[1]
+    m, n = _prefix_pool(k, v)
+    if band is None:
+        return n
+    # Pool of the positions before the window: the prefix up to t - W (z = 0 where there is none).
+    W = left + 1
+    pad = lambda x, val: F.pad(x, (0, 0, 0, 0, W, 0), value=val)[:, :T]  # noqa: E731
+    m_out, n_out = pad(m, NEG), pad(n, 0.0)
+    z_out = pad(torch.ones_like(m), 0.0)
+    logits = _unfold(k, left, 0, NEG) + band  # (B, T, H, Dk, W)
+    ref = torch.maximum(m_out, logits.amax(-1))  # exact per-position max: no exponent is positive
+    e = torch.exp(logits - ref[..., None])
+    scale = torch.exp(m_out - ref)
+    den = z_out * scale + e.sum(-1)
+    num = n_out * scale + _band_sum(e, _unfold(v, left, 0, 0.0))
+    return num / den
+
+
+def _causal_state(k, v, left: int):
+    """Decoding state after the last position: the pool of positions 0 .. T - 1 - left (one sum, against its own
+    largest key) and, for a window, its last `left` keys and values."""
+    B, T, H, Dk = k.shape
+    if left < T:
+        kk = k[:, : T - left]
+        m = kk.detach().amax(1)
+        e = torch.exp(kk - m[:, None])
+        z = e.sum(1)
+        state = AFTState(m + torch.log(z), (e * v[:, : T - left]).sum(1) / z, torch.ones_like(m))
+    else:
+        state = empty_state(B, H, Dk, v.shape[3], 0, device=k.device, dtype=k.dtype)
+    if left == 0:
+        return AFTState(state.m, state.n, state.z)
+    k_buf = _unfold(k, left, 0, NEG)[:, -1, ..., 1:].permute(0, 3, 1, 2)  # last W - 1 keys: (B, W - 1, H, Dk)
+    v_buf = _unfold(v, left, 0, 0.0)[:, -1, ..., 1:].permute(0, 3, 1, 2)
+    return state._replace(k=k_buf, v=v_buf)
+
+
 def _windowed(
     k,
     v,
@@ -139,53 +295,19 @@ def _windowed(
 ):
     """Pool (bias 0) + window band (bias `band`), exact in both causal and non-causal modes.
 
-    k, v as in the module docstring; band: (B|1, T, H|1, 1, W) bias of window entry j (position t - left + j),
+    k, v as in the module docstring; band: (B|1, T|1, H|1, 1, W) bias of window entry j (position t - left + j),
     or None for AFT-simple (no window). Returns y (B, T, H, Dv) in float32, and for causal `return_state` the
     decoding state after the last position.
     """
     k = _mask_keys(k, mask)
     v = v.to(k.dtype)
-    B, T = k.shape[:2]
     if causal:
-        m, n = _prefix_pool(k, v)
-        if band is None:
-            y = n
-            state = AFTState(m[:, -1], n[:, -1], torch.ones_like(m[:, -1])) if return_state else None
-            return y, state
-        # Pool of the positions before the window: the prefix up to t - W (z = 0 where there is none).
-        W = left + 1
-        pad = lambda x, val: F.pad(x, (0, 0, 0, 0, W, 0), value=val)[:, :T]  # noqa: E731
-        m_out, n_out = pad(m, NEG), pad(n, 0.0)
-        z_out = pad(torch.ones_like(m), 0.0)
-        logits = _unfold(k, left, 0, NEG) + band  # (B, T, H, Dk, W)
-        ref = torch.maximum(m_out, logits.amax(-1))  # exact per-position max: no exponent is positive
-        e = torch.exp(logits - ref[..., None])
-        scale = torch.exp(m_out - ref)
-        den = z_out * scale + e.sum(-1)
-        num = n_out * scale + _band_sum(e, _unfold(v, left, 0, 0.0))
-        y = num / den
-        state = None
-        if return_state:
-            has_pool = T >= W
-            pool = (
-                AFTState(m[:, T - W], n[:, T - W], torch.ones_like(m[:, 0]))
-                if has_pool
-                else empty_state(
-                    B,
-                    k.shape[2],
-                    k.shape[3],
-                    v.shape[3],
-                    0,
-                    device=k.device,
-                    dtype=k.dtype,
-                )
-            )
-            k_buf = _unfold(k, left, 0, NEG)[:, -1, ..., 1:].permute(0, 3, 1, 2)  # last W - 1 keys
-            v_buf = _unfold(v, left, 0, 0.0)[:, -1, ..., 1:].permute(0, 3, 1, 2)
-            state = pool._replace(k=k_buf, v=v_buf)
-        return y, state
+        y = _causal_chunked(k, v, band, left, mask)
+        if y is None:  # a key jumps far above everything before it inside one chunk: the exact log-space form
+            y = _causal_reference(k, v, band, left)
+        return y, (_causal_state(k, v, left) if return_state else None)
     # Non-causal: global pool with one reference per channel (every row sees the max key), then the window
-    # correction sum_j (e^w - 1) p v with p = e^{k - m} <= 1.
+    # correction sum_j (e^w - 1) p v with p = e^{k - m} <= 1, as a banded matrix product.
     m = torch.logsumexp(k, dim=1, keepdim=True)
     p = torch.exp(k - m)
     pv = p * v
@@ -193,8 +315,8 @@ def _windowed(
     if band is None:
         return y.expand_as(v), None
     coef = torch.expm1(band)
-    num = y + _band_sum(coef, _unfold(pv, left, right, 0.0))
-    den = 1 + _band_sum(coef, _unfold(p, left, right, 0.0))
+    num = y + _band_matmul(coef, pv, left, right)
+    den = 1 + _band_matmul(coef, p, left, right)
     return num / den, None
 
 

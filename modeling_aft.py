@@ -252,7 +252,7 @@ class AFTPreTrainedModel(PreTrainedModel):
         # One saved folder serves AutoModel as well as the head's own Auto class.
         self.config.auto_map = {
             "AutoModel": "modeling_aft.AFTModel",
-            **(self.config.auto_map or {}),
+            **(getattr(self.config, "auto_map", None) or {}),
         }
         return super().save_pretrained(save_directory, *args, **kwargs)
 

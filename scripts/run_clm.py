@@ -20,12 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import training_utils as tu
-from accelerate import Accelerator
-from accelerate.utils import set_seed
 from datasets import Dataset, DatasetDict, load_dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, default_data_collator
 
 from aft import AFTForCausalLM
@@ -228,15 +225,9 @@ def text_metrics(loss: float, ratio: dict | None, prefix: str) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     tu.check_args(args)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        log_with=args.report_to if args.with_tracking else None,
-        project_dir=args.output_dir,
-        dataloader_config=tu.dataloader_config(),
-    )
-    tu.setup_logging(accelerator)
-    set_seed(args.seed)
+    accelerator = tu.create_accelerator(args)
 
+    # 1. data and model
     tokenizer, datasets, ratios = get_datasets(args, accelerator)
     train_dataset, eval_dataset = datasets["train"], datasets["validation"]
     if args.max_train_samples:
@@ -248,7 +239,6 @@ def main(argv=None):
             raise tu.InputError(f"the {name} data holds fewer than --block_size={args.block_size} tokens.")
     model = tu.load_model(AFTForCausalLM, args, vocab_size=len(tokenizer))
     tu.check_sequence_length(model.config, args.block_size, "--block_size")
-
     train_dataloader = DataLoader(
         train_dataset.with_format("torch"),
         shuffle=True,
@@ -258,96 +248,41 @@ def main(argv=None):
         num_workers=args.dataloader_num_workers,
     )
     eval_dataloader = DataLoader(
-        eval_dataset.with_format("torch"),
-        batch_size=args.per_device_eval_batch_size,
-        collate_fn=default_data_collator,
+        eval_dataset.with_format("torch"), batch_size=args.per_device_eval_batch_size, collate_fn=default_data_collator
     )
-    if len(train_dataloader) == 0:
-        raise tu.InputError(
-            f"{len(train_dataset)} training blocks make no full batch of {args.per_device_train_batch_size}."
-        )
-    optimizer = tu.create_optimizer(model, args)
-    model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
-        model, optimizer, train_dataloader, eval_dataloader
-    )
-    steps_per_epoch = tu.plan_steps(args, len(train_dataloader))
-    lr_scheduler = accelerator.prepare(tu.create_scheduler(optimizer, args, accelerator.num_processes))
-    tu.init_tracking(accelerator, args, "aft_clm")
 
-    run_state = tu.RunState()
-    if args.resume_from_checkpoint:
-        run_state = tu.load_checkpoint(accelerator, args, accelerator.unwrap_model(model).config)
-    start_epoch, skip_batches = tu.resume_position(
-        run_state.completed_steps, steps_per_epoch, args.gradient_accumulation_steps
+    # 2. training
+    model, optimizer, train_dataloader, eval_dataloader, lr_scheduler, run_state, steps_per_epoch = (
+        tu.prepare_training(accelerator, args, model, train_dataloader, eval_dataloader, "aft_clm")
     )
     logger.info(
         f"{len(train_dataset)} training blocks of {args.block_size} tokens, {len(eval_dataset)} validation blocks; "
         f"{tu.count_parameters(model):,} parameters; {args.max_train_steps} steps of "
         f"{args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes} blocks"
     )
+
+    def validation_metrics():
+        return text_metrics(evaluate(model, eval_dataloader, accelerator), ratios.get("validation"), "eval")
+
     if args.eval_at_start and run_state.completed_steps == 0:
-        run_state.log(
-            accelerator, text_metrics(evaluate(model, eval_dataloader, accelerator), ratios.get("validation"), "eval")
-        )
-
-    progress = tqdm(
-        total=args.max_train_steps, initial=run_state.completed_steps, disable=not accelerator.is_local_main_process
+        run_state.log(accelerator, validation_metrics())
+    tu.train(
+        accelerator,
+        args,
+        model,
+        optimizer,
+        lr_scheduler,
+        train_dataloader,
+        run_state,
+        steps_per_epoch,
+        compute_loss=lambda model, batch: (
+            model(input_ids=batch["input_ids"], labels=batch["input_ids"], use_cache=False).loss
+        ),
+        evaluate=validation_metrics,
     )
-    window_losses = []
-    for epoch in range(start_epoch, args.num_train_epochs):
-        model.train()
-        train_dataloader.set_epoch(epoch)
-        batches = train_dataloader
-        if epoch == start_epoch and skip_batches:
-            batches = accelerator.skip_first_batches(train_dataloader, skip_batches)
-        step_loss = 0.0
-        for batch in batches:
-            with accelerator.accumulate(model):
-                loss = model(input_ids=batch["input_ids"], labels=batch["input_ids"], use_cache=False).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
-            step_loss += loss.detach() / args.gradient_accumulation_steps
-            if not accelerator.sync_gradients:
-                continue
-            run_state.completed_steps += 1
-            progress.update(1)
-            window_losses.append(accelerator.gather(step_loss).mean().item())
-            step_loss = 0.0
-            if run_state.completed_steps % args.logging_steps == 0:
-                lr = lr_scheduler.get_last_lr()[0]
-                run_state.log(
-                    accelerator, {"loss": float(np.mean(window_losses)), "learning_rate": lr, "epoch": epoch}
-                )
-                progress.set_postfix(loss=f"{np.mean(window_losses):.3f}")
-                window_losses = []
-            if args.eval_steps and run_state.completed_steps % args.eval_steps == 0:
-                loss = evaluate(model, eval_dataloader, accelerator)
-                run_state.log(accelerator, text_metrics(loss, ratios.get("validation"), "eval"))
-            if tu.should_checkpoint(args, run_state.completed_steps, end_of_epoch=False):
-                tu.save_checkpoint(
-                    accelerator,
-                    args,
-                    f"step_{run_state.completed_steps}",
-                    run_state,
-                    accelerator.unwrap_model(model).config,
-                )
-            if run_state.completed_steps >= args.max_train_steps:
-                break
-        if not args.eval_steps and run_state.completed_steps < args.max_train_steps:  # the last one comes below
-            loss = evaluate(model, eval_dataloader, accelerator)
-            run_state.log(accelerator, text_metrics(loss, ratios.get("validation"), "eval"))
-        if tu.should_checkpoint(args, run_state.completed_steps, end_of_epoch=True):
-            tu.save_checkpoint(accelerator, args, f"epoch_{epoch}", run_state, accelerator.unwrap_model(model).config)
-        if run_state.completed_steps >= args.max_train_steps:
-            break
-    progress.close()
 
-    # 4. final evaluation and the output folder
-    results = text_metrics(evaluate(model, eval_dataloader, accelerator), ratios.get("validation"), "eval")
+    # 3. final evaluation and the output folder
+    results = validation_metrics()
     if "test" in datasets:
         test_dataloader = accelerator.prepare(
             DataLoader(
@@ -357,22 +292,12 @@ def main(argv=None):
             )
         )
         results |= text_metrics(evaluate(model, test_dataloader, accelerator), ratios.get("test"), "test")
-    train_losses = [e["loss"] for e in run_state.log_history if "loss" in e]
-    results |= {
-        "train_loss": train_losses[-1] if train_losses else float("nan"),
-        "train_steps": run_state.completed_steps,
-        "train_runtime": run_state.train_runtime(),
-        "train_samples": len(train_dataset),
-        "eval_samples": len(eval_dataset),
-        "num_parameters": tu.count_parameters(model),
-    }
-    run_state.log(
-        accelerator, {k: v for k, v in results.items() if k.startswith(("eval_", "test_")) and "samples" not in k}
-    )
+    run_state.log(accelerator, results.copy())
+    results |= tu.train_results(run_state, model, len(train_dataset), len(eval_dataset))
     accelerator.end_training()
 
     dataset_id, dataset_name = dataset_names(args)
-    metrics = {k: k.split("_", 1)[1] for k in results if k.startswith(("eval_", "test_")) and k != "eval_samples"}
+    metrics = {k: k.split("_", 1)[1] for k in results if k.startswith(("eval_", "test_")) and "samples" not in k}
     card = tu.CardInfo(
         task_type="text-generation",
         task_name="Causal language modelling",

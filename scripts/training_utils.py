@@ -18,9 +18,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
-from accelerate.utils import DataLoaderConfiguration
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from tqdm.auto import tqdm
 from transformers import SchedulerType, get_scheduler
 
 from aft import AFTConfig
@@ -259,12 +262,86 @@ def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+# 2b. image data (shared by the pixel-modelling and classification scripts)
+
+DIGITS_TRAIN = 1500  # scikit-learn digits: the first 1,500 images train, the last 297 validate
+
+
+def add_image_data_args(parser: argparse.ArgumentParser):
+    data = parser.add_argument_group("data (default: scikit-learn's digits, 8x8 grey images)")
+    data.add_argument("--dataset_name", default=None, help="a dataset of the Hub, e.g. 'cifar10'.")
+    data.add_argument("--dataset_config_name", default=None)
+    data.add_argument("--train_dir", default=None, help="an image folder (one sub-folder per class).")
+    data.add_argument("--validation_dir", default=None)
+    data.add_argument("--image_column", default=None, help="default: 'image' or 'img', whichever exists.")
+    data.add_argument("--label_column", default="label")
+    data.add_argument(
+        "--validation_split_percentage",
+        type=int,
+        default=10,
+        help="percent of the training images held out when the data has no validation split.",
+    )
+
+
+def digits_dataset():
+    """scikit-learn's digits (1,797 scans of handwritten digits, 8x8, 17 grey levels 0..16) as 8-bit grey images:
+    level v becomes round(v * 255 / 16), so 0 stays black and 16 becomes 255."""
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
+    from PIL import Image as PILImage
+
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as error:
+        raise InputError(
+            "the default image data is scikit-learn's digits: pip install scikit-learn, or pass --dataset_name or "
+            "--train_dir."
+        ) from error
+    digits = load_digits()
+    pixels = np.rint(digits.images * 255 / 16).astype(np.uint8)  # (N, 8, 8)
+    images = [PILImage.fromarray(p, mode="L") for p in pixels]
+    features = Features({"image": Image(), "label": ClassLabel(names=[str(d) for d in range(10)])})
+
+    def split(rows):
+        return Dataset.from_dict({"image": [images[i] for i in rows], "label": digits.target[rows].tolist()}, features)
+
+    n = len(images)
+    return DatasetDict({"train": split(range(DIGITS_TRAIN)), "validation": split(range(DIGITS_TRAIN, n))})
+
+
+def load_image_datasets(args):
+    """DatasetDict with 'train' and 'validation' splits, plus the name of the image column."""
+    from datasets import DatasetDict, load_dataset
+
+    if args.dataset_name:
+        raw = load_dataset(args.dataset_name, args.dataset_config_name)
+    elif args.train_dir:
+        for folder in (args.train_dir, args.validation_dir):
+            if folder and not Path(folder).is_dir():
+                raise InputError(f"image folder {folder} does not exist.")
+        raw = DatasetDict({"train": load_dataset("imagefolder", data_dir=args.train_dir, split="train")})
+        if args.validation_dir:
+            raw["validation"] = load_dataset("imagefolder", data_dir=args.validation_dir, split="train")
+    else:
+        raw = digits_dataset()
+    args.eval_split = "validation" if "validation" in raw else "test" if "test" in raw else "validation"
+    if "validation" not in raw:
+        held_out = "test" if "test" in raw else None
+        if held_out:
+            raw["validation"] = raw.pop(held_out)
+        else:
+            split = raw["train"].train_test_split(test_size=args.validation_split_percentage / 100, seed=args.seed)
+            raw = DatasetDict({"train": split["train"], "validation": split["test"]})
+    columns = raw["train"].column_names
+    image_column = args.image_column or next((c for c in ("image", "img") if c in columns), None)
+    if image_column not in columns:
+        raise InputError(f"no image column {image_column!r} in the data (columns: {columns}); use --image_column.")
+    for split in ("train", "validation"):
+        if len(raw[split]) == 0:
+            raise InputError(f"the {split} split of the image data is empty.")
+    return raw, image_column
+
+
 # 3. optimization
-
-
-def dataloader_config() -> DataLoaderConfiguration:
-    """Shuffle with a sampler seeded by (seed + epoch): every process and every resumed run sees one order."""
-    return DataLoaderConfiguration(use_seedable_sampler=True)
 
 
 def create_optimizer(model, args) -> torch.optim.AdamW:
@@ -409,7 +486,127 @@ def resume_position(completed_steps: int, steps_per_epoch: int, gradient_accumul
     return epoch, steps_in_epoch * gradient_accumulation_steps
 
 
-# 5. output folder
+# 5. the training loop
+
+
+def create_accelerator(args) -> Accelerator:
+    """The Accelerator (processes and mixed precision come from `accelerate launch` / `accelerate config`)."""
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=args.report_to if args.with_tracking else None,
+        project_dir=args.output_dir,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # one shuffle order per epoch
+    )
+    setup_logging(accelerator)
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    return accelerator
+
+
+def prepare_training(accelerator, args, model, train_dataloader, eval_dataloader, project_name: str):
+    """Optimizer, scheduler, prepared objects, tracking, and the state of a resumed run."""
+    if len(train_dataloader) == 0:
+        raise InputError(
+            f"{len(train_dataloader.dataset)} training examples make no full batch of "
+            f"{args.per_device_train_batch_size}: lower --per_device_train_batch_size or add data."
+        )
+    optimizer = create_optimizer(model, args)
+    model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
+        model, optimizer, train_dataloader, eval_dataloader
+    )
+    steps_per_epoch = plan_steps(args, len(train_dataloader))
+    lr_scheduler = accelerator.prepare(create_scheduler(optimizer, args, accelerator.num_processes))
+    init_tracking(accelerator, args, project_name)
+    run_state = RunState()
+    if args.resume_from_checkpoint:
+        run_state = load_checkpoint(accelerator, args, accelerator.unwrap_model(model).config)
+    return model, optimizer, train_dataloader, eval_dataloader, lr_scheduler, run_state, steps_per_epoch
+
+
+def train(
+    accelerator,
+    args,
+    model,
+    optimizer,
+    lr_scheduler,
+    train_dataloader,
+    run_state,
+    steps_per_epoch,
+    *,
+    compute_loss,
+    evaluate,
+):
+    """The training loop. `compute_loss(model, batch)` gives the mean loss of a batch; `evaluate()` a dict of
+    metrics, logged every --eval_steps or at the end of each epoch but the last (the script evaluates after)."""
+    start_epoch, skip_batches = resume_position(
+        run_state.completed_steps, steps_per_epoch, args.gradient_accumulation_steps
+    )
+    progress = tqdm(
+        total=args.max_train_steps, initial=run_state.completed_steps, disable=not accelerator.is_local_main_process
+    )
+    window_losses = []
+    for epoch in range(start_epoch, args.num_train_epochs):
+        model.train()
+        train_dataloader.set_epoch(epoch)
+        batches = train_dataloader
+        if epoch == start_epoch and skip_batches:  # a resumed run: the batches this epoch already used
+            batches = accelerator.skip_first_batches(train_dataloader, skip_batches)
+        step_loss = 0.0
+        for batch in batches:
+            with accelerator.accumulate(model):
+                loss = compute_loss(model, batch)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            step_loss += loss.detach() / args.gradient_accumulation_steps
+            if not accelerator.sync_gradients:
+                continue
+            run_state.completed_steps += 1
+            progress.update(1)
+            window_losses.append(accelerator.gather(step_loss).mean().item())
+            step_loss = 0.0
+            step = run_state.completed_steps
+            if step % args.logging_steps == 0:
+                lr = lr_scheduler.get_last_lr()[0]
+                run_state.log(
+                    accelerator, {"loss": float(np.mean(window_losses)), "learning_rate": lr, "epoch": epoch}
+                )
+                progress.set_postfix(loss=f"{np.mean(window_losses):.3f}")
+                window_losses = []
+            if args.eval_steps and step % args.eval_steps == 0 and step < args.max_train_steps:
+                run_state.log(accelerator, evaluate())
+                model.train()
+            if should_checkpoint(args, step, end_of_epoch=False):
+                save_checkpoint(accelerator, args, f"step_{step}", run_state, accelerator.unwrap_model(model).config)
+            if step >= args.max_train_steps:
+                break
+        if not args.eval_steps and run_state.completed_steps < args.max_train_steps:
+            run_state.log(accelerator, evaluate())
+            model.train()
+        if should_checkpoint(args, run_state.completed_steps, end_of_epoch=True):
+            save_checkpoint(accelerator, args, f"epoch_{epoch}", run_state, accelerator.unwrap_model(model).config)
+        if run_state.completed_steps >= args.max_train_steps:
+            break
+    progress.close()
+
+
+def train_results(run_state: RunState, model, num_train: int, num_eval: int) -> dict:
+    train_losses = [e["loss"] for e in run_state.log_history if "loss" in e]
+    return {
+        "train_loss": train_losses[-1] if train_losses else float("nan"),
+        "train_steps": run_state.completed_steps,
+        "train_runtime": run_state.train_runtime(),
+        "train_samples": num_train,
+        "eval_samples": num_eval,
+        "num_parameters": count_parameters(model),
+    }
+
+
+# 6. output folder
 
 
 def hyperparameter_table(args, accelerator, num_parameters: int) -> str:

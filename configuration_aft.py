@@ -35,6 +35,17 @@ class AFTConfig(PreTrainedConfig):
         query_activation (`str`, defaults to `"sigmoid"`): sigma_q, `"sigmoid"` or `"relu"`.
         position_embedding_type (`str`, defaults to `"absolute"`): `"absolute"` (learned) or `"none"`.
         use_cache (`bool`, defaults to `True`): return an `AFTCache` from `forward` for fast decoding.
+        image_size (`int`, defaults to 224): side of the square images `AFTForImageClassification` is built for;
+            the saved image processor resizes to it. `full` and `local` learn one bias row per patch of this grid
+            ((image_size / patch_size)^2 rows; `max_position_embeddings` is for sequences only) and accept only
+            this size; `conv` and `simple` accept any height and width that are multiples of `patch_size`.
+        patch_size (`int`, defaults to 16): side of the square patches (the stride of the patch embedding).
+        num_channels (`int`, defaults to 3): channels of the input images.
+
+    Image models run the mixers non-causally over the patch grid, add no position embedding (the paper's
+    AFT-conv; `position_embedding_type` applies to sequences) and pool by a global average (no class token).
+    The `conv` and `local` windows are `conv_kernel_size` x `conv_kernel_size` and `local_window_size` x
+    `local_window_size` patches, centred on each patch.
 
     Example:
 
@@ -69,6 +80,9 @@ class AFTConfig(PreTrainedConfig):
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    image_size: int = 224
+    patch_size: int = 16
+    num_channels: int = 3
 
     def __post_init__(self, **kwargs):
         if self.intermediate_size is None:
@@ -140,6 +154,20 @@ class AFTConfig(PreTrainedConfig):
                 "num_heads",
                 f"hidden_size={self.hidden_size} must be divisible by num_heads",
             )
+
+        for field in ("image_size", "patch_size", "num_channels"):
+            need(getattr(self, field) >= 1, field, "it must be a positive integer")
+        need(
+            self.image_size % self.patch_size == 0,
+            "image_size",
+            f"it must be a multiple of patch_size={self.patch_size}",
+        )
+
+    @property
+    def image_grid(self) -> tuple[int, int]:
+        """(rows, columns) of patches of an `image_size` x `image_size` image."""
+        side = self.image_size // self.patch_size
+        return side, side
 
     @property
     def has_position_limit(self) -> bool:

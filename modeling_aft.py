@@ -4,27 +4,35 @@ The token mixer math lives in `ops_aft.py`; this file is plumbing: projections, 
 the transformers heads.
 """
 
+import os
+
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
+    BaseModelOutputWithPooling,
     CausalLMOutputWithPast,
+    ImageClassifierOutput,
 )
 
 from .configuration_aft import AFTConfig
 from .ops_aft import (
     AFTState,
     aft_conv,
+    aft_conv_2d,
     aft_full,
     aft_local,
+    aft_local_2d,
     aft_simple,
     aft_step,
     conv_kernel,
+    conv_kernel_2d,
 )
 
 QUERY_ACTIVATIONS = {"sigmoid": torch.sigmoid, "relu": torch.relu}
@@ -102,13 +110,22 @@ class AFTCache(Cache):
 
 
 class AFTMixer(nn.Module):
-    """The AFT token mixer in place of attention: q, k, v projections, the AFT operator, output projection."""
+    """The AFT token mixer in place of attention: q, k, v projections, the AFT operator, output projection.
 
-    def __init__(self, config: AFTConfig, layer_idx: int, causal: bool = True):
+    `ndim=1` mixes a sequence (causal or not); `ndim=2` mixes a patch grid, non-causally: `conv` has s x s kernels,
+    `local` an s x s window, and `full`/`local` one bias row per patch of the `config.image_size` grid.
+    """
+
+    def __init__(self, config: AFTConfig, layer_idx: int, causal: bool = True, ndim: int = 1):
         super().__init__()
+        if ndim not in (1, 2) or (ndim == 2 and causal):
+            raise ValueError(
+                f"AFTMixer supports ndim=1 (causal or not) and ndim=2 (non-causal); got {ndim=}, {causal=}."
+            )
         self.variant = config.aft_variant
         self.layer_idx = layer_idx
         self.causal = causal
+        self.ndim = ndim
         self.num_heads = config.num_heads if self.variant == "conv" else 1
         D = config.hidden_size
         self.head_dim = D // self.num_heads
@@ -120,10 +137,12 @@ class AFTMixer(nn.Module):
         self.o_proj = nn.Linear(D, D)
         if self.variant in ("full", "local"):
             # Factorised position bias w_{t,t'} = pos_u[t] . pos_v[t'].
-            self.pos_u = nn.Parameter(torch.empty(config.max_position_embeddings, config.position_bias_rank))
-            self.pos_v = nn.Parameter(torch.empty(config.max_position_embeddings, config.position_bias_rank))
+            positions = config.max_position_embeddings if ndim == 1 else config.image_grid[0] * config.image_grid[1]
+            self.pos_u = nn.Parameter(torch.empty(positions, config.position_bias_rank))
+            self.pos_v = nn.Parameter(torch.empty(positions, config.position_bias_rank))
         if self.variant == "conv":
-            self.conv_weight = nn.Parameter(torch.empty(self.num_heads, config.conv_kernel_size))
+            kernel_shape = (config.conv_kernel_size,) * ndim
+            self.conv_weight = nn.Parameter(torch.empty(self.num_heads, *kernel_shape))
             self.conv_gamma = nn.Parameter(torch.zeros(self.num_heads))
             self.conv_beta = nn.Parameter(torch.zeros(self.num_heads))
         self.window = {
@@ -139,7 +158,10 @@ class AFTMixer(nn.Module):
         position_ids,
         attention_mask=None,
         cache_layer: AFTCacheLayer | None = None,
+        grid: tuple[int, int] | None = None,
     ):
+        """hidden_states (B, T, D). For ndim=2, `grid` = (Gh, Gw) with Gh * Gw == T, patches row by row, and
+        `position_ids` None (the bias covers the whole `image_size` grid)."""
         B, T, _ = hidden_states.shape
         H = self.num_heads
         # 1. projections: q, v (B, T, H, Dh); k (B, T, H, Dk)
@@ -151,10 +173,14 @@ class AFTMixer(nn.Module):
         if self.variant in ("full", "local"):
             kw = {"pos_u": self.pos_u[position_ids], "pos_v": self.pos_v[position_ids]}
         elif self.variant == "conv":
-            kw = {"kernel": conv_kernel(self.conv_weight, self.conv_gamma, self.conv_beta)}
-        # 3. mixing: parallel form from an empty state (training, prefill); otherwise one step per token
+            make_kernel = conv_kernel_2d if self.ndim == 2 else conv_kernel
+            kw = {"kernel": make_kernel(self.conv_weight, self.conv_gamma, self.conv_beta)}
+        # 3. mixing: over the patch grid; else parallel form from an empty state (training, prefill), else one step
+        # per token
         state = cache_layer.state if cache_layer is not None else None
-        if state is None:
+        if grid is not None:
+            y, new_state = self._grid(q, k, v, grid, **kw), None
+        elif state is None:
             y, new_state = self._parallel(q, k, v, attention_mask, return_state=cache_layer is not None, **kw)
         else:
             ys = []
@@ -189,6 +215,15 @@ class AFTMixer(nn.Module):
             return aft_full(q, k, v, kw["pos_u"], kw["pos_v"], **common)
         return aft_conv(q, k, v, kw["kernel"], **common)
 
+    def _grid(self, q, k, v, grid, **kw):
+        if self.variant == "simple":
+            return aft_simple(q, k, v, causal=False)[0]
+        if self.variant == "local":
+            return aft_local_2d(q, k, v, kw["pos_u"], kw["pos_v"], self.window, grid)
+        if self.variant == "full":
+            return aft_full(q, k, v, kw["pos_u"], kw["pos_v"], causal=False)[0]
+        return aft_conv_2d(q, k, v, kw["kernel"], grid)
+
 
 class AFTMLP(nn.Module):
     def __init__(self, config: AFTConfig):
@@ -204,11 +239,11 @@ class AFTMLP(nn.Module):
 class AFTBlock(GradientCheckpointingLayer):
     """Pre-LN block: x + mixer(LN(x)), then x + MLP(LN(x))."""
 
-    def __init__(self, config: AFTConfig, layer_idx: int, causal: bool = True):
+    def __init__(self, config: AFTConfig, layer_idx: int, causal: bool = True, ndim: int = 1):
         super().__init__()
         self.layer_idx = layer_idx
         self.ln_1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mixer = AFTMixer(config, layer_idx, causal=causal)
+        self.mixer = AFTMixer(config, layer_idx, causal=causal, ndim=ndim)
         self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = AFTMLP(config)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
@@ -220,9 +255,10 @@ class AFTBlock(GradientCheckpointingLayer):
         attention_mask=None,
         past_key_values=None,
         use_cache=False,
+        grid=None,
     ):
         cache_layer = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
-        mixed = self.mixer(self.ln_1(hidden_states), position_ids, attention_mask, cache_layer)
+        mixed = self.mixer(self.ln_1(hidden_states), position_ids, attention_mask, cache_layer, grid=grid)
         hidden_states = hidden_states + self.dropout(mixed)
         return hidden_states + self.dropout(self.mlp(self.ln_2(hidden_states)))
 
@@ -441,9 +477,185 @@ class AFTForCausalLM(AFTPreTrainedModel, GenerationMixin):
         )
 
 
+def aft_image_processor(config: AFTConfig):
+    """The image processor an AFT image model expects: resize to `image_size`, scale to [0, 1], normalise with the
+    ImageNet mean and std (the DeiT recipe). The slow, PIL-based ViT processor: it needs no torchvision."""
+    from transformers import ViTImageProcessorPil
+
+    return ViTImageProcessorPil(
+        do_resize=True,
+        size={"height": config.image_size, "width": config.image_size},
+        do_rescale=True,
+        do_normalize=True,
+        image_mean=list(IMAGENET_DEFAULT_MEAN),
+        image_std=list(IMAGENET_DEFAULT_STD),
+    )
+
+
+class AFTPatchEmbeddings(nn.Module):
+    """Non-overlapping patches by a strided convolution: (B, C, H, W) -> (B, Gh * Gw, D), patches row by row."""
+
+    def __init__(self, config: AFTConfig):
+        super().__init__()
+        self.patch_size = config.patch_size
+        self.num_channels = config.num_channels
+        self.projection = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
+        )
+
+    def forward(self, pixel_values):
+        x = self.projection(pixel_values.to(self.projection.weight.dtype))  # (B, D, Gh, Gw)
+        return x.flatten(2).transpose(1, 2), tuple(x.shape[2:])
+
+
+class AFTVisionModel(AFTPreTrainedModel):
+    """The AFT image encoder: patch embeddings, pre-LN AFT blocks mixing the patch grid non-causally, final norm,
+    and a global average over patches as `pooler_output` (no class token, no position embedding)."""
+
+    main_input_name = "pixel_values"
+    _is_stateful = False
+
+    def __init__(self, config: AFTConfig):
+        super().__init__(config)
+        self.patch_embeddings = AFTPatchEmbeddings(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.layers = nn.ModuleList(
+            [AFTBlock(config, i, causal=False, ndim=2) for i in range(config.num_hidden_layers)]
+        )
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.patch_embeddings
+
+    def _check_pixel_values(self, pixel_values):
+        config = self.config
+        if pixel_values is None:
+            raise ValueError("`pixel_values` is required: a (batch, channels, height, width) tensor.")
+        if pixel_values.dim() != 4:
+            raise ValueError(
+                f"`pixel_values` has shape {tuple(pixel_values.shape)}; expected 4 dimensions "
+                "(batch, channels, height, width)."
+            )
+        _, channels, height, width = pixel_values.shape
+        if channels != config.num_channels:
+            raise ValueError(
+                f"`pixel_values` has {channels} channels (shape {tuple(pixel_values.shape)}), but this model takes "
+                f"config.num_channels={config.num_channels}."
+            )
+        if height % config.patch_size or width % config.patch_size or not height or not width:
+            raise ValueError(
+                f"The image is {height}x{width} pixels; height and width must be positive multiples of "
+                f"config.patch_size={config.patch_size}."
+            )
+        if config.aft_variant in ("full", "local") and not height == width == config.image_size:
+            raise ValueError(
+                f"The image is {height}x{width} pixels, but aft_variant={config.aft_variant!r} learns a position "
+                f"bias for config.image_size={config.image_size} ({config.image_size}x{config.image_size}) only. "
+                "Resize the input to that size (the saved image processor does); `conv` and `simple` accept any "
+                "multiple of patch_size."
+            )
+
+    def forward(
+        self,
+        pixel_values: torch.FloatTensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling | tuple:
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+
+        # 1. check the inputs before any work
+        self._check_pixel_values(pixel_values)
+
+        # 2. patch embeddings: (B, T, D) over a (Gh, Gw) grid
+        hidden_states, grid = self.patch_embeddings(pixel_values)
+        hidden_states = self.dropout(hidden_states)
+
+        # 3. blocks, non-causal over the grid
+        all_hidden_states = () if output_hidden_states else None
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states = layer(hidden_states, grid=grid)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+
+        # 4. global average pooling over patches: (B, D)
+        pooled = hidden_states.mean(dim=1)
+        if not return_dict:
+            return tuple(x for x in (hidden_states, pooled, all_hidden_states) if x is not None)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=hidden_states,
+            pooler_output=pooled,
+            hidden_states=all_hidden_states,
+        )
+
+
+class AFTForImageClassification(AFTPreTrainedModel):
+    """AFT image encoder with a linear classifier on the average of the patches.
+
+    The loss follows `config.problem_type` as in every transformers classifier: `"single_label_classification"`
+    (cross-entropy), `"multi_label_classification"` (BCE with logits) or `"regression"` (MSE), inferred from
+    `num_labels` and the labels' dtype when unset. `save_pretrained` also saves the matching image processor
+    (`aft_image_processor`) unless the folder already holds one, so `pipeline("image-classification", folder)`
+    works on the saved folder.
+    """
+
+    main_input_name = "pixel_values"
+    _is_stateful = False
+
+    def __init__(self, config: AFTConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = AFTVisionModel(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.patch_embeddings
+
+    def forward(
+        self,
+        pixel_values: torch.FloatTensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput | tuple:
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
+        logits = self.classifier(outputs.pooler_output)  # (B, num_labels)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels, logits, self.config, **kwargs)
+        if not return_dict:
+            out = tuple(x for x in (logits, outputs.hidden_states) if x is not None)
+            return ((loss,) + out) if loss is not None else out
+        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # AutoModel of this folder is the image encoder, not the text decoder.
+        self.config.auto_map = {
+            **(getattr(self.config, "auto_map", None) or {}),
+            "AutoModel": "modeling_aft.AFTVisionModel",
+        }
+        is_main = kwargs.get("is_main_process", True)
+        if is_main and not os.path.exists(os.path.join(save_directory, "preprocessor_config.json")):
+            aft_image_processor(self.config).save_pretrained(save_directory)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
 AFTConfig.register_for_auto_class()
 AFTModel.register_for_auto_class("AutoModel")
 AFTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+AFTVisionModel.register_for_auto_class("AutoModel")
+AFTForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 
 __all__ = [
     "AFTCache",
@@ -452,4 +664,8 @@ __all__ = [
     "AFTPreTrainedModel",
     "AFTModel",
     "AFTForCausalLM",
+    "AFTPatchEmbeddings",
+    "AFTVisionModel",
+    "AFTForImageClassification",
+    "aft_image_processor",
 ]

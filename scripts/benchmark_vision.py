@@ -1,0 +1,244 @@
+"""Images/s and peak memory of AFT-conv and AFT-full image classifiers against transformers' ViT.
+
+All three have the same width, depth, patch size and MLP; ViT uses transformers' default attention (SDPA),
+AFT-conv the paper's tiny recipe (one head per channel, an 11 x 11 kernel). Each model runs at 224^2 and 384^2.
+
+    python scripts/benchmark_vision.py                 # CPU: width 64, depth 2, batch 8 (a few minutes on 2 cores)
+    python scripts/benchmark_vision.py --quick         # a smoke run: one timed step per model and size
+    python scripts/benchmark_vision.py --device cuda   # width 192, depth 12 (DeiT-tiny), batch 64
+
+Peak memory is what one step allocates above what was live before it (weights and the input batch are
+excluded and reported apart): on CUDA from `torch.cuda.max_memory_allocated`, on CPU by replaying the allocator
+events that `torch.profiler` records with `profile_memory=True`, in a separate untimed step.
+"""
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from torch.profiler import ProfilerActivity, profile
+from tqdm import tqdm
+from transformers import ViTConfig, ViTForImageClassification
+
+from aft import AFTConfig, AFTForImageClassification
+
+MODELS = ("aft-conv", "aft-full", "vit")
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[224, 384], help="image sides in pixels")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--hidden-size", type=int, help="width (default: 192 on CUDA, 64 on CPU)")
+    parser.add_argument("--num-layers", type=int, help="depth (default: 12 on CUDA, 2 on CPU)")
+    parser.add_argument("--patch-size", type=int, default=16)
+    parser.add_argument("--conv-heads", type=int, help="AFT-conv heads (default: one per channel, as the paper)")
+    parser.add_argument("--conv-kernel-size", type=int, default=11)
+    parser.add_argument("--vit-head-dim", type=int, default=64, help="ViT heads = width / this (DeiT: 64)")
+    parser.add_argument("--num-labels", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, help="default: 64 on CUDA, 8 on CPU")
+    parser.add_argument("--mode", choices=("inference", "train"), default="inference", help="train: fwd + bwd")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per model and size")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--quick", action="store_true", help="batch 2, 1 warm-up and 1 timed step")
+    parser.add_argument("--output", type=Path, default=Path("outputs/benchmark_vision.json"))
+    args = parser.parse_args()
+    cuda = args.device.startswith("cuda")
+    args.hidden_size = args.hidden_size or (192 if cuda else 64)
+    args.num_layers = args.num_layers or (12 if cuda else 2)
+    args.conv_heads = args.conv_heads or args.hidden_size
+    args.batch_size = args.batch_size or (64 if cuda else 8)
+    if args.quick:
+        args.batch_size, args.warmup, args.steps = 2, 1, 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
+def build_model(name, image_size, args):
+    common = {"num_labels": args.num_labels, "image_size": image_size, "patch_size": args.patch_size}
+    width, depth = args.hidden_size, args.num_layers
+    if name == "vit":
+        config = ViTConfig(
+            hidden_size=width,
+            num_hidden_layers=depth,
+            num_attention_heads=max(1, width // args.vit_head_dim),
+            intermediate_size=4 * width,
+            **common,
+        )
+        return ViTForImageClassification(config)
+    variant = name.removeprefix("aft-")
+    config = AFTConfig(
+        aft_variant=variant,
+        hidden_size=width,
+        num_hidden_layers=depth,
+        num_heads=args.conv_heads if variant == "conv" else 1,
+        conv_kernel_size=args.conv_kernel_size,
+        **common,
+    )
+    return AFTForImageClassification(config)
+
+
+def make_step(model, pixel_values, labels, mode):
+    if mode == "inference":
+        model.eval()
+
+        def step():
+            with torch.inference_mode():
+                model(pixel_values)
+
+    else:
+        model.train()
+
+        def step():
+            model(pixel_values, labels=labels).loss.backward()
+            model.zero_grad(set_to_none=True)
+
+    return step
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_step_bytes(step, device):
+    """Bytes one step allocates at its peak, above what was live before it."""
+    if device.type == "cuda":
+        sync(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def measure(name, image_size, args, device):
+    torch.manual_seed(0)
+    model = build_model(name, image_size, args).to(device)
+    pixel_values = torch.randn(args.batch_size, 3, image_size, image_size, device=device)
+    labels = torch.randint(0, args.num_labels, (args.batch_size,), device=device)
+    step = make_step(model, pixel_values, labels, args.mode)
+    for _ in range(args.warmup):
+        step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync(device)
+    seconds = (time.perf_counter() - start) / args.steps
+    peak = peak_step_bytes(step, device)
+    return {
+        "model": name,
+        "image_size": image_size,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameter_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
+        "ms_per_batch": 1e3 * seconds,
+        "images_per_s": args.batch_size / seconds,
+        "peak_step_mb": peak / 2**20,
+    }
+
+
+def ratios(results):
+    """Throughput and memory of each AFT model relative to ViT at the same size."""
+    vit = {r["image_size"]: r for r in results if r["model"] == "vit"}
+    out = []
+    for r in results:
+        if r["model"] != "vit" and r["image_size"] in vit:
+            ref = vit[r["image_size"]]
+            out.append(
+                {
+                    "model": r["model"],
+                    "image_size": r["image_size"],
+                    "speed_vs_vit": r["images_per_s"] / ref["images_per_s"],
+                    "memory_vs_vit": r["peak_step_mb"] / ref["peak_step_mb"],
+                }
+            )
+    return out
+
+
+def plot(results, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    sizes = sorted({r["image_size"] for r in results})
+    models = [m for m in MODELS if any(r["model"] == m for r in results)]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in zip(
+        axes, ("images_per_s", "peak_step_mb"), ("images/s", "peak step memory (MiB)"), strict=True
+    ):
+        width = 0.8 / len(models)
+        for i, m in enumerate(models):
+            values = [next((r[key] for r in results if r["model"] == m and r["image_size"] == s), 0) for s in sizes]
+            ax.bar([j + i * width for j in range(len(sizes))], values, width, label=m)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sizes))], [f"{s}²" for s in sizes])
+        ax.set_ylabel(label)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def main():
+    args = parse_args()
+    device = torch.device(args.device)
+    runs = [(size, name) for size in args.sizes for name in args.models]
+    results = []
+    for size, name in tqdm(runs, desc="benchmark", unit="model"):
+        results.append(measure(name, size, args, device))
+
+    print(
+        f"\n{args.mode}, batch {args.batch_size}, width {args.hidden_size}, depth {args.num_layers}, "
+        f"patch {args.patch_size}, {args.steps} timed steps, device {device} ({torch.get_num_threads()} threads)"
+    )
+    print(f"{'model':<10}{'size':>6}{'params':>12}{'images/s':>12}{'ms/batch':>12}{'peak MiB':>12}")
+    for r in results:
+        print(
+            f"{r['model']:<10}{r['image_size']:>6}{r['parameters']:>12,}{r['images_per_s']:>12.1f}"
+            f"{r['ms_per_batch']:>12.1f}{r['peak_step_mb']:>12.1f}"
+        )
+    for r in ratios(results):
+        print(
+            f"{r['model']} at {r['image_size']}²: {r['speed_vs_vit']:.2f}x ViT's images/s, "
+            f"{r['memory_vs_vit']:.2f}x its peak step memory"
+        )
+
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "environment": {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+        "results": results,
+        "ratios": ratios(results),
+    }
+    args.output.write_text(json.dumps(report, indent=2))
+    print(f"saved {args.output}")
+    png = plot(results, args.output.with_suffix(".png"))
+    if png:
+        print(f"saved {png}")
+
+
+if __name__ == "__main__":
+    main()

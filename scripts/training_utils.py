@@ -775,10 +775,11 @@ def save_outputs(accelerator, args, model, processor, run_state: RunState, resul
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     output_dir = Path(args.output_dir)
+    if accelerator.is_main_process:
+        processor.save_pretrained(output_dir)
     unwrapped.save_pretrained(output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save)
     if not accelerator.is_main_process:
         return
-    processor.save_pretrained(output_dir)
     results = {k: round(v, 6) if isinstance(v, float) else v for k, v in results.items()}
     (output_dir / "all_results.json").write_text(json.dumps(results, indent=2))
     (output_dir / "log_history.json").write_text(json.dumps(run_state.log_history, indent=1))

@@ -294,7 +294,6 @@ def main(argv=None):
         results |= text_metrics(evaluate(model, test_dataloader, accelerator), ratios.get("test"), "test")
     run_state.log(accelerator, results.copy())
     results |= tu.train_results(run_state, model, len(train_dataset), len(eval_dataset))
-    accelerator.end_training()
 
     dataset_id, dataset_name = dataset_names(args)
     metrics = {k: k.split("_", 1)[1] for k in results if k.startswith(("eval_", "test_")) and "samples" not in k}

@@ -144,7 +144,6 @@ def main(argv=None):
     results = evaluate(model, eval_dataloader, accelerator)
     run_state.log(accelerator, results.copy())
     results |= tu.train_results(run_state, model, len(train_dataset), len(eval_dataset))
-    accelerator.end_training()
     dataset_id = args.dataset_name or ("local-images" if args.train_dir else "sklearn-digits")
     card = tu.CardInfo(
         task_type="image-classification",

@@ -169,7 +169,6 @@ def main(argv=None):
     results = evaluate(model, eval_dataloader, accelerator)
     run_state.log(accelerator, results.copy())
     results |= tu.train_results(run_state, model, len(train_dataset), len(eval_dataset))
-    accelerator.end_training()
     if accelerator.is_main_process and args.num_samples:
         save_samples(
             accelerator.unwrap_model(model),

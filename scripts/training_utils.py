@@ -771,29 +771,31 @@ def check_hub(args) -> str:
 
 
 def save_outputs(accelerator, args, model, processor, run_state: RunState, results: dict, info: CardInfo):
-    """The upload-ready folder: weights, config and code, processor, generation config, results, plot, card."""
+    """The upload-ready folder: weights, config and code, processor, generation config, results, plot, card; then
+    the upload with --push_to_hub, and the end of tracking and of the process group."""
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
         processor.save_pretrained(output_dir)
     unwrapped.save_pretrained(output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save)
-    if not accelerator.is_main_process:
-        return
-    results = {k: round(v, 6) if isinstance(v, float) else v for k, v in results.items()}
-    (output_dir / "all_results.json").write_text(json.dumps(results, indent=2))
-    (output_dir / "log_history.json").write_text(json.dumps(run_state.log_history, indent=1))
-    plot_losses(run_state.log_history, output_dir / "loss_curve.png")
-    write_model_card(output_dir, args, accelerator, unwrapped, results, info)
-    logger.info(f"saved the model folder {output_dir}: {json.dumps(results)}")
-    if args.hub_repo_id:
-        HfApi(token=args.hub_token).upload_folder(
-            repo_id=args.hub_repo_id,
-            folder_path=output_dir,
-            commit_message="Upload AFT model trained with the aft scripts",
-            ignore_patterns=[f"{CHECKPOINTS_DIR}/*", "runs/*"],
-        )
-        logger.info(f"uploaded to https://huggingface.co/{args.hub_repo_id}")
+    if accelerator.is_main_process:
+        results = {k: round(v, 6) if isinstance(v, float) else v for k, v in results.items()}
+        (output_dir / "all_results.json").write_text(json.dumps(results, indent=2))
+        (output_dir / "log_history.json").write_text(json.dumps(run_state.log_history, indent=1))
+        plot_losses(run_state.log_history, output_dir / "loss_curve.png")
+        write_model_card(output_dir, args, accelerator, unwrapped, results, info)
+        logger.info(f"saved the model folder {output_dir}: {json.dumps(results)}")
+        if args.hub_repo_id:
+            HfApi(token=args.hub_token).upload_folder(
+                repo_id=args.hub_repo_id,
+                folder_path=output_dir,
+                commit_message="Upload AFT model trained with the aft scripts",
+                ignore_patterns=[f"{CHECKPOINTS_DIR}/*", "runs/*"],
+            )
+            logger.info(f"uploaded to https://huggingface.co/{args.hub_repo_id}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 def setup_logging(accelerator):

@@ -78,6 +78,8 @@ def load_text_datasets(args) -> DatasetDict:
         for path in (args.train_file, args.validation_file):
             if path and not Path(path).is_file():
                 raise tu.InputError(f"data file {path} does not exist.")
+            if path and Path(path).stat().st_size == 0:
+                raise tu.InputError(f"data file {path} is empty.")
         files = {"train": args.train_file, **({"validation": args.validation_file} if args.validation_file else {})}
         extension = Path(args.train_file).suffix.lstrip(".")
         extension = "text" if extension in ("txt", "raw", "") else extension
@@ -234,11 +236,11 @@ def main(argv=None):
         train_dataset = train_dataset.select(range(min(args.max_train_samples, len(train_dataset))))
     if args.max_eval_samples:
         eval_dataset = eval_dataset.select(range(min(args.max_eval_samples, len(eval_dataset))))
+    model = tu.load_model(AFTForCausalLM, args, vocab_size=len(tokenizer))
+    tu.check_sequence_length(model.config, args.block_size, "--block_size")
     for name, dataset in (("training", train_dataset), ("validation", eval_dataset)):
         if len(dataset) == 0:
             raise tu.InputError(f"the {name} data holds fewer than --block_size={args.block_size} tokens.")
-    model = tu.load_model(AFTForCausalLM, args, vocab_size=len(tokenizer))
-    tu.check_sequence_length(model.config, args.block_size, "--block_size")
     train_dataloader = DataLoader(
         train_dataset.with_format("torch"),
         shuffle=True,

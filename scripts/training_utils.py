@@ -23,6 +23,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub.errors import StrictDataclassError
 from tqdm.auto import tqdm
 from transformers import SchedulerType, get_scheduler
 
@@ -94,7 +95,8 @@ def run_main(main):
     try:
         main()
     except InputError as error:
-        sys.exit(f"error: {error}")
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 # 1. arguments
@@ -230,8 +232,9 @@ def build_config(args, **task_fields) -> AFTConfig:
     fields = {**PRESETS[preset], **task_fields, **parse_config_overrides(args.config_overrides)}
     try:
         return AFTConfig(**fields)
-    except (ValueError, TypeError) as error:
-        raise InputError(f"invalid model configuration: {error}") from error
+    except (ValueError, TypeError, StrictDataclassError) as error:
+        cause = error.__cause__ or error
+        raise InputError(f"invalid model configuration: {cause}") from error
 
 
 def load_model(model_class, args, **task_fields):

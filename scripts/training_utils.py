@@ -740,7 +740,7 @@ def write_model_card(output_dir: Path, args, accelerator, model, results: dict, 
     )
     card = ModelCard.from_template(
         card_data,
-        template_path=str(MODEL_CARDS_DIR / "aft_model_card.md"),
+        template_path=str(MODEL_CARDS_DIR / "aft_model_card.md.jinja"),
         repo_id=repo_id,
         model_class=type(model).__name__,
         architecture=architecture,

@@ -1,7 +1,7 @@
 """The training scripts end to end, as a user runs them: tiny presets, a few steps, CPU, embedded default data.
 
 Every run is a fresh `python scripts/...` process that imports this repository as `aft`; the saved folders are
-loaded in fresh processes, installed and as remote code. The 2-process test is marked `slow`.
+loaded in fresh processes, installed and as remote code. About 2.5 minutes on two cores.
 """
 
 import importlib
@@ -305,7 +305,6 @@ def test_bad_inputs_fail_before_training(utils, scripts, tmp_path, clm_folder, m
     assert "the sequence length 1 + 8x8x1 is 65, larger than the model's max_position_embeddings=32" in message
 
 
-@pytest.mark.slow
 def test_two_processes_reach_the_eval_loss_of_one(env, clm_folder, tmp_path):
     # accelerate 1.15's `--cpu --num_processes 2` starts one process (its CPU multi-process path wants MPI);
     # torchrun through `--multi_gpu` with ACCELERATE_USE_CPU gives two gloo processes.

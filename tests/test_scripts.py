@@ -328,3 +328,70 @@ def test_scripts_import_no_model_code():
             continue
         source = script.read_text()
         assert "nn.Module" not in source and "class AFT" not in source, script.name
+
+
+def test_byte_tokenizer_round_trips_bytes(scripts, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = scripts["run_clm"].byte_tokenizer()
+    text = "héllo\n\twörld ✓ \x00\x7f end"
+    assert tokenizer(text)["input_ids"] == list(text.encode("utf-8"))  # id = byte value
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert len(loaded) == 256 and loaded(text)["input_ids"] == list(text.encode("utf-8"))
+
+
+def test_local_text_with_a_trained_bpe_tokenizer(utils, scripts, tmp_path):
+    from transformers import AutoTokenizer
+
+    text = tmp_path / "train.txt"
+    text.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(300)))
+    out = tmp_path / "bpe"
+    args = [*TINY, "--train_file", text, "--train_tokenizer", "--tokenizer_vocab_size", "300", "--block_size", "16"]
+    scripts["run_clm"].main([*map(str, args), "--max_train_steps", "2", "--output_dir", str(out)])
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert (
+        len(tokenizer) == 300 and tokenizer.decode(tokenizer("over the lazy dog")["input_ids"]) == "over the lazy dog"
+    )
+    results = json.loads((out / "all_results.json").read_text())
+    bits_per_token = results["eval_loss"] / math.log(2)
+    assert results["eval_bits_per_byte"] < bits_per_token / 2  # BPE tokens span several bytes each
+
+
+def test_enwik8_split_from_a_local_file(scripts, tmp_path):
+    data = tmp_path / "enwik8"
+    data.write_bytes(("<page><title>AFT</title><text>attention free</text></page>\n" * 400).encode())
+    n = data.stat().st_size
+    splits = scripts["run_clm"].enwik8_datasets(str(data), block_size=32)
+    assert [len(splits[s]) for s in ("train", "validation", "test")] == [
+        int(n * 0.9) // 32,
+        int(n * 0.05) // 32,
+        (n - int(n * 0.9) - int(n * 0.05)) // 32,
+    ]
+    out = tmp_path / "enwik8-run"
+    scripts["run_clm"].main([*TINY, "--enwik8_file", str(data), "--block_size", "32", "--max_train_steps", "2",
+                             "--output_dir", str(out)])  # fmt: skip
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["test_bits_per_byte"] == pytest.approx(results["test_loss"] / math.log(2), rel=1e-5)
+
+
+def test_classification_from_an_image_folder(scripts, tmp_path):
+    from PIL import Image
+
+    for split, count in (("train", 12), ("validation", 4)):
+        for label in ("dark", "light"):
+            folder = tmp_path / split / label
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (8, 8), (20 + i, 20, 20) if label == "dark" else (230 - i, 230, 230)).save(
+                    folder / f"{i}.png"
+                )
+    out = tmp_path / "folder-run"
+    scripts["run_image_classification"].main([
+        *TINY, "--train_dir", str(tmp_path / "train"), "--validation_dir", str(tmp_path / "validation"),
+        "--per_device_train_batch_size", "4", "--max_train_steps", "2", "--output_dir", str(out),
+    ])  # fmt: skip
+    config = json.loads((out / "config.json").read_text())
+    assert config["id2label"] == {"0": "dark", "1": "light"} and config["num_channels"] == 3
+    assert json.loads((out / "all_results.json").read_text())["eval_samples"] == 8

@@ -70,7 +70,7 @@ def main(argv=None):
     names = label_names(raw["train"], args.label_column)
     first = raw["train"][0][image_column]
     image_size = args.image_size or first.size[0]
-    mode = "L" if first.mode in ("L", "1", "I", "F") else "RGB"
+    mode = tu.image_mode(first)
     task_fields = {
         "image_size": image_size,
         "patch_size": args.patch_size or max(1, image_size // 4),

@@ -45,7 +45,7 @@ def parse_args(argv=None):
 def image_processor(images, image_size: int | None) -> ViTImageProcessorPil:
     """Resize only: values stay 0..255 (no rescaling, no normalisation), so they are the 256 classes."""
     height, width = (image_size, image_size) if image_size else images[0].size[::-1]
-    channels = 1 if images[0].mode in ("L", "1", "P", "I", "F") and images[0].mode != "P" else 3
+    channels = 1 if tu.image_mode(images[0]) == "L" else 3
     return ViTImageProcessorPil(
         do_resize=True,
         size={"height": height, "width": width},

@@ -311,6 +311,11 @@ def digits_dataset():
     return DatasetDict({"train": split(range(DIGITS_TRAIN)), "validation": split(range(DIGITS_TRAIN, n))})
 
 
+def image_mode(image) -> str:
+    """The PIL mode the images are converted to: 'L' (one channel) for grey images, 'RGB' for all others."""
+    return "L" if image.mode in ("1", "L", "I", "I;16", "F") else "RGB"
+
+
 def load_image_datasets(args):
     """DatasetDict with 'train' and 'validation' splits, plus the name of the image column."""
     from datasets import DatasetDict, load_dataset

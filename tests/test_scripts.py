@@ -395,3 +395,19 @@ def test_classification_from_an_image_folder(scripts, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["id2label"] == {"0": "dark", "1": "light"} and config["num_channels"] == 3
     assert json.loads((out / "all_results.json").read_text())["eval_samples"] == 8
+
+
+def test_fine_tune_from_a_saved_folder(utils, scripts, clm_folder, tmp_path):
+    text = tmp_path / "train.txt"
+    text.write_text("def add(a, b):\n    return a + b\n" * 200)
+    out = tmp_path / "fine-tuned"
+    base = ["--train_file", str(text), "--block_size", "32", "--max_train_steps", "2", "--seed", "0"]
+    with pytest.raises(utils.InputError, match="drop them with --model_name_or_path"):
+        scripts["run_clm"].main([*base, "--model_name_or_path", str(clm_folder), "--preset", "tiny",
+                                 "--output_dir", str(out)])  # fmt: skip
+    scripts["run_clm"].main(
+        [*base, "--model_name_or_path", str(clm_folder), "--with_tracking", "--output_dir", str(out)]
+    )
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 2
+    assert (out / "tokenizer.json").read_text() == (clm_folder / "tokenizer.json").read_text()
+    assert "| model_name_or_path | " in (out / "README.md").read_text()

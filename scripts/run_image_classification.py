@@ -79,7 +79,10 @@ def main(argv=None):
         "id2label": dict(enumerate(names)),
         "label2id": {name: i for i, name in enumerate(names)},
     }
+    if args.model_name_or_path and args.patch_size is None:
+        del task_fields["patch_size"]  # the checkpoint's own
     model = tu.load_model(AFTForImageClassification, args, **task_fields)
+    patch_size = model.config.patch_size
     processor = aft_image_processor(model.config)
     if mode == "L":  # one grey channel: one mean and std
         processor.image_mean, processor.image_std = [0.5], [0.5]
@@ -124,7 +127,7 @@ def main(argv=None):
     )
     logger.info(
         f"{len(train_dataset)} training and {len(eval_dataset)} validation images, {len(names)} classes, "
-        f"{image_size}x{image_size} in patches of {task_fields['patch_size']}; "
+        f"{image_size}x{image_size} in patches of {patch_size}; "
         f"{tu.count_parameters(model):,} parameters; {args.max_train_steps} steps"
     )
     tu.train(
@@ -156,7 +159,7 @@ def main(argv=None):
         metrics={"eval_accuracy": "accuracy", "eval_loss": "loss"},
         description=(
             f"image classification into {len(names)} classes, trained on {dataset_id} at "
-            f"{image_size}x{image_size} in patches of {task_fields['patch_size']}."
+            f"{image_size}x{image_size} in patches of {patch_size}."
         ),
         usage=CLASSIFICATION_USAGE,
         tags=["image-classification", "vision"],

@@ -179,7 +179,8 @@ def add_output_args(parser: argparse.ArgumentParser):
 
 def check_args(args):
     """Checks that need no data: output folder, checkpointing value, preset, Hub access (raises InputError)."""
-    if args.checkpointing_steps not in (None, "epoch") and not str(args.checkpointing_steps).isdigit():
+    steps = args.checkpointing_steps
+    if steps not in (None, "epoch") and not (str(steps).isdigit() and int(steps) > 0):
         raise InputError(f"--checkpointing_steps={args.checkpointing_steps!r}: use a positive integer or 'epoch'.")
     if args.model_name_or_path and (args.preset or args.config_overrides):
         raise InputError("--preset and --config_overrides build a new model: drop them with --model_name_or_path.")

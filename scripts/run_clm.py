@@ -5,8 +5,11 @@ Data, in order of precedence: `--enwik8_file` (the standard 90M/5M/5M split), `-
 the Python standard library's own top-level modules (every 10th file, in name order, is the validation set).
 Tokenization is byte level by default (256 ids, so bits per byte compare with the paper's enwik8 numbers).
 
-    python scripts/run_clm.py --preset tiny --max_train_steps 300 --output_dir outputs/aft-clm-stdlib
-    accelerate launch scripts/run_clm.py --preset small --output_dir outputs/aft-clm-stdlib-small
+    python scripts/run_clm.py --preset tiny --block_size 128 --per_device_train_batch_size 16 \
+        --learning_rate 3e-3 --max_train_steps 300 --eval_steps 100 --max_eval_samples 256 --eval_at_start \
+        --output_dir outputs/aft-stdlib
+    accelerate launch scripts/run_clm.py --enwik8_file enwik8 --preset enwik8-paper --block_size 1024 \
+        --output_dir outputs/aft-enwik8
 """
 
 import argparse

@@ -3,7 +3,11 @@ the model card. It holds no model logic: the model classes come from the `aft` p
 
 Run the scripts with the package installed (`pip install aft-transformers[train]`) or with its parent folder
 on PYTHONPATH; launch them with `python` or `accelerate launch` (mixed precision and multi-process come from
-`accelerate config` / `accelerate launch` flags, not from these scripts).
+`accelerate config` / `accelerate launch` flags, not from these scripts). Two CPU processes (gloo):
+
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 scripts/run_clm.py ...
+
+(accelerate 1.15's `--cpu --num_processes 2` starts a single process: its CPU multi-process path wants MPI.)
 """
 
 import argparse

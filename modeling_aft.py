@@ -163,6 +163,8 @@ class AFTMixer(nn.Module):
         """hidden_states (B, T, D). For ndim=2, `grid` = (Gh, Gw) with Gh * Gw == T, patches row by row, and
         `position_ids` None (the bias covers the whole `image_size` grid)."""
         B, T, _ = hidden_states.shape
+        if (grid is not None) != (self.ndim == 2) or (grid is not None and grid[0] * grid[1] != T):
+            raise ValueError(f"An ndim={self.ndim} AFTMixer got grid={grid} for {T} positions.")
         H = self.num_heads
         # 1. projections: q, v (B, T, H, Dh); k (B, T, H, Dk)
         q = self.query_act(self.q_proj(hidden_states)).view(B, T, H, self.head_dim)

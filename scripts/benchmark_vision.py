@@ -3,18 +3,21 @@
 All three have the same width, depth, patch size and MLP; ViT uses transformers' default attention (SDPA),
 AFT-conv the paper's tiny recipe (one head per channel, an 11 x 11 kernel). Each model runs at 224^2 and 384^2.
 
-    python scripts/benchmark_vision.py                 # CPU: width 64, depth 2, batch 8 (a few minutes on 2 cores)
+    python scripts/benchmark_vision.py                 # CPU: width 192, depth 4, batch 8 (minutes on 2 cores)
     python scripts/benchmark_vision.py --quick         # a smoke run: one timed step per model and size
     python scripts/benchmark_vision.py --device cuda   # width 192, depth 12 (DeiT-tiny), batch 64
 
 Peak memory is what one step allocates above what was live before it (weights and the input batch are
 excluded and reported apart): on CUDA from `torch.cuda.max_memory_allocated`, on CPU by replaying the allocator
-events that `torch.profiler` records with `profile_memory=True`, in a separate untimed step.
+events that `torch.profiler` records with `profile_memory=True`, in a separate untimed step. Speed is the median
+of the timed steps (robust to other processes sharing the CPU); every step's time is saved in the JSON.
 """
 
 import argparse
 import json
+import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -34,8 +37,8 @@ def parse_args():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 384], help="image sides in pixels")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    parser.add_argument("--hidden-size", type=int, help="width (default: 192 on CUDA, 64 on CPU)")
-    parser.add_argument("--num-layers", type=int, help="depth (default: 12 on CUDA, 2 on CPU)")
+    parser.add_argument("--hidden-size", type=int, default=192, help="width (default: DeiT-tiny's 192)")
+    parser.add_argument("--num-layers", type=int, help="depth (default: 12 on CUDA, as DeiT-tiny; 4 on CPU)")
     parser.add_argument("--patch-size", type=int, default=16)
     parser.add_argument("--conv-heads", type=int, help="AFT-conv heads (default: one per channel, as the paper)")
     parser.add_argument("--conv-kernel-size", type=int, default=11)
@@ -50,8 +53,7 @@ def parse_args():
     parser.add_argument("--output", type=Path, default=Path("outputs/benchmark_vision.json"))
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
-    args.hidden_size = args.hidden_size or (192 if cuda else 64)
-    args.num_layers = args.num_layers or (12 if cuda else 2)
+    args.num_layers = args.num_layers or (12 if cuda else 4)
     args.conv_heads = args.conv_heads or args.hidden_size
     args.batch_size = args.batch_size or (64 if cuda else 8)
     if args.quick:
@@ -127,30 +129,48 @@ def peak_step_bytes(step, device):
     return peak
 
 
-def measure(name, image_size, args, device):
-    torch.manual_seed(0)
-    model = build_model(name, image_size, args).to(device)
-    pixel_values = torch.randn(args.batch_size, 3, image_size, image_size, device=device)
-    labels = torch.randint(0, args.num_labels, (args.batch_size,), device=device)
-    step = make_step(model, pixel_values, labels, args.mode)
-    for _ in range(args.warmup):
-        step()
+def timed(step, device):
     sync(device)
     start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
+    step()
     sync(device)
-    seconds = (time.perf_counter() - start) / args.steps
-    peak = peak_step_bytes(step, device)
-    return {
-        "model": name,
-        "image_size": image_size,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "parameter_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
-        "ms_per_batch": 1e3 * seconds,
-        "images_per_s": args.batch_size / seconds,
-        "peak_step_mb": peak / 2**20,
-    }
+    return time.perf_counter() - start
+
+
+def measure(image_size, args, device, progress):
+    """Every model at one size. Timed steps take the models in turn, so that other processes sharing the machine
+    slow them alike instead of whichever model happens to run at the time."""
+    steps, models = {}, {}
+    for name in args.models:
+        torch.manual_seed(0)
+        models[name] = build_model(name, image_size, args).to(device)
+        pixel_values = torch.randn(args.batch_size, 3, image_size, image_size, device=device)
+        labels = torch.randint(0, args.num_labels, (args.batch_size,), device=device)
+        steps[name] = make_step(models[name], pixel_values, labels, args.mode)
+        for _ in range(args.warmup):
+            steps[name]()
+    times = {name: [] for name in args.models}
+    for _ in range(args.steps):
+        for name in args.models:
+            times[name].append(timed(steps[name], device))
+        progress.update()
+    results = []
+    for name in args.models:
+        seconds = statistics.median(times[name])
+        results.append(
+            {
+                "model": name,
+                "image_size": image_size,
+                "parameters": sum(p.numel() for p in models[name].parameters()),
+                "parameter_mb": sum(p.numel() * p.element_size() for p in models[name].parameters()) / 2**20,
+                "ms_per_batch": 1e3 * seconds,
+                "ms_per_batch_best": 1e3 * min(times[name]),
+                "ms_per_batch_each_step": [1e3 * t for t in times[name]],
+                "images_per_s": args.batch_size / seconds,
+                "peak_step_mb": peak_step_bytes(steps[name], device) / 2**20,
+            }
+        )
+    return results
 
 
 def ratios(results):
@@ -171,7 +191,7 @@ def ratios(results):
     return out
 
 
-def plot(results, path):
+def plot(results, path, title):
     try:
         import matplotlib
 
@@ -192,6 +212,7 @@ def plot(results, path):
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sizes))], [f"{s}²" for s in sizes])
         ax.set_ylabel(label)
     axes[0].legend()
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path
@@ -200,20 +221,22 @@ def plot(results, path):
 def main():
     args = parse_args()
     device = torch.device(args.device)
-    runs = [(size, name) for size in args.sizes for name in args.models]
     results = []
-    for size, name in tqdm(runs, desc="benchmark", unit="model"):
-        results.append(measure(name, size, args, device))
+    with tqdm(total=len(args.sizes) * args.steps, desc="benchmark", unit="step") as progress:
+        for size in args.sizes:
+            progress.set_postfix(size=size)
+            results += measure(size, args, device, progress)
 
     print(
         f"\n{args.mode}, batch {args.batch_size}, width {args.hidden_size}, depth {args.num_layers}, "
-        f"patch {args.patch_size}, {args.steps} timed steps, device {device} ({torch.get_num_threads()} threads)"
+        f"patch {args.patch_size}, median of {args.steps} timed steps (models in turn), "
+        f"device {device} ({torch.get_num_threads()} threads)"
     )
-    print(f"{'model':<10}{'size':>6}{'params':>12}{'images/s':>12}{'ms/batch':>12}{'peak MiB':>12}")
+    print(f"{'model':<10}{'size':>6}{'params':>12}{'images/s':>12}{'ms/batch':>12}{'best ms':>10}{'peak MiB':>10}")
     for r in results:
         print(
             f"{r['model']:<10}{r['image_size']:>6}{r['parameters']:>12,}{r['images_per_s']:>12.1f}"
-            f"{r['ms_per_batch']:>12.1f}{r['peak_step_mb']:>12.1f}"
+            f"{r['ms_per_batch']:>12.1f}{r['ms_per_batch_best']:>10.1f}{r['peak_step_mb']:>10.1f}"
         )
     for r in ratios(results):
         print(
@@ -225,7 +248,10 @@ def main():
     report = {
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "environment": {
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+            "device": torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else f"{platform.machine()} CPU, {os.cpu_count()} cores",
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
@@ -235,7 +261,8 @@ def main():
     }
     args.output.write_text(json.dumps(report, indent=2))
     print(f"saved {args.output}")
-    png = plot(results, args.output.with_suffix(".png"))
+    title = f"{args.mode}, batch {args.batch_size}, width {args.hidden_size}, depth {args.num_layers}, {device}"
+    png = plot(results, args.output.with_suffix(".png"), title)
     if png:
         print(f"saved {png}")
 

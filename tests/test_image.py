@@ -21,7 +21,9 @@ from aft.ops_aft import (
     aft_local_2d,
     aft_reference,
     aft_simple,
+    conv_bias_dense_2d,
     conv_kernel_2d,
+    local_bias_dense_2d,
 )
 
 F64 = torch.float64
@@ -96,6 +98,18 @@ def test_conv_2d_equals_reference(grid, s):
     w = torch.stack([window_bias(grid, s, lambda t, t2, i, j, h=h: kernel[h, i, j]) for h in range(H)])[None]
     ref = aft_reference(q, k, v, w, causal=False)
     assert_same(fast, ref, (q, k, v, kernel))
+
+
+@pytest.mark.parametrize("s", [1, 2, 3, 4])
+def test_dense_grid_biases_of_ops_match_the_literal_window(s):
+    grid, T, H = (3, 5), 15, 2
+    g = torch.Generator().manual_seed(5)
+    kernel = torch.randn(H, s, s, generator=g, dtype=F64)
+    literal = torch.stack([window_bias(grid, s, lambda t, t2, i, j, h=h: kernel[h, i, j]) for h in range(H)])
+    torch.testing.assert_close(conv_bias_dense_2d(kernel, grid), literal[None], rtol=0, atol=0)
+    pos_u, pos_v = torch.randn(1, T, 3, generator=g, dtype=F64), torch.randn(1, T, 3, generator=g, dtype=F64)
+    literal = window_bias(grid, s, lambda t, t2, i, j: pos_u[0, t] @ pos_v[0, t2])
+    torch.testing.assert_close(local_bias_dense_2d(pos_u, pos_v, s, grid), literal[None, None], rtol=0, atol=1e-15)
 
 
 @pytest.mark.parametrize("grid", [(3, 5), (4, 4)])
@@ -210,6 +224,20 @@ def test_conv_trained_at_32_runs_at_48_and_64():
         assert out.logits.shape == (2, 3) and torch.isfinite(out.logits).all()
         assert out.hidden_states[-1].shape == (2, (side // 8) ** 2, 16)
     assert model(torch.randn(1, 3, 40, 24)).logits.shape == (1, 3)  # not square either
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = AFTForImageClassification(tiny_config("local")).train()
+    x, labels = torch.randn(2, 3, 32, 32), torch.tensor([0, 2])
+    model(x, labels=labels).loss.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.activation_checkpointing_enable()
+    assert model.model.layers[0].gradient_checkpointing
+    model(x, labels=labels).loss.backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, expected[name], msg=name)
 
 
 @pytest.mark.parametrize("variant", ["full", "local"])

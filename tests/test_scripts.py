@@ -46,6 +46,9 @@ def env(tmp_path_factory):
         HF_DATASETS_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
         HF_MODULES_CACHE=str(tmp_path_factory.mktemp("modules")),
+        # One thread per process: on a shared two-core machine, two spinning OpenMP threads per process made
+        # tiny-model steps up to ~50x slower (the numbers do not depend on it).
+        OMP_NUM_THREADS="1",
     )
     environment.pop("ACCELERATE_USE_CPU", None)
     return environment

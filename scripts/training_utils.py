@@ -714,7 +714,8 @@ class CardInfo:
 
 def write_model_card(output_dir: Path, args, accelerator, model, results: dict, info: CardInfo):
     config = model.config
-    repo_id = args.hub_repo_id or args.output_dir
+    model_id = args.hub_repo_id or args.output_dir  # what from_pretrained takes: the Hub id or the folder
+    name = args.hub_repo_id or Path(args.output_dir).resolve().name
     eval_results = [
         EvalResult(
             task_type=info.task_type,
@@ -736,7 +737,7 @@ def write_model_card(output_dir: Path, args, accelerator, model, results: dict, 
         tags=["aft", "attention-free-transformer", *info.tags],
         datasets=[info.dataset_id],
         metrics=sorted(set(info.metrics.values())),
-        model_name=args.hub_repo_id or Path(args.output_dir).name,
+        model_name=name,
         eval_results=eval_results,
     )
     architecture = (
@@ -751,12 +752,12 @@ def write_model_card(output_dir: Path, args, accelerator, model, results: dict, 
     card = ModelCard.from_template(
         card_data,
         template_path=str(MODEL_CARDS_DIR / "aft_model_card.md.jinja"),
-        repo_id=repo_id,
+        repo_id=name,
         model_class=type(model).__name__,
         architecture=architecture,
         num_parameters=f"{count_parameters(model):,}",
         description=info.description,
-        usage=info.usage.replace("{model_id}", repo_id),
+        usage=info.usage.replace("{model_id}", model_id),
         training_command=training_command(accelerator),
         hyperparameters=hyperparameter_table(args, accelerator, count_parameters(model)),
         results_table=results_table,

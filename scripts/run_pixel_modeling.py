@@ -1,0 +1,213 @@
+"""Autoregressive image modelling with an AFT model (the paper's headline task), reported in bits per dimension.
+
+Each image becomes one sequence: a start token (id 256) then its H x W x C sub-pixels in raster order (row,
+column, channel), each one of 256 intensity classes; AFTForCausalLM predicts every sub-pixel from those before
+it, and bits/dim is the mean negative log2-likelihood per sub-pixel (8.0 for a uniform guess).
+
+Data: `--dataset_name` (e.g. cifar10 from the Hub), `--train_dir`/`--validation_dir` (image folders), and by
+default scikit-learn's digits, which needs no download (8x8 grey, 17 levels mapped to round(v * 255 / 16)).
+
+    python scripts/run_pixel_modeling.py --preset tiny --output_dir outputs/aft-pixels-digits
+    accelerate launch scripts/run_pixel_modeling.py --dataset_name cifar10 --preset cifar10-paper --output_dir ...
+"""
+
+import argparse
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import training_utils as tu
+from PIL import Image
+from torch.utils.data import DataLoader
+from transformers import ViTImageProcessorPil, default_data_collator
+
+from aft import AFTForCausalLM
+
+logger = logging.getLogger(__name__)
+
+START = 256  # the start token; sub-pixel values are 0..255
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    tu.add_image_data_args(parser)
+    parser.add_argument("--image_size", type=int, default=None, help="resize to this square side (default: as is).")
+    parser.add_argument("--num_samples", type=int, default=16, help="images to generate into samples.png (0: none).")
+    tu.add_model_args(parser, default_preset="small")
+    tu.add_training_args(parser, learning_rate=1e-3, batch_size=32, epochs=10)
+    tu.add_output_args(parser)
+    return parser.parse_args(argv)
+
+
+def image_processor(images, image_size: int | None) -> ViTImageProcessorPil:
+    """Resize only: values stay 0..255 (no rescaling, no normalisation), so they are the 256 classes."""
+    height, width = (image_size, image_size) if image_size else images[0].size[::-1]
+    channels = 1 if tu.image_mode(images[0]) == "L" else 3
+    return ViTImageProcessorPil(
+        do_resize=True,
+        size={"height": height, "width": width},
+        resample=Image.Resampling.BILINEAR,
+        do_rescale=False,
+        do_normalize=False,
+        image_mean=[0.5] * channels,
+        image_std=[0.5] * channels,
+    )
+
+
+def to_sequences(images, processor) -> np.ndarray:
+    """PIL images -> (N, 1 + H*W*C) token ids: the start token, then sub-pixels in (row, column, channel) order."""
+    mode = "L" if len(processor.image_mean) == 1 else "RGB"
+    pixels = processor([img.convert(mode) for img in images], return_tensors="np")["pixel_values"]  # (N, C, H, W)
+    pixels = np.rint(pixels).clip(0, 255).astype(np.int64).transpose(0, 2, 3, 1).reshape(len(images), -1)
+    return np.concatenate([np.full((len(images), 1), START), pixels], axis=1)
+
+
+def evaluate(model, dataloader, accelerator) -> dict:
+    """Bits per dimension: mean negative log2-likelihood of every sub-pixel, gathered over processes."""
+    model.eval()
+    losses = []
+    for batch in dataloader:
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], use_cache=False).logits
+        nats = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), batch["input_ids"][:, 1:], reduction="none")
+        losses.append(accelerator.gather_for_metrics(nats.mean(dim=1)))  # (B,): every image has H*W*C targets
+    model.train()
+    loss = torch.cat(losses).mean().item()
+    return {"eval_loss": loss, "eval_bits_per_dim": loss / math.log(2)}
+
+
+def save_samples(model, processor, path: Path, num_samples: int, seed: int):
+    """Sample `num_samples` images from the start token (recurrent decoding) and save them as one grid PNG."""
+    height, width = processor.size["height"], processor.size["width"]
+    channels = len(processor.image_mean)
+    torch.manual_seed(seed)
+    start = torch.full((num_samples, 1), START, device=model.device)
+    with torch.no_grad():
+        ids = model.generate(input_ids=start, max_new_tokens=height * width * channels, do_sample=True)
+    pixels = ids[:, 1:].clamp(0, 255).to(torch.uint8).view(num_samples, height, width, channels).cpu().numpy()
+    columns = min(num_samples, 8)
+    rows = math.ceil(num_samples / columns)
+    grid = np.zeros((rows * (height + 1), columns * (width + 1), channels), np.uint8)
+    for i, image in enumerate(pixels):
+        r, c = divmod(i, columns)
+        grid[r * (height + 1) : r * (height + 1) + height, c * (width + 1) : c * (width + 1) + width] = image
+    scale = max(1, 256 // max(grid.shape[:2]))  # small images: enlarge for viewing
+    grid = grid.repeat(scale, 0).repeat(scale, 1)
+    Image.fromarray(grid[..., 0] if channels == 1 else grid).save(path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    tu.check_args(args)
+    accelerator = tu.create_accelerator(args)
+
+    # 1. data: images -> sequences of sub-pixel classes
+    raw, image_column = tu.load_image_datasets(args)
+    processor = image_processor(raw["train"][:1][image_column], args.image_size)
+    with accelerator.main_process_first():
+        sequences = raw.map(
+            lambda batch: {"input_ids": to_sequences(batch[image_column], processor)},
+            batched=True,
+            remove_columns=raw["train"].column_names,
+            desc="images to sequences",
+        )
+    train_dataset, eval_dataset = sequences["train"], sequences["validation"]
+    if args.max_train_samples:
+        train_dataset = train_dataset.select(range(min(args.max_train_samples, len(train_dataset))))
+    if args.max_eval_samples:
+        eval_dataset = eval_dataset.select(range(min(args.max_eval_samples, len(eval_dataset))))
+    height, width, channels = processor.size["height"], processor.size["width"], len(processor.image_mean)
+    sequence_length = 1 + height * width * channels
+
+    # 2. model: 256 intensity classes + the start token
+    model = tu.load_model(AFTForCausalLM, args, vocab_size=START + 1, bos_token_id=START)
+    tu.check_sequence_length(model.config, sequence_length, f"the sequence length 1 + {height}x{width}x{channels}")
+    model.generation_config.bos_token_id = START
+    model.generation_config.suppress_tokens = [START]  # the start token never appears inside an image
+    model.generation_config.max_new_tokens = sequence_length - 1
+    model.generation_config.do_sample = True
+
+    train_dataloader = DataLoader(
+        train_dataset.with_format("torch"),
+        shuffle=True,
+        drop_last=True,
+        batch_size=args.per_device_train_batch_size,
+        collate_fn=default_data_collator,
+        num_workers=args.dataloader_num_workers,
+    )
+    eval_dataloader = DataLoader(
+        eval_dataset.with_format("torch"), batch_size=args.per_device_eval_batch_size, collate_fn=default_data_collator
+    )
+
+    # 3. training
+    model, optimizer, train_dataloader, eval_dataloader, lr_scheduler, run_state, steps_per_epoch = (
+        tu.prepare_training(accelerator, args, model, train_dataloader, eval_dataloader, "aft_pixel_modeling")
+    )
+    logger.info(
+        f"{len(train_dataset)} training and {len(eval_dataset)} validation images of {height}x{width}x{channels} "
+        f"sub-pixels; {tu.count_parameters(model):,} parameters; {args.max_train_steps} steps"
+    )
+    tu.train(
+        accelerator,
+        args,
+        model,
+        optimizer,
+        lr_scheduler,
+        train_dataloader,
+        run_state,
+        steps_per_epoch,
+        compute_loss=lambda model, batch: (
+            model(input_ids=batch["input_ids"], labels=batch["input_ids"], use_cache=False).loss
+        ),
+        evaluate=lambda: evaluate(model, eval_dataloader, accelerator),
+    )
+
+    # 4. final evaluation, samples and the output folder
+    results = evaluate(model, eval_dataloader, accelerator)
+    run_state.log(accelerator, results.copy())
+    results |= tu.train_results(run_state, model, len(train_dataset), len(eval_dataset))
+    if accelerator.is_main_process and args.num_samples:
+        save_samples(
+            accelerator.unwrap_model(model),
+            processor,
+            Path(args.output_dir) / "samples.png",
+            args.num_samples,
+            args.seed,
+        )
+    dataset_id = args.dataset_name or ("local-images" if args.train_dir else "sklearn-digits")
+    card = tu.CardInfo(
+        task_type="image-generation",
+        task_name="Autoregressive image modelling",
+        pipeline_tag="unconditional-image-generation",
+        dataset_id=dataset_id,
+        dataset_name=dataset_id if args.dataset_name or args.train_dir else "scikit-learn digits (8x8, 17 levels)",
+        dataset_config=args.dataset_config_name,
+        dataset_split=args.eval_split,
+        metrics={"eval_bits_per_dim": "bits_per_dim", "eval_loss": "loss"},
+        description=(
+            f"autoregressive image modelling: each {height}x{width}x{channels} image is a sequence of "
+            f"{height * width * channels} sub-pixels with 256 classes after a start token (id {START}), "
+            "reported in bits per dimension. Samples: `samples.png`."
+        ),
+        usage=PIXEL_USAGE.replace("{length}", str(height * width * channels)).replace(
+            "{shape}", f"{height}, {width}, {channels}"
+        ),
+        tags=["image-generation", "pixel-modeling"],
+    )
+    tu.save_outputs(accelerator, args, model, processor, run_state, results, card)
+
+
+PIXEL_USAGE = """import torch
+from transformers import AutoModelForCausalLM
+
+model = AutoModelForCausalLM.from_pretrained("{model_id}")
+start = torch.full((4, 1), model.config.bos_token_id)  # 4 images, each from the start token
+ids = model.generate(input_ids=start, max_new_tokens={length}, do_sample=True)
+images = ids[:, 1:].view(4, {shape}).to(torch.uint8)  # (N, H, W, C) sub-pixel values 0..255"""
+
+
+if __name__ == "__main__":
+    tu.run_main(main)

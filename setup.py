@@ -24,19 +24,24 @@ setup(
     package_dir={"aft": "."},
     cmdclass={"build_py": BuildPy},
     python_requires=">=3.10",
+    # The ranges we have tested (CPU, Python 3.11); widen them only after running the tests on the new versions.
     install_requires=[
-        "torch>=2.6,<2.14",
+        "torch>=2.13,<2.14",
         "transformers>=5.23,<5.24",
-        "safetensors>=0.6,<0.9",
-        "huggingface_hub>=1.0,<2.5",
-        "tokenizers>=0.22,<0.24",
+        "safetensors>=0.8,<0.9",
+        "huggingface_hub>=2.4,<2.5",
+        "tokenizers>=0.23,<0.24",
+        "pillow>=13,<14",
     ],
     extras_require={
+        # training scripts: accelerate + datasets; scikit-learn ships the embedded image data (digits);
+        # matplotlib draws the loss curves and benchmark plots
         "train": [
-            "accelerate>=1.10,<1.16",
-            "datasets>=4.0,<5.3",
-            "evaluate>=0.4.5,<0.5",
+            "accelerate>=1.15,<1.16",
+            "datasets>=5.2,<5.3",
+            "scikit-learn>=1.9,<1.10",
+            "matplotlib>=3.11,<3.12",
         ],
-        "test": ["pytest>=8,<10", "ruff>=0.15,<0.18"],
+        "test": ["pytest>=9,<10", "ruff>=0.17,<0.18"],
     },
 )

@@ -244,16 +244,8 @@ def main(argv=None):
     for name, dataset in (("training", train_dataset), ("validation", eval_dataset)):
         if len(dataset) == 0:
             raise tu.InputError(f"the {name} data holds fewer than --block_size={args.block_size} tokens.")
-    train_dataloader = DataLoader(
-        train_dataset.with_format("torch"),
-        shuffle=True,
-        drop_last=True,
-        batch_size=args.per_device_train_batch_size,
-        collate_fn=default_data_collator,
-        num_workers=args.dataloader_num_workers,
-    )
-    eval_dataloader = DataLoader(
-        eval_dataset.with_format("torch"), batch_size=args.per_device_eval_batch_size, collate_fn=default_data_collator
+    train_dataloader, eval_dataloader = tu.make_dataloaders(
+        args, train_dataset.with_format("torch"), eval_dataset.with_format("torch")
     )
 
     # 2. training

@@ -16,7 +16,6 @@ import logging
 import torch
 import training_utils as tu
 from datasets import ClassLabel
-from torch.utils.data import DataLoader
 
 from aft import AFTForImageClassification, aft_image_processor
 
@@ -109,16 +108,8 @@ def main(argv=None):
             "labels": torch.stack([e["labels"] for e in examples]),
         }
 
-    train_dataloader = DataLoader(
-        train_dataset.with_transform(transform),
-        shuffle=True,
-        drop_last=True,
-        batch_size=args.per_device_train_batch_size,
-        collate_fn=collate,
-        num_workers=args.dataloader_num_workers,
-    )
-    eval_dataloader = DataLoader(
-        eval_dataset.with_transform(transform), batch_size=args.per_device_eval_batch_size, collate_fn=collate
+    train_dataloader, eval_dataloader = tu.make_dataloaders(
+        args, train_dataset.with_transform(transform), eval_dataset.with_transform(transform), collate
     )
 
     # 2. training

@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 import training_utils as tu
 from PIL import Image
-from torch.utils.data import DataLoader
-from transformers import ViTImageProcessorPil, default_data_collator
+from transformers import ViTImageProcessorPil
 
 from aft import AFTForCausalLM
 
@@ -130,16 +129,8 @@ def main(argv=None):
     model.generation_config.max_new_tokens = sequence_length - 1
     model.generation_config.do_sample = True
 
-    train_dataloader = DataLoader(
-        train_dataset.with_format("torch"),
-        shuffle=True,
-        drop_last=True,
-        batch_size=args.per_device_train_batch_size,
-        collate_fn=default_data_collator,
-        num_workers=args.dataloader_num_workers,
-    )
-    eval_dataloader = DataLoader(
-        eval_dataset.with_format("torch"), batch_size=args.per_device_eval_batch_size, collate_fn=default_data_collator
+    train_dataloader, eval_dataloader = tu.make_dataloaders(
+        args, train_dataset.with_format("torch"), eval_dataset.with_format("torch")
     )
 
     # 3. training

@@ -28,8 +28,9 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import StrictDataclassError
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import SchedulerType, get_scheduler
+from transformers import SchedulerType, default_data_collator, get_scheduler
 
 from aft import AFTConfig
 
@@ -515,6 +516,19 @@ def create_accelerator(args) -> Accelerator:
     if accelerator.is_main_process:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     return accelerator
+
+
+def make_dataloaders(args, train_dataset, eval_dataset, collate_fn=default_data_collator):
+    """The training loader (shuffled, whole batches only) and the evaluation loader, from the batch-size args."""
+    train = DataLoader(
+        train_dataset,
+        shuffle=True,
+        drop_last=True,
+        batch_size=args.per_device_train_batch_size,
+        collate_fn=collate_fn,
+        num_workers=args.dataloader_num_workers,
+    )
+    return train, DataLoader(eval_dataset, batch_size=args.per_device_eval_batch_size, collate_fn=collate_fn)
 
 
 def prepare_training(accelerator, args, model, train_dataloader, eval_dataloader, project_name: str):

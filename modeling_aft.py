@@ -186,20 +186,10 @@ class AFTMixer(nn.Module):
             y, new_state = self._parallel(q, k, v, attention_mask, return_state=cache_layer is not None, **kw)
         else:
             ys = []
-            for t in range(T):
-                step_kw = {name: x[:, t] for name, x in kw.items() if name.startswith("pos")}
-                if "kernel" in kw:
-                    step_kw["kernel"] = kw["kernel"]
-                mask_t = attention_mask[:, t] if attention_mask is not None else None
-                y_t, state = aft_step(
-                    q[:, t],
-                    k[:, t],
-                    v[:, t],
-                    state,
-                    window=self.window,
-                    mask=mask_t,
-                    **step_kw,
-                )
+            for t in range(T):  # position factors are per token; the conv kernel is shared by all
+                step_kw = {name: x if name == "kernel" else x[:, t] for name, x in kw.items()}
+                mask_t = None if attention_mask is None else attention_mask[:, t]
+                y_t, state = aft_step(q[:, t], k[:, t], v[:, t], state, window=self.window, mask=mask_t, **step_kw)
                 ys.append(y_t)
             y, new_state = torch.stack(ys, dim=1), state
         if cache_layer is not None:

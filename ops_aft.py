@@ -186,6 +186,8 @@ def _causal_chunked(k, v, band, left: int, mask=None):
     (its underflowed terms would no longer be below 2^-40 of it). Then this returns None and the caller uses the
     exact `_causal_reference`. Otherwise returns y (B, T, H, Dv).
     """
+    if band is None:  # AFT-simple: no window, a leaner form
+        return _simple_chunked(k, v, mask)
     B, T, H, Dk = k.shape
     C = min(CHUNK, T)
     nC = -(-T // C)
@@ -213,13 +215,9 @@ def _causal_chunked(k, v, band, left: int, mask=None):
     x = torch.exp(kw - b)
     rows = torch.arange(C, device=k.device)
     outside = (torch.arange(C + left, device=k.device)[None, :] < rows[:, None]).to(k.dtype)  # bias 0
-    if band is None:  # simple: the window is the diagonal
-        gmax = torch.zeros(1, 1, 1, C, 1, dtype=k.dtype, device=k.device)
-        G = outside + torch.eye(C, dtype=k.dtype, device=k.device)
-    else:
-        w = _band_chunks(band.to(k.dtype), T, C)
-        gmax = w.detach().amax(-1, keepdim=True).clamp(min=0)  # (B|1, nC|1, H|1, C, 1); outside: log 1 = 0
-        G = _skew(torch.exp(w - gmax)) + outside * torch.exp(-gmax)
+    w = _band_chunks(band.to(k.dtype), T, C)
+    gmax = w.detach().amax(-1, keepdim=True).clamp(min=0)  # (B|1, nC|1, H|1, C, 1); outside: log 1 = 0
+    G = _skew(torch.exp(w - gmax)) + outside * torch.exp(-gmax)
     num, den = G @ (x * vw), G @ x  # (B, nC, H, C, Dv), (B, nC, H, C, Dk)
     # 3. rows: both parts against the larger of their references
     inner = b + gmax
@@ -238,6 +236,68 @@ def _causal_chunked(k, v, band, left: int, mask=None):
     if seen is not None:
         y = torch.where(seen, y, torch.zeros_like(y))
     return _from_chunks(y, T)
+
+
+def _simple_chunked(k, v, mask=None, *, padded: bool = False, normaliser: bool = False):
+    """`_causal_chunked` without a window (AFT-simple): the fewest passes over the tensors.
+
+    Chunk c of C rows is scaled by exp(k - r_c) with r_c the largest key at positions <= cC (so r never decreases
+    and every row sees the key that attains its reference: each row sum is >= 1, nothing underflows). The rows'
+    prefix sums inside a chunk are one matrix product with a lower-triangular matrix of ones, started from the
+    carry of every earlier chunk (`baddbmm`). The carry is this same pool one level up, over the chunk totals
+    (log-normaliser r_c + log sum, mean of v): T / C positions, then T / C^2, ...; a level that cannot represent
+    its input falls back to the log-space `_prefix_pool` for that level only. Returns y (B, T, H, Dv), with
+    `normaliser` also the log-normaliser (B, T, H, Dk) of every row, or None (the caller uses the exact
+    `_causal_reference`) when a key lies more than 60 above its chunk's reference. `padded`: keys may be NEG
+    (padding; implied by `mask`).
+    """
+    padded = padded or mask is not None
+    B, T, H, Dk = k.shape
+    Dv = v.shape[3]
+    C = min(CHUNK, T)
+    nC = -(-T // C)
+    pad = nC * C - T
+    if pad:
+        k = F.pad(k, (0, 0, 0, 0, 0, pad), value=NEG)
+        v = F.pad(v, (0, 0, 0, 0, 0, pad))
+    kc = k.reshape(B, nC, C, H, Dk)
+    kd = kc.detach()
+    cmax = kd.amax(2)  # (B, nC, H, Dk)
+    before = torch.cummax(F.pad(cmax[:, :-1], (0, 0, 0, 0, 1, 0), value=NEG), dim=1).values
+    r = torch.maximum(before, kd[:, :, 0])  # largest key at positions <= cC
+    if padded:  # only padding so far: the chunk's first real key (earlier rows see only padding)
+        first = (kd > NEG / 2).to(torch.uint8).argmax(2, keepdim=True)
+        r = torch.where(r > NEG / 2, r, kd.gather(2, first)[:, :, 0])
+    overflow = (cmax - r > 60).any()
+    e = torch.sub(kc, r[:, :, None]).exp_()  # (B, nC, C, H, Dk), in place: one buffer
+    ev = e * v.reshape(B, nC, C, H, Dv)
+    # carry into chunk c: the pool of chunks 0 .. c - 1 (log-normaliser m, mean n), rescaled to r_c
+    tot = e.sum(2).clamp(min=torch.finfo(e.dtype).tiny)  # a padding-only chunk adds exp(NEG) = 0
+    kk, mean = r + torch.log(tot), ev.sum(2) / tot
+    pooled = _simple_chunked(kk, mean, padded=padded, normaliser=True) if nC > 1 else (mean, kk)
+    n, m = pooled if pooled is not None else _prefix_pool(kk, mean)[::-1]
+    carry_z = torch.exp(F.pad(m[:, :-1], (0, 0, 0, 0, 1, 0), value=NEG) - r)  # (B, nC, H, Dk), <= T
+    carry_n = F.pad(n[:, :-1], (0, 0, 0, 0, 1, 0)) * carry_z
+    ones = torch.ones(C, C, dtype=k.dtype, device=k.device).tril().expand(B * nC, C, C)
+    num = torch.baddbmm(carry_n.reshape(B * nC, 1, -1), ones, ev.view(B * nC, C, -1))
+    den = torch.baddbmm(carry_z.reshape(B * nC, 1, -1), ones, e.view(B * nC, C, -1))
+    if bool(overflow):  # one data-dependent branch, after all the work (one graph under compile)
+        return None
+    num, den = num.view(B, nC * C, H, Dv), den.view(B, nC * C, H, Dk)
+    empty = None
+    if padded:  # rows that have seen only padding: den = 0, y = 0 (and no 0/0 in backward)
+        empty = den == 0
+        den = torch.where(empty, torch.ones_like(den), den)
+    y = num / den
+    if mask is not None:  # rows of an all-padding prefix (r = NEG, every e = 1) are empty by definition
+        seen = F.pad(mask.cumsum(1) > 0, (0, pad))[:, :, None, None]
+        y = torch.where(seen, y, torch.zeros_like(y))
+    if not normaliser:
+        return y[:, :T]
+    m = r.repeat_interleave(C, dim=1) + torch.log(den)
+    if empty is not None:  # an empty row has no normaliser: NEG, so that it adds nothing one level down
+        m = torch.where(empty, torch.full_like(m, NEG), m)
+    return y[:, :T], m[:, :T]
 
 
 def _causal_reference(k, v, band, left: int):

@@ -217,3 +217,41 @@ def test_torch_compile_training_forward_matches_eager(variant):
     assert len(compiled_grads) == len(eager_grads)
     for a, b in zip(compiled_grads, eager_grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_simple_carry_is_the_same_pool_one_level_up(monkeypatch, masked):
+    """Chunks of 4 over 29 positions: the carry of the 8 chunks is itself chunked (2 chunks, then 1), float64
+    outputs and gradients equal the exact twin, with and without left padding."""
+    monkeypatch.setattr(ops, "CHUNK", 4)
+    levels = []
+    inner = ops._simple_chunked
+    monkeypatch.setattr(ops, "_simple_chunked", lambda k, *a, **kw: levels.append(k.shape[1]) or inner(k, *a, **kw))
+    mask = _mask() if masked else None
+    (k, v), _, _ = _case("simple", torch.float64)
+    fast = ops._causal_chunked(ops._mask_keys(k, mask), v, None, 0, mask)
+    ref = ops._causal_reference(ops._mask_keys(k, mask), v, None, 0)
+    assert levels == [29, 8, 2]
+    valid = torch.ones(B, T, dtype=torch.bool) if mask is None else mask.bool()
+    torch.testing.assert_close(fast[valid], ref[valid], atol=1e-10, rtol=1e-10)
+    grad_out = torch.randn_like(ref) * valid[:, :, None, None]
+    for a, b in zip(
+        torch.autograd.grad(fast, (k, v), grad_out), torch.autograd.grad(ref, (k, v), grad_out), strict=True
+    ):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_simple_carry_level_falls_back_alone(monkeypatch):
+    """Keys flat inside each chunk but rising by 30 per chunk: the first level is representable, the levels of
+    chunk totals above it are not (rises of 90 and 120 inside one of their chunks), so those levels take the
+    log-space pool, and the result is still exact."""
+    monkeypatch.setattr(ops, "CHUNK", 4)
+    pools = []
+    inner = ops._prefix_pool
+    monkeypatch.setattr(ops, "_prefix_pool", lambda k, v: pools.append(k.shape[1]) or inner(k, v))
+    k = (30.0 * (torch.arange(T) // 4)).double().view(1, T, 1, 1).expand(B, T, 1, 5).contiguous()
+    v = torch.randn(B, T, 1, 5, dtype=torch.float64)
+    fast = ops._causal_chunked(k, v, None, 0)
+    assert fast is not None
+    assert pools == [2, 8]  # the level of 2 totals declined, then the level of 8: each pooled in log space
+    torch.testing.assert_close(fast, ops._causal_reference(k, v, None, 0), atol=1e-10, rtol=1e-10)

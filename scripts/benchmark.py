@@ -9,7 +9,9 @@ no dropout. Four measurements, each the median of several repetitions after a wa
   2. prefill time, per-token decode time and cache bytes against context length;
   3. the causal `simple` operator alone over 2^24 elements (B * T * D), as bandwidth (reading q, k, v and writing
      y) next to a large tensor copy measured in the same run.
-A model whose projected step (the last measured one scaled by the growth of its cost) exceeds `--max-seconds` is
+Unless `--system-allocator`, the script sets PyTorch's THP_MEM_ALLOC_ENABLE=1 (tensors of 2 MB and more on
+transparent huge pages) and tells glibc to keep freed memory, for every model alike (results.json records it). A
+model whose projected step (the last measured one scaled by the growth of its cost) exceeds `--max-seconds` is
 recorded as skipped rather than run. Writes results.json and PNG plots (when matplotlib is importable).
 """
 
@@ -18,16 +20,32 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
-import torch
-from tqdm.auto import tqdm
-from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
-from transformers.utils import logging as hf_logging
+# Memory settings for every model alike (`--system-allocator` leaves both alone). PyTorch's CPU allocator puts
+# tensors of 2 MB and more on transparent huge pages when THP_MEM_ALLOC_ENABLE is set (read at the first
+# allocation, so before torch is imported). glibc returns every block above 32 MB to the kernel when it is freed,
+# so the next step faults it in again: at T = 16384 that was 7 of a 17 s training step in kernel time. Keeping
+# freed memory in the process (mallopt: no mmap for large blocks, no trimming) is what jemalloc/tcmalloc would do.
+TUNED_ALLOCATOR = "--system-allocator" not in sys.argv
+if TUNED_ALLOCATOR:
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        import ctypes
 
-from aft import AFTConfig, AFTForCausalLM
-from aft.ops_aft import aft_simple
+        _libc = ctypes.CDLL("libc.so.6")
+        _libc.mallopt(-4, 0)  # M_MMAP_MAX: large blocks from the heap, not from mmap
+        _libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: keep freed memory mapped
+
+import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from aft import AFTConfig, AFTForCausalLM  # noqa: E402
+from aft.ops_aft import aft_simple  # noqa: E402
 
 VARIANTS = ("simple", "local", "conv", "full")
 MODELS = (*VARIANTS, "gpt2")
@@ -54,6 +72,11 @@ def parse_args():
     p.add_argument("--threads", type=int, default=None, help="torch threads for every model (default: torch's)")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--system-allocator",
+        action="store_true",
+        help="leave memory settings alone (default: huge pages for large tensors, freed memory kept by glibc)",
+    )
     return p.parse_args()
 
 
@@ -441,6 +464,8 @@ def main():
             "torch": torch.__version__,
             "device": "cuda" if torch.cuda.is_available() else "cpu",
             "load_average_at_start": os.getloadavg(),
+            "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+            "glibc_keeps_freed_memory": TUNED_ALLOCATOR and platform.libc_ver()[0] == "glibc",
         },
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "training": {},

@@ -37,7 +37,7 @@ if TUNED_ALLOCATOR:
 
         _libc = ctypes.CDLL("libc.so.6")
         _libc.mallopt(-4, 0)  # M_MMAP_MAX: large blocks from the heap, not from mmap
-        _libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: keep freed memory mapped
+        _libc.mallopt(-1, -1)  # M_TRIM_THRESHOLD -1: never give freed memory back
 
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402

@@ -14,7 +14,8 @@ Numerics: everything is computed in float32 (float64 stays float64) and every ex
 reference that is at least the largest logit it scales, so nothing overflows; references are per position
 (a running log-sum-exp) or per chunk of positions, never one global max, so nothing underflows to 0/0. The
 chunked causal form (`_causal_chunked`, matrix products per chunk) checks its own range and hands the rare input
-it cannot represent exactly (keys jumping by more than ~60 inside a chunk) to its exact twin `_causal_reference`.
+it cannot represent exactly (keys jumping by more than ~60 inside a chunk) to its exact twin `_causal_reference`;
+the blocked causal AFT-full (`_full_blocked`) does the same with its tree `_full_causal`.
 Padding keys are set to the finite NEG rather than -inf so that NEG - NEG == 0 instead of NaN.
 
 Layout of this file: the literal reference formula; the shared core (prefix pool + window band) used by
@@ -382,7 +383,7 @@ def _combine(m1, n1, z1, m2, n2, z2):
 
 
 def _full_causal(k, v, w):
-    """Causal AFT-full by a binary tree of key blocks (the exact twin of `_full_blocked`).
+    """Causal AFT-full by a binary tree of key blocks: the twin of `_full_blocked`, and its fallback.
 
     At level b (block size 2^l) each odd block of rows takes the even block of keys just before it: every key
     in it is visible to every row, so the reference rowmax(w) + blockmax(k) is attained up to the spread of w

@@ -14,7 +14,8 @@ Numerics: everything is computed in float32 (float64 stays float64) and every ex
 reference that is at least the largest logit it scales, so nothing overflows; references are per position
 (a running log-sum-exp) or per chunk of positions, never one global max, so nothing underflows to 0/0. The
 chunked causal form (`_causal_chunked`, matrix products per chunk) checks its own range and hands the rare input
-it cannot represent exactly (keys jumping by more than ~60 inside a chunk) to its exact twin `_causal_reference`.
+it cannot represent exactly (keys jumping by more than ~60 inside a chunk) to its exact twin `_causal_reference`;
+the blocked causal AFT-full (`_full_blocked`) does the same with its tree `_full_causal`.
 Padding keys are set to the finite NEG rather than -inf so that NEG - NEG == 0 instead of NaN.
 
 Layout of this file: the literal reference formula; the shared core (prefix pool + window band) used by
@@ -442,7 +443,7 @@ def _combine(m1, n1, z1, m2, n2, z2):
 
 
 def _full_causal(k, v, w):
-    """Causal AFT-full by a binary tree of key blocks.
+    """Causal AFT-full by a binary tree of key blocks: the twin of `_full_blocked`, and its fallback.
 
     At level b (block size 2^l) each odd block of rows takes the even block of keys just before it: every key
     in it is visible to every row, so the reference rowmax(w) + blockmax(k) is attained up to the spread of w
@@ -452,17 +453,22 @@ def _full_causal(k, v, w):
     B, T, H, Dk = k.shape
     Bw = w.shape[0]
     idx = torch.arange(T, device=k.device)
-    M, N, Z = k + w[:, idx, idx][:, :, None, None], v, torch.ones_like(k)
+    # References carry no gradient (the result does not depend on them): the diagonal term e^{logit - M} = 1 is
+    # written out so that its gradient flows, and no max of a reference is differentiated.
+    logit = k + w[:, idx, idx][:, :, None, None]
+    M = logit.detach()
+    Z = torch.exp(logit - M)
+    N = v * Z
     b = 1
     while b < T:
         P = T // (2 * b)
         kb = k.view(B, P, 2, b, H, Dk)[:, :, 0]  # keys: even blocks (B, P, b, H, Dk)
         vb = v.view(B, P, 2, b, H, -1)[:, :, 0]
-        kmax = kb.amax(2, keepdim=True)
+        kmax = kb.detach().amax(2, keepdim=True)
         ek = torch.exp(kb - kmax)
         wb = w.view(Bw, P, 2, b, P, 2, b).diagonal(dim1=1, dim2=4)[:, 1, :, 0]  # rows odd, keys even (Bw, b, b, P)
         wb = wb.permute(0, 3, 1, 2)  # (Bw, P, b_rows, b_keys)
-        wmax = wb.amax(-1, keepdim=True)
+        wmax = wb.detach().amax(-1, keepdim=True)
         ew = torch.exp(wb - wmax)[:, :, None]  # (Bw, P, 1, b, b)
         num = ew @ (ek * vb).permute(0, 1, 3, 2, 4)  # (B, P, H, b, Dv)
         den = ew @ ek.permute(0, 1, 3, 2, 4)  # (B, P, H, b, Dk)
@@ -478,25 +484,96 @@ def _full_causal(k, v, w):
     return N / Z
 
 
+# Query rows per block of `_full_blocked`: each block is one (Bs, s + Bs) x (s + Bs, 2 B D) matrix product, so a
+# larger block means fewer passes over the keys before it, at the price of a larger masked triangle.
+FULL_BLOCK = 512
+
+
+def _full_blocked(k, v, pos_u, pos_v):
+    """Causal AFT-full by blocks of Bs query rows, one matrix product per block over every key up to its end.
+
+    Block i (rows s .. s + Bs - 1) computes E @ [e^{k - c} v, e^{k - c}] with E[t, t'] = e^{w[t, t'] - a_t} for
+    t' <= t and 0 above the diagonal, a_t = max_{t' <= t} w[t, t'] and c the largest key at positions <= s (the
+    block's first real key when there is none before), which every row of the block sees. So no output depends on
+    a later token, not even in its last bit, and the row's terms include one of at least e^{-spread of w}. Two
+    things can go wrong, and both are detected after all the work: a key more than 60 above c inside the block
+    (e^{k - c} could overflow), and a denominator below tiny * 2^40 on a row that has seen a real key (w and the
+    keys both spread over more than ~60). Then this returns None and the caller uses the tree `_full_causal`.
+    k, v: (B, T, H, D) with masked keys NEG; pos_u, pos_v: (B|1, T, R). Returns y (B, T, H, D) or None; rows that
+    have seen only padding are 0.
+    """
+    B, T, H, D = k.shape
+    Bs = min(FULL_BLOCK, T)
+    nb = -(-T // Bs)
+    pad = nb * Bs - T
+    k = F.pad(k, (0, 0, 0, 0, 0, pad), value=NEG)
+    v = F.pad(v, (0, 0, 0, 0, 0, pad))
+    pos_u, pos_v = F.pad(pos_u, (0, 0, 0, pad)), F.pad(pos_v, (0, 0, 0, pad))
+    # 1. column references c (B, nb, H, D) and the two checks' inputs
+    kd = k.detach()
+    running = torch.cummax(kd, dim=1).values  # (B, nb * Bs, H, D)
+    seen = running > NEG / 2  # a real key at or before t
+    kb = kd.unflatten(1, (nb, Bs))
+    first = (kb > NEG / 2).to(torch.uint8).argmax(2, keepdim=True)  # only padding so far: the first real key
+    c = torch.where(seen[:, ::Bs], running[:, ::Bs], kb.gather(2, first).squeeze(2))
+    overflow = (kb.amax(2) - c > 60).any()
+    # 2. one product per block: E (B|1, Bs, s + Bs) @ x (s + Bs, B * H * 2D) when w is shared (time first, the batch
+    # in the columns), else batched (B, s + Bs, H * 2D)
+    shared = pos_u.shape[0] == 1
+    kt, vt = (k.transpose(0, 1), v.transpose(0, 1)) if shared else (k, v)
+    tdim = 0 if shared else 1
+    diag = torch.ones(Bs, Bs, dtype=torch.bool, device=k.device).triu(1)  # t' > t inside the block
+    out = []
+    for i in range(nb):
+        s = (i + 1) * Bs  # keys 0 .. s - 1
+        ci = c[:, i] if shared else c[:, i, None]  # (B, H, D) or (B, 1, H, D)
+        ek = torch.exp(kt.narrow(tdim, 0, s) - ci)
+        x = torch.cat([ek * vt.narrow(tdim, 0, s), ek], -1)  # (s, B, H, 2D) or (B, s, H, 2D)
+        w = pos_u[:, s - Bs : s] @ pos_v[:, :s].transpose(-1, -2)  # (B|1, Bs, s)
+        w = torch.cat([w[..., : s - Bs], w[..., s - Bs :].masked_fill(diag, -torch.inf)], -1)
+        e = torch.exp(w - w.detach().amax(-1, keepdim=True))
+        if shared:
+            out.append((e[0] @ x.flatten(1)).view(Bs, B, H, 2 * D))
+        else:
+            out.append((e @ x.flatten(2)).view(B, Bs, H, 2 * D))
+    out = torch.cat(out, tdim)
+    num, den = (out.transpose(0, 1) if shared else out).split(D, -1)  # (B, nb * Bs, H, D)
+    # 3. the checks, then n / z (rows that have seen only padding have z = 0 and n = 0)
+    underflow = (den < torch.finfo(den.dtype).tiny * 2.0**40) & seen
+    if bool(overflow | underflow.any()):  # one data-dependent branch, after all the work
+        return None
+    y = num / torch.where(seen, den, torch.ones_like(den))
+    return y[:, :T]
+
+
 def full_bias(pos_u, pos_v):
     """w = u v^T: (B|1, T, R) x2 -> (B|1, T, T)."""
     return pos_u @ pos_v.transpose(-1, -2)
+
+
+def _full_tree(k, v, w):
+    """The tree over the whole sequence, padded to a power of two with NEG keys. k, v: (B, T, H, D); w: (B|1, T, T)."""
+    T = k.shape[1]
+    pad = (1 << max(T - 1, 0).bit_length()) - T
+    kp = F.pad(k, (0, 0, 0, 0, 0, pad), value=NEG)
+    vp = F.pad(v, (0, 0, 0, 0, 0, pad))
+    return _full_causal(kp, vp, F.pad(w, (0, pad, 0, pad)))[:, :T]
 
 
 def aft_full(q, k, v, pos_u, pos_v, *, causal: bool, mask=None, return_state: bool = False):
     """AFT-full with the factorised bias w = u v^T. pos_u, pos_v: (B|1, T, R)."""
     k = _mask_keys(k, mask)
     v = v.to(k.dtype)
-    w = full_bias(pos_u.to(k.dtype), pos_v.to(k.dtype))
+    pos_u, pos_v = pos_u.to(k.dtype), pos_v.to(k.dtype)
     B, T = k.shape[:2]
     if causal:
-        T2 = 1 << max(T - 1, 0).bit_length()  # the tree halves blocks: pad to a power of two with NEG keys
-        pad = T2 - T
-        kp = F.pad(k, (0, 0, 0, 0, 0, pad), value=NEG)
-        vp = F.pad(v, (0, 0, 0, 0, 0, pad))
-        wp = F.pad(w, (0, pad, 0, pad))
-        y = _full_causal(kp, vp, wp)[:, :T]
+        y = _full_blocked(k, v, pos_u, pos_v)
+        if y is None:  # a key far above those before it, or w and the keys both spread far: the tree
+            y = _full_tree(k, v, full_bias(pos_u, pos_v))
+        if mask is not None:  # rows that have seen only padding are empty: 0 by definition
+            y = torch.where((mask.cumsum(1) > 0)[:, :, None, None], y, torch.zeros_like(y))
     else:
+        w = full_bias(pos_u, pos_v)
         kmax = k.amax(1, keepdim=True)  # every row sees this key, so the reference is attained
         ek = torch.exp(k - kmax).permute(0, 2, 1, 3)  # (B, H, T, Dk)
         wmax = w.amax(-1, keepdim=True)
@@ -507,7 +584,7 @@ def aft_full(q, k, v, pos_u, pos_v, *, causal: bool, mask=None, return_state: bo
     state = None
     if return_state:
         state = empty_state(B, k.shape[2], k.shape[3], v.shape[3], 0, device=k.device, dtype=k.dtype)
-        state = state._replace(k=k, v=v, pos=pos_v.to(k.dtype).expand(B, -1, -1))
+        state = state._replace(k=k, v=v, pos=pos_v.expand(B, -1, -1))
     return _gate(q, y), state
 
 

@@ -1,8 +1,9 @@
 """Every fast path of the operator against its reference twin: outputs, gradients and final state.
 
-The chunked causal form (`_causal_chunked`) against the exact log-space form (`_causal_reference`), the banded
-matrix product against the loop over the window, the guard that falls back on extreme keys, and torch.compile
-of a training forward. Chunks are made small so that a short sequence spans several of them.
+The chunked causal form (`_causal_chunked`) against the exact log-space form (`_causal_reference`), the blocked
+causal AFT-full (`_full_blocked`) against its tree (`_full_causal`), the banded matrix product against the loop
+over the window, the guards that fall back on extreme inputs, and torch.compile of a training forward. Chunks
+and blocks are made small so that a short sequence spans several of them.
 """
 
 import pytest
@@ -19,6 +20,7 @@ B, T, R = 2, 29, 3
 @pytest.fixture(autouse=True)
 def _small_chunks(monkeypatch):
     monkeypatch.setattr(ops, "CHUNK", 8)  # T = 29: four chunks, the last one partial
+    monkeypatch.setattr(ops, "FULL_BLOCK", 8)  # and four blocks of AFT-full
 
 
 def _mask():
@@ -132,6 +134,118 @@ def test_key_jumps_fall_back_and_stay_exact(dtype):
         assert torch.isfinite(y).all(), name
         if dtype == torch.float32:
             torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def _full_case(dtype, per_batch: bool, key_scale=3.0):
+    """q, k, v (B, T, 1, D) and position factors (B|1, T, R), all leaves."""
+    D = 5
+    q = torch.rand(B, T, 1, D, dtype=dtype, requires_grad=True)
+    k = (torch.randn(B, T, 1, D, dtype=dtype) * key_scale).requires_grad_()
+    v = torch.randn(B, T, 1, D, dtype=dtype, requires_grad=True)
+    pu = torch.randn(B if per_batch else 1, T, R, dtype=dtype, requires_grad=True)
+    pv = torch.randn(B if per_batch else 1, T, R, dtype=dtype, requires_grad=True)
+    return [q, k, v, pu, pv]
+
+
+def _full_tree_twin(q, k, v, pu, pv, mask):
+    """The tree over the whole sequence, with aft_full's conventions (masked keys NEG, padding-only rows 0)."""
+    k = ops._mask_keys(k, mask)
+    y = ops._full_tree(k, v.to(k.dtype), ops.full_bias(pu.to(k.dtype), pv.to(k.dtype)))
+    if mask is not None:
+        y = y * (mask.cumsum(1) > 0)[:, :, None, None]
+    return q * y
+
+
+@pytest.mark.parametrize("per_batch", [False, True], ids=["shared_w", "per_batch_w"])
+@pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "left_padding"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_blocked_full_equals_tree_and_reference(per_batch, masked, dtype, tol):
+    """Blocked causal AFT-full, its tree twin and the literal formula agree on outputs and on the gradients of q, k,
+    v and both position factors, over several blocks (the last one partial), padding-only rows included (0)."""
+    mask = _mask() if masked else None
+    leaves = _full_case(dtype, per_batch)
+    q, k, v, pu, pv = leaves
+    assert ops._full_blocked(ops._mask_keys(k, mask), v, pu, pv) is not None, "ordinary inputs take the fast path"
+    fast = ops.aft_full(q, k, v, pu, pv, causal=True, mask=mask)[0]
+    leaves64 = [x.detach().double().requires_grad_() for x in leaves]
+    tree = _full_tree_twin(*leaves64, mask)
+    ref = ops.aft_reference(*leaves64[:3], ops.full_bias(*leaves64[3:])[:, None], causal=True, mask=mask)
+    torch.testing.assert_close(tree, ref, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(fast.double(), ref, atol=tol, rtol=tol)
+    grad_out = torch.randn_like(ref)
+    g_fast = torch.autograd.grad(fast, leaves, grad_out.to(dtype))
+    g_tree = torch.autograd.grad(tree, leaves64, grad_out, retain_graph=True)
+    g_ref = torch.autograd.grad(ref, leaves64, grad_out)
+    for name, a, b, c in zip(["q", "k", "v", "pos_u", "pos_v"], g_fast, g_tree, g_ref, strict=True):
+        torch.testing.assert_close(b, c, atol=1e-10, rtol=1e-10, msg=f"tree {name}")
+        torch.testing.assert_close(a.double(), c, atol=tol, rtol=tol, msg=f"blocked {name}")
+
+
+def test_blocked_full_falls_back_when_w_spreads_far(monkeypatch):
+    """w = -100 t' (every row prefers the first key) with keys rising 4 per position: a block's references (row max
+    of w, largest key so far) are both attained, but at different keys, so its denominator underflows in float32.
+    The blocked form must decline and the tree (smaller blocks) give the exact result."""
+    calls = []
+    tree = ops._full_tree
+    monkeypatch.setattr(ops, "_full_tree", lambda *a: calls.append(1) or tree(*a))
+    D = 5
+    q = torch.rand(B, T, 1, D)
+    k = (4.0 * torch.arange(T)[None, :, None, None] + 0.1 * torch.randn(B, T, 1, D)).requires_grad_()
+    v = torch.randn(B, T, 1, D, requires_grad=True)
+    pu = torch.full((1, T, 1), 10.0)
+    pv = (-10.0 * torch.arange(T, dtype=torch.float32))[None, :, None]
+    with torch.no_grad():
+        assert ops._full_blocked(k, v, pu, pv) is None
+    y = ops.aft_full(q, k, v, pu, pv, causal=True)[0]
+    assert calls == [1], "the fallback must run, once"
+    k64, v64 = k.detach().double().requires_grad_(), v.detach().double().requires_grad_()
+    ref = ops.aft_reference(q.double(), k64, v64, ops.full_bias(pu.double(), pv.double())[:, None], causal=True)
+    torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
+    grad_out = torch.randn_like(ref)
+    g, g_ref = torch.autograd.grad(y, (k, v), grad_out.float()), torch.autograd.grad(ref, (k64, v64), grad_out)
+    for a, b in zip(g, g_ref, strict=True):
+        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("per_batch", [False, True], ids=["shared_w", "per_batch_w"])
+def test_blocked_full_keys_at_60_stay_finite_and_exact(per_batch):
+    """Keys at +-60 (jumps of 120; e^88 overflows float32) with each block opening on a +60 key, so the blocked form
+    keeps them: finite, and equal to the float64 formula, with and without left padding."""
+    for mask in (None, _mask()):
+        q, k, v, pu, pv = (x.detach() for x in _full_case(torch.float32, per_batch))
+        k = torch.sign(k) * 60
+        k[:, ::3] = -60
+        k[:, ::8] = 60  # the first key of every block of 8
+        if mask is not None:
+            k[1, 11] = 60  # the first real key after the padding
+        with torch.no_grad():
+            assert ops._full_blocked(ops._mask_keys(k, mask), v, pu, pv) is not None
+            y = ops.aft_full(q, k, v, pu, pv, causal=True, mask=mask)[0]
+        ref = ops.aft_reference(
+            q.double(),
+            k.double(),
+            v.double(),
+            ops.full_bias(pu.double(), pv.double())[:, None],
+            causal=True,
+            mask=mask,
+        )
+        assert torch.isfinite(y).all()
+        torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("per_batch", [False, True], ids=["shared_w", "per_batch_w"])
+@pytest.mark.parametrize("position", [13, 16])  # inside a block; a block's first row (its key sets the reference)
+def test_blocked_full_is_bitwise_causal(per_batch, position):
+    """Changing the key and value at one position leaves every earlier output of the blocked form unchanged, to the
+    last bit."""
+    q, k, v, pu, pv = (x.detach() for x in _full_case(torch.float32, per_batch))
+    k2, v2 = k.clone(), v.clone()
+    k2[:, position] += 5.0
+    v2[:, position] -= 1.0
+    a = ops._full_blocked(k, v, pu, pv)
+    b = ops._full_blocked(k2, v2, pu, pv)
+    assert torch.equal(a[:, :position], b[:, :position])
+    assert not torch.equal(a[:, position:], b[:, position:])
 
 
 @pytest.mark.parametrize("left,right", [(0, 0), (2, 0), (3, 3), (12, 5)])

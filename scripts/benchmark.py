@@ -9,9 +9,9 @@ no dropout. Four measurements, each the median of several repetitions after a wa
   2. prefill time, per-token decode time and cache bytes against context length;
   3. the causal `simple` operator alone over 2^24 elements (B * T * D), as bandwidth (reading q, k, v and writing
      y) next to a large tensor copy measured in the same run.
-Unless `--system-allocator`, the script sets PyTorch's THP_MEM_ALLOC_ENABLE=1 (tensors of 2 MB and more on
-transparent huge pages) and tells glibc to keep freed memory, for every model alike (results.json records it). A
-model whose projected step (the last measured one scaled by the growth of its cost) exceeds `--max-seconds` is
+Unless `--system-allocator`, the script tells glibc (Linux) to keep freed memory in the process instead of handing
+large blocks back to the kernel after every step, for every model alike (results.json records it). A model whose
+projected step (the last measured one scaled by the growth of its cost) exceeds `--max-seconds` is
 recorded as skipped rather than run. Writes results.json and PNG plots (when matplotlib is importable).
 """
 
@@ -24,20 +24,20 @@ import sys
 import time
 from pathlib import Path
 
-# Memory settings for every model alike (`--system-allocator` leaves both alone). PyTorch's CPU allocator puts
-# tensors of 2 MB and more on transparent huge pages when THP_MEM_ALLOC_ENABLE is set (read at the first
-# allocation, so before torch is imported). glibc returns every block above 32 MB to the kernel when it is freed,
-# so the next step faults it in again: at T = 16384 that was 7 of a 17 s training step in kernel time. Keeping
-# freed memory in the process (mallopt: no mmap for large blocks, no trimming) is what jemalloc/tcmalloc would do.
+# Memory setting for every model alike (`--system-allocator` leaves it alone): glibc returns every freed block of
+# more than 32 MB to the kernel, so the next training step faults it in again, 4 KB at a time (at T = 16384 that
+# was 7 s of kernel time in a 17 s step). Here large blocks come from the heap and freed memory stays in the
+# process, as jemalloc or tcmalloc would keep it. (PyTorch's THP_MEM_ALLOC_ENABLE=1 on top of this made an
+# allocate-and-free loop of 128 MB tensors 6x slower in kernel time, so it is not used.)
 TUNED_ALLOCATOR = "--system-allocator" not in sys.argv
-if TUNED_ALLOCATOR:
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-        import ctypes
+if TUNED_ALLOCATOR and platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+    import ctypes
 
-        _libc = ctypes.CDLL("libc.so.6")
-        _libc.mallopt(-4, 0)  # M_MMAP_MAX: large blocks from the heap, not from mmap
-        _libc.mallopt(-1, -1)  # M_TRIM_THRESHOLD -1: never give freed memory back
+    _libc = ctypes.CDLL("libc.so.6")
+    _libc.mallopt(-4, 0)  # M_MMAP_MAX: large blocks from the heap, not from mmap
+    _libc.mallopt(-1, -1)  # M_TRIM_THRESHOLD -1: never give freed memory back
+else:
+    TUNED_ALLOCATOR = False
 
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
@@ -75,7 +75,7 @@ def parse_args():
     p.add_argument(
         "--system-allocator",
         action="store_true",
-        help="leave memory settings alone (default: huge pages for large tensors, freed memory kept by glibc)",
+        help="leave glibc's memory settings alone (default: large blocks from the heap, freed memory kept)",
     )
     return p.parse_args()
 
@@ -426,9 +426,8 @@ def plot(results, folder):
         ("inference", "L", "decode_token_s", "decode, per token (s)", "decode_time.png"),
         ("inference", "L", "cache_bytes", "cache (bytes)", "cache_bytes.png"),
     ]
-    written = []
-    for section, x_key, y_key, label, filename in panels:
-        fig, ax = plt.subplots(figsize=(5.5, 4))
+
+    def draw(ax, section, x_key, y_key, label):
         for name, rows in results[section].items():
             pts = [(r[x_key], r[y_key]) for r in rows if r.get(y_key) is not None]
             if pts:
@@ -438,12 +437,31 @@ def plot(results, folder):
         ax.set_xlabel("sequence length" if x_key == "T" else "context length")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize="small")
+
+    written = []
+    for section, x_key, y_key, label, filename in panels:
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        draw(ax, section, x_key, y_key, label)
         fig.tight_layout()
         fig.savefig(folder / filename, dpi=120)
         plt.close(fig)
         written.append(filename)
-    return written
+    # all five on one page, with the operator's bandwidth next to the copy in the sixth panel
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    for ax, (section, x_key, y_key, label, _) in zip(axes.flat, panels, strict=False):
+        draw(ax, section, x_key, y_key, label)
+    op, ax = results.get("operator"), axes.flat[5]
+    if op:
+        ax.bar(["copy", "causal simple"], [op["copy_GBps"], op["op_GBps"]], color=["0.6", "C0"])
+        ax.set_ylabel("GB/s (bytes read + written)")
+        ax.set_title(f"operator over 2^24 elements: {op['fraction_of_copy']:.1%} of the copy", fontsize="medium")
+    machine = results["machine"]
+    fig.suptitle(f"AFT vs GPT-2 (SDPA) on {machine['processor'] or 'CPU'}, torch threads: {machine['torch_threads']}")
+    fig.tight_layout()
+    fig.savefig(folder / "overview.png", dpi=100)
+    plt.close(fig)
+    return [*written, "overview.png"]
 
 
 def main():
@@ -468,8 +486,7 @@ def main():
             "torch": torch.__version__,
             "device": "cuda" if torch.cuda.is_available() else "cpu",
             "load_average_at_start": os.getloadavg(),
-            "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
-            "glibc_keeps_freed_memory": TUNED_ALLOCATOR and platform.libc_ver()[0] == "glibc",
+            "glibc_keeps_freed_memory": TUNED_ALLOCATOR,
         },
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "training": {},

@@ -1,6 +1,6 @@
 """Benchmark every AFT variant against transformers' GPT-2 (SDPA attention) of the same size, on one machine.
 
-    python scripts/benchmark.py --output outputs/benchmark          # the README figures (under 10 min, 2 cores)
+    python scripts/benchmark.py --output outputs/benchmark          # the README figures (7 min on 2 cores)
     python scripts/benchmark.py --quick --output /tmp/bench          # smaller lengths, a minute or two
 
 Both models get the same width, depth, MLP size (4 x hidden), vocabulary, batch, dtype (float32), thread count and

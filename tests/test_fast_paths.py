@@ -311,7 +311,7 @@ def test_full_never_builds_batch_by_pairs_by_channels():
     assert _largest_tensor("full", length) < length * length * 8
 
 
-@pytest.mark.parametrize("variant", ["local", "conv", "full"])  # simple is local without a band
+@pytest.mark.parametrize("variant", ["simple", "local", "conv", "full"])
 def test_torch_compile_training_forward_matches_eager(variant):
     """torch.compile (dynamo + AOT autograd) of the training forward of a tiny model, sequence over several chunks:
     loss and every gradient match eager on CPU."""

@@ -447,7 +447,8 @@ def _full_causal(k, v, w):
 
     At level b (block size 2^l) each odd block of rows takes the even block of keys just before it: every key
     in it is visible to every row, so the reference rowmax(w) + blockmax(k) is attained up to the spread of w
-    and never underflows (a single column max over the sequence can). The diagonal t' = t starts the sum.
+    over that block of keys: a block's sum underflows only if w spreads over more than ~80 inside one row of it
+    (a single column max over the sequence would underflow far sooner). The diagonal t' = t starts the sum.
     k: (B, T, H, Dk), v: (B, T, H, Dv), w: (B|1, T, T) with T a power of two.
     """
     B, T, H, Dk = k.shape

@@ -115,6 +115,22 @@ def _prefix_pool(k, v):
     return m, mean(a) - mean(b)
 
 
+def _pool_of_chunks(k, v, padded: bool):
+    """`_prefix_pool` over a sequence of chunk totals (log-normaliser k, mean v): by `_simple_chunked` one level up,
+    or in log space when that level declines. -> m, n as `_prefix_pool`."""
+    if k.shape[1] == 1:  # the pool of one chunk is the chunk
+        return k, v
+    pooled = _simple_chunked(k, v, padded=padded, normaliser=True)
+    return _prefix_pool(k, v) if pooled is None else pooled[::-1]
+
+
+def _reference_or_first_key(ref, keys, dim: int):
+    """`ref` where it is a real key, else the first real key of `keys` along `dim` (the positions before that key
+    see only padding). `ref` has the shape of `keys` without `dim`."""
+    first = (keys > NEG / 2).to(torch.uint8).argmax(dim, keepdim=True)
+    return torch.where(ref > NEG / 2, ref, keys.gather(dim, first).squeeze(dim))
+
+
 def _unfold(x, left: int, right: int, fill: float):
     """(B, T, H, D) -> (B, T, H, D, W), W = left + right + 1: entry j is position t - left + j (a view)."""
     xp = F.pad(x, (0, 0, 0, 0, left, right), value=fill)
@@ -199,7 +215,7 @@ def _causal_chunked(k, v, band, left: int, mask=None):
     a_seg = seg_k.detach().amax(2)  # (B, nC, H, Dk)
     e = torch.exp(seg_k - a_seg[:, :, None])  # (B, nC, C, H, Dk), its max is 1
     z_seg = e.sum(2)
-    m_seg, n_seg = _prefix_pool(a_seg + torch.log(z_seg), (e * seg_v).sum(2) / z_seg)
+    m_seg, n_seg = _pool_of_chunks(a_seg + torch.log(z_seg), (e * seg_v).sum(2) / z_seg, mask is not None)
     carry_m = F.pad(m_seg[:, :-1], (0, 0, 0, 0, 1, 0), value=NEG).unsqueeze(3)  # (B, nC, H, 1, Dk), exclusive
     carry_n = F.pad(n_seg[:, :-1], (0, 0, 0, 0, 1, 0)).unsqueeze(3)
     carry_z = (torch.arange(nC, device=k.device) > 0).to(k.dtype)[None, :, None, None, None]  # chunk 0: empty
@@ -209,9 +225,8 @@ def _causal_chunked(k, v, band, left: int, mask=None):
     kd = kw.detach()
     before = torch.cummax(F.pad(a_seg[:, :-1], (0, 0, 0, 0, 1, 0), value=NEG), dim=1).values
     b = torch.maximum(before.unsqueeze(3), kd[..., : left + 1, :].amax(-2, keepdim=True))  # positions <= cC
-    if mask is not None:  # only padding so far: the chunk's first real key (earlier rows see only padding)
-        first = (kd > NEG / 2).to(torch.uint8).argmax(-2, keepdim=True)
-        b = torch.where(b > NEG / 2, b, kd.gather(-2, first))
+    if mask is not None:  # only padding so far: the chunk's first real key
+        b = _reference_or_first_key(b.squeeze(-2), kd, -2).unsqueeze(-2)
     overflow = (kd.amax(-2, keepdim=True) - b > 60).any()  # checked with the underflow, at the end
     x = torch.exp(kw - b)
     rows = torch.arange(C, device=k.device)
@@ -266,17 +281,15 @@ def _simple_chunked(k, v, mask=None, *, padded: bool = False, normaliser: bool =
     cmax = kd.amax(2)  # (B, nC, H, Dk)
     before = torch.cummax(F.pad(cmax[:, :-1], (0, 0, 0, 0, 1, 0), value=NEG), dim=1).values
     r = torch.maximum(before, kd[:, :, 0])  # largest key at positions <= cC
-    if padded:  # only padding so far: the chunk's first real key (earlier rows see only padding)
-        first = (kd > NEG / 2).to(torch.uint8).argmax(2, keepdim=True)
-        r = torch.where(r > NEG / 2, r, kd.gather(2, first)[:, :, 0])
+    if padded:  # only padding so far: the chunk's first real key
+        r = _reference_or_first_key(r, kd, 2)
     overflow = (cmax - r > 60).any()
     e = torch.sub(kc, r[:, :, None]).exp_()  # (B, nC, C, H, Dk), in place: one buffer
     ev = e * v.reshape(B, nC, C, H, Dv)
     # carry into chunk c: the pool of chunks 0 .. c - 1 (log-normaliser m, mean n), rescaled to r_c
     tot = e.sum(2).clamp(min=torch.finfo(e.dtype).tiny)  # a padding-only chunk adds exp(NEG) = 0
     kk, mean = r + torch.log(tot), ev.sum(2) / tot
-    pooled = _simple_chunked(kk, mean, padded=padded, normaliser=True) if nC > 1 else (mean, kk)
-    n, m = pooled if pooled is not None else _prefix_pool(kk, mean)[::-1]
+    m, n = _pool_of_chunks(kk, mean, padded)
     carry_z = torch.exp(F.pad(m[:, :-1], (0, 0, 0, 0, 1, 0), value=NEG) - r)  # (B, nC, H, Dk), <= T
     carry_n = F.pad(n[:, :-1], (0, 0, 0, 0, 1, 0)) * carry_z
     ones = torch.ones(C, C, dtype=k.dtype, device=k.device).tril().expand(B * nC, C, C)
@@ -515,8 +528,7 @@ def _full_blocked(k, v, pos_u, pos_v):
     running = torch.cummax(kd, dim=1).values  # (B, nb * Bs, H, D)
     seen = running > NEG / 2  # a real key at or before t
     kb = kd.unflatten(1, (nb, Bs))
-    first = (kb > NEG / 2).to(torch.uint8).argmax(2, keepdim=True)  # only padding so far: the first real key
-    c = torch.where(seen[:, ::Bs], running[:, ::Bs], kb.gather(2, first).squeeze(2))
+    c = _reference_or_first_key(running[:, ::Bs], kb, 2)  # only padding so far: the block's first real key
     overflow = (kb.amax(2) - c > 60).any()
     # 2. one product per block: E (B|1, Bs, s + Bs) @ x (s + Bs, B * H * 2D) when w is shared (time first, the batch
     # in the columns), else batched (B, s + Bs, H * 2D)

@@ -1,4 +1,4 @@
-"""AFT model configuration."""
+"""AFT model configurations: `AFTConfig` for sequences (causal LM), `AFTVisionConfig` for images."""
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
@@ -8,44 +8,90 @@ AFT_VARIANTS = ("full", "local", "simple", "conv")
 QUERY_ACTIVATIONS = ("sigmoid", "relu")
 POSITION_EMBEDDING_TYPES = ("absolute", "none")
 
-
-@strict
-class AFTConfig(PreTrainedConfig):
-    r"""
-    Configuration of an Attention Free Transformer (Zhai et al. 2021): a pre-LN Transformer whose attention is
-    replaced by an AFT token mixer.
-
-    Args:
-        vocab_size (`int`, defaults to 256): tokens in the vocabulary (256: byte level).
+_MIXER_ARGS = r"""
         hidden_size (`int`, defaults to 256): width d of the residual stream.
         num_hidden_layers (`int`, defaults to 12): number of blocks.
         intermediate_size (`int`, *optional*): MLP hidden width; defaults to 4 * hidden_size.
         hidden_act (`str`, defaults to `"gelu"`): MLP activation.
-        max_position_embeddings (`int`, defaults to 1024): positions of the learned absolute embeddings and of
-            the `full`/`local` position bias; inputs must not be longer.
-        layer_norm_eps (`float`, defaults to 1e-5), initializer_range (`float`, defaults to 0.02).
+        layer_norm_eps (`float`, defaults to 1e-5), initializer_range (`float`, defaults to 0.02): the standard
+            deviation of the normal initialisation of the linear and embedding weights (>= 0).
         hidden_dropout_prob (`float`, defaults to 0.0): dropout on embeddings and on each residual branch.
-        aft_variant (`str`, defaults to `"local"`): the token mixer, one of `"full"`, `"local"`, `"simple"`,
-            `"conv"`.
+        aft_variant (`str`): the token mixer, one of `"full"`, `"local"`, `"simple"`, `"conv"`.
         local_window_size (`int`, defaults to 32): window s of `local`: the bias is learned for |t - t'| < s and
             exactly 0 outside.
         position_bias_rank (`int`, defaults to 128): rank d' of the factorised bias w = u v^T (`full`, `local`).
         conv_kernel_size (`int`, defaults to 11): kernel size s of `conv`.
         num_heads (`int`, defaults to 8): heads of `conv` (one key scalar and one kernel per head).
-        query_activation (`str`, defaults to `"sigmoid"`): sigma_q, `"sigmoid"` or `"relu"`.
+        query_activation (`str`, defaults to `"sigmoid"`): sigma_q, `"sigmoid"` or `"relu"`."""
+
+
+@strict
+class AFTPreTrainedConfig(PreTrainedConfig):
+    """The fields every AFT model has: the pre-LN Transformer around the token mixer, and the mixer itself. Not a
+    model type of its own: use `AFTConfig` (sequences) or `AFTVisionConfig` (images)."""
+
+    hidden_size: int = 256
+    num_hidden_layers: int = 12
+    intermediate_size: int | None = None
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    hidden_dropout_prob: float | int = 0.0
+    aft_variant: str = "local"
+    local_window_size: int = 32
+    position_bias_rank: int = 128
+    conv_kernel_size: int = 11
+    num_heads: int = 8
+    query_activation: str = "sigmoid"
+
+    def __post_init__(self, **kwargs):
+        if self.intermediate_size is None:
+            self.intermediate_size = 4 * self.hidden_size
+        super().__post_init__(**kwargs)
+
+    def _need(self, ok: bool, field: str, allowed: str):
+        if not ok:
+            raise ValueError(f"{type(self).__name__}.{field}={getattr(self, field)!r} is not allowed: {allowed}.")
+
+    def validate_architecture(self):
+        """Every cross-field check of the config, each naming the field, the value and what is allowed."""
+        need = self._need
+        need(self.aft_variant in AFT_VARIANTS, "aft_variant", f"use one of {AFT_VARIANTS}")
+        need(self.query_activation in QUERY_ACTIVATIONS, "query_activation", f"use one of {QUERY_ACTIVATIONS}")
+        need(self.hidden_act in ACT2FN, "hidden_act", "use an activation name from transformers.activations.ACT2FN")
+        for field in ("hidden_size", "num_hidden_layers", "intermediate_size"):
+            need(getattr(self, field) >= 1, field, "it must be a positive integer")
+        need(0 <= self.hidden_dropout_prob < 1, "hidden_dropout_prob", "it must be in [0, 1)")
+        need(self.layer_norm_eps > 0, "layer_norm_eps", "it must be > 0")
+        need(self.initializer_range >= 0, "initializer_range", "it is a standard deviation: it must be >= 0")
+        if self.aft_variant == "local":
+            need(self.local_window_size >= 1, "local_window_size", "the window must be >= 1")
+        if self.aft_variant in ("full", "local"):
+            need(self.position_bias_rank >= 1, "position_bias_rank", "the bias rank must be >= 1")
+        if self.aft_variant == "conv":
+            need(self.conv_kernel_size >= 1, "conv_kernel_size", "the kernel size must be >= 1")
+            need(self.num_heads >= 1, "num_heads", "it must be >= 1")
+            need(
+                self.hidden_size % self.num_heads == 0,
+                "num_heads",
+                f"hidden_size={self.hidden_size} must be divisible by num_heads",
+            )
+
+
+@strict
+class AFTConfig(AFTPreTrainedConfig):
+    r"""
+    Configuration of an Attention Free Transformer (Zhai et al. 2021) over sequences: a pre-LN Transformer whose
+    attention is replaced by an AFT token mixer (`AFTModel`, `AFTForCausalLM`).
+
+    Args:
+        vocab_size (`int`, defaults to 256): tokens in the vocabulary (256: byte level).{mixer}
+        max_position_embeddings (`int`, defaults to 1024): positions of the learned absolute embeddings and of
+            the `full`/`local` position bias; inputs must not be longer.
         position_embedding_type (`str`, defaults to `"absolute"`): `"absolute"` (learned) or `"none"`.
         use_cache (`bool`, defaults to `True`): return an `AFTCache` from `forward` for fast decoding.
-        image_size (`int`, defaults to 224): side of the square images `AFTForImageClassification` is built for;
-            the saved image processor resizes to it. `full` and `local` learn one bias row per patch of this grid
-            ((image_size / patch_size)^2 rows; `max_position_embeddings` is for sequences only) and accept only
-            this size; `conv` and `simple` accept any height and width that are multiples of `patch_size`.
-        patch_size (`int`, defaults to 16): side of the square patches (the stride of the patch embedding).
-        num_channels (`int`, defaults to 3): channels of the input images.
-
-    Image models run the mixers non-causally over the patch grid, add no position embedding (the paper's
-    AFT-conv; `position_embedding_type` applies to sequences) and pool by a global average (no class token).
-    The `conv` and `local` windows are `conv_kernel_size` x `conv_kernel_size` and `local_window_size` x
-    `local_window_size` patches, centred on each patch.
+        tie_word_embeddings (`bool`, defaults to `True`), pad_token_id, bos_token_id, eos_token_id: as in every
+            transformers causal LM.
 
     Example:
 
@@ -57,107 +103,73 @@ class AFTConfig(PreTrainedConfig):
     """
 
     model_type = "aft"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     vocab_size: int = 256
-    hidden_size: int = 256
-    num_hidden_layers: int = 12
-    intermediate_size: int | None = None
-    hidden_act: str = "gelu"
     max_position_embeddings: int = 1024
-    layer_norm_eps: float = 1e-5
-    initializer_range: float = 0.02
-    hidden_dropout_prob: float | int = 0.0
-    aft_variant: str = "local"
-    local_window_size: int = 32
-    position_bias_rank: int = 128
-    conv_kernel_size: int = 11
-    num_heads: int = 8
-    query_activation: str = "sigmoid"
     position_embedding_type: str = "absolute"
     use_cache: bool = True
     tie_word_embeddings: bool = True
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
-    image_size: int = 224
-    patch_size: int = 16
-    num_channels: int = 3
-
-    def __post_init__(self, **kwargs):
-        if self.intermediate_size is None:
-            self.intermediate_size = 4 * self.hidden_size
-        super().__post_init__(**kwargs)
 
     def validate_architecture(self):
-        """Every cross-field check of the config, each naming the field, the value and what is allowed."""
-
-        def need(ok, field, allowed):
-            if not ok:
-                raise ValueError(f"AFTConfig.{field}={getattr(self, field)!r} is not allowed: {allowed}.")
-
-        need(
-            self.aft_variant in AFT_VARIANTS,
-            "aft_variant",
-            f"use one of {AFT_VARIANTS}",
-        )
-        need(
-            self.query_activation in QUERY_ACTIVATIONS,
-            "query_activation",
-            f"use one of {QUERY_ACTIVATIONS}",
-        )
+        super().validate_architecture()
+        need = self._need
         need(
             self.position_embedding_type in POSITION_EMBEDDING_TYPES,
             "position_embedding_type",
             f"use one of {POSITION_EMBEDDING_TYPES}",
         )
-        need(
-            self.hidden_act in ACT2FN,
-            "hidden_act",
-            "use an activation name from transformers.activations.ACT2FN",
-        )
-        for field in (
-            "vocab_size",
-            "hidden_size",
-            "num_hidden_layers",
-            "intermediate_size",
-            "max_position_embeddings",
-        ):
+        for field in ("vocab_size", "max_position_embeddings"):
             need(getattr(self, field) >= 1, field, "it must be a positive integer")
-        need(
-            0 <= self.hidden_dropout_prob < 1,
-            "hidden_dropout_prob",
-            "it must be in [0, 1)",
-        )
-        need(self.layer_norm_eps > 0, "layer_norm_eps", "it must be > 0")
-        if self.aft_variant == "local":
-            need(
-                self.local_window_size >= 1,
-                "local_window_size",
-                "the window must be >= 1",
-            )
-        if self.aft_variant in ("full", "local"):
-            need(
-                self.position_bias_rank >= 1,
-                "position_bias_rank",
-                "the bias rank must be >= 1",
-            )
-        if self.aft_variant == "conv":
-            need(
-                self.conv_kernel_size >= 1,
-                "conv_kernel_size",
-                "the kernel size must be >= 1",
-            )
-            need(self.num_heads >= 1, "num_heads", "it must be >= 1")
-            need(
-                self.hidden_size % self.num_heads == 0,
-                "num_heads",
-                f"hidden_size={self.hidden_size} must be divisible by num_heads",
-            )
 
+    @property
+    def has_position_limit(self) -> bool:
+        """Whether inputs are limited to `max_position_embeddings` positions (absolute embeddings or a u v^T bias)."""
+        return self.position_embedding_type == "absolute" or self.aft_variant in ("full", "local")
+
+
+@strict
+class AFTVisionConfig(AFTPreTrainedConfig):
+    r"""
+    Configuration of an AFT image encoder and classifier (`AFTVisionModel`, `AFTForImageClassification`): patch
+    embeddings, pre-LN AFT blocks that mix the patch grid non-causally, global average pooling (no class token, no
+    position embedding: the paper's AFT-conv).
+
+    Args:{mixer}
+        aft_variant (`str`, defaults to `"conv"`): `conv` and `simple` accept any image whose sides are multiples
+            of `patch_size`; `full` and `local` learn one bias row per patch of the `image_size` grid
+            ((image_size / patch_size)^2 rows) and accept only that size. The `conv` and `local` windows are
+            `conv_kernel_size` x `conv_kernel_size` and `local_window_size` x `local_window_size` patches, centred
+            on each patch.
+        image_size (`int`, defaults to 224): side of the square images the model is built for; the saved image
+            processor resizes to it.
+        patch_size (`int`, defaults to 16): side of the square patches (the stride of the patch embedding).
+        num_channels (`int`, defaults to 3): channels of the input images.
+
+    Example:
+
+    ```python
+    >>> from aft import AFTForImageClassification, AFTVisionConfig
+    >>> config = AFTVisionConfig(hidden_size=192, num_heads=192, image_size=224, num_labels=10)
+    >>> model = AFTForImageClassification(config)
+    ```
+    """
+
+    model_type = "aft_vision"
+
+    aft_variant: str = "conv"
+    image_size: int = 224
+    patch_size: int = 16
+    num_channels: int = 3
+
+    def validate_architecture(self):
+        super().validate_architecture()
         for field in ("image_size", "patch_size", "num_channels"):
-            need(getattr(self, field) >= 1, field, "it must be a positive integer")
-        need(
+            self._need(getattr(self, field) >= 1, field, "it must be a positive integer")
+        self._need(
             self.image_size % self.patch_size == 0,
             "image_size",
             f"it must be a multiple of patch_size={self.patch_size}",
@@ -169,13 +181,8 @@ class AFTConfig(PreTrainedConfig):
         side = self.image_size // self.patch_size
         return side, side
 
-    @property
-    def has_position_limit(self) -> bool:
-        """Whether inputs are limited to `max_position_embeddings` positions (absolute embeddings or a u v^T bias)."""
-        return self.position_embedding_type == "absolute" or self.aft_variant in (
-            "full",
-            "local",
-        )
 
+AFTConfig.__doc__ = AFTConfig.__doc__.replace("{mixer}", _MIXER_ARGS)
+AFTVisionConfig.__doc__ = AFTVisionConfig.__doc__.replace("{mixer}", _MIXER_ARGS)
 
-__all__ = ["AFTConfig"]
+__all__ = ["AFTConfig", "AFTPreTrainedConfig", "AFTVisionConfig"]

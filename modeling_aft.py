@@ -8,7 +8,7 @@ import os
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel, logging
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
@@ -21,7 +21,7 @@ from transformers.modeling_outputs import (
     ImageClassifierOutput,
 )
 
-from .configuration_aft import AFTConfig
+from .configuration_aft import AFTConfig, AFTPreTrainedConfig, AFTVisionConfig
 from .ops_aft import (
     AFTState,
     aft_conv,
@@ -34,6 +34,8 @@ from .ops_aft import (
     conv_kernel,
     conv_kernel_2d,
 )
+
+logger = logging.get_logger(__name__)
 
 QUERY_ACTIVATIONS = {"sigmoid": torch.sigmoid, "relu": torch.relu}
 
@@ -116,7 +118,7 @@ class AFTMixer(nn.Module):
     `local` an s x s window, and `full`/`local` one bias row per patch of the `config.image_size` grid.
     """
 
-    def __init__(self, config: AFTConfig, layer_idx: int, causal: bool = True, ndim: int = 1):
+    def __init__(self, config: AFTPreTrainedConfig, layer_idx: int, causal: bool = True, ndim: int = 1):
         super().__init__()
         if ndim not in (1, 2) or (ndim == 2 and causal):
             raise ValueError(
@@ -218,7 +220,7 @@ class AFTMixer(nn.Module):
 
 
 class AFTMLP(nn.Module):
-    def __init__(self, config: AFTConfig):
+    def __init__(self, config: AFTPreTrainedConfig):
         super().__init__()
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size)
         self.act = ACT2FN[config.hidden_act]
@@ -231,7 +233,7 @@ class AFTMLP(nn.Module):
 class AFTBlock(GradientCheckpointingLayer):
     """Pre-LN block: x + mixer(LN(x)), then x + MLP(LN(x))."""
 
-    def __init__(self, config: AFTConfig, layer_idx: int, causal: bool = True, ndim: int = 1):
+    def __init__(self, config: AFTPreTrainedConfig, layer_idx: int, causal: bool = True, ndim: int = 1):
         super().__init__()
         self.layer_idx = layer_idx
         self.ln_1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -277,18 +279,45 @@ class AFTPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.conv_beta)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        # One saved folder serves AutoModel as well as the head's own Auto class.
+        # One saved folder serves AutoModel (the backbone of its kind) as well as the head's own Auto class.
+        backbone = "AFTVisionModel" if self.config.model_type == AFTVisionConfig.model_type else "AFTModel"
         self.config.auto_map = {
-            "AutoModel": "modeling_aft.AFTModel",
             **(getattr(self.config, "auto_map", None) or {}),
+            "AutoModel": f"modeling_aft.{backbone}",
         }
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+_IMAGE_ARCHITECTURES = {"AFTForImageClassification", "AFTVisionModel"}
+
+
+def _vision_config(config: AFTPreTrainedConfig) -> AFTVisionConfig:
+    """The config of an image model. A folder saved by aft 0.1 has an `AFTConfig` (model_type "aft") with the image
+    fields; it is read into an `AFTVisionConfig` with the same values (re-save it to update the folder)."""
+    # model_type, not isinstance: remote code can load the config module more than once (one class per copy).
+    if config.model_type == AFTVisionConfig.model_type:
+        return config
+    if config.model_type != AFTConfig.model_type:
+        raise TypeError(f"An AFT image model takes an AFTVisionConfig, got {type(config).__name__}.")
+    logger.warning_once(
+        "This image model's config has model_type 'aft' (saved by aft 0.1); reading it as an AFTVisionConfig "
+        "(model_type 'aft_vision'). Save the model again to update the folder."
+    )
+    fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "auto_map", "transformers_version")}
+    return AFTVisionConfig(**fields)
 
 
 class AFTModel(AFTPreTrainedModel):
     """The bare causal AFT decoder: token (and optional absolute position) embeddings, AFT blocks, final norm."""
 
     def __init__(self, config: AFTConfig):
+        if _IMAGE_ARCHITECTURES & set(getattr(config, "architectures", None) or ()):
+            raise ValueError(
+                f"This config describes an AFT image model (architectures={config.architectures}), not a sequence "
+                "model. Load the folder with AutoModelForImageClassification or AFTVisionModel; a folder saved by aft "
+                "0.1 (model_type 'aft') is converted by AFTForImageClassification.from_pretrained(folder)"
+                ".save_pretrained(new_folder)."
+            )
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         if config.position_embedding_type == "absolute":
@@ -469,7 +498,7 @@ class AFTForCausalLM(AFTPreTrainedModel, GenerationMixin):
         )
 
 
-def aft_image_processor(config: AFTConfig):
+def aft_image_processor(config: AFTVisionConfig):
     """The image processor an AFT image model expects: resize to `image_size`, scale to [0, 1], normalise with the
     ImageNet mean and std (the DeiT recipe). The slow, PIL-based ViT processor: it needs no torchvision."""
     from transformers import ViTImageProcessorPil
@@ -487,7 +516,7 @@ def aft_image_processor(config: AFTConfig):
 class AFTPatchEmbeddings(nn.Module):
     """Non-overlapping patches by a strided convolution: (B, C, H, W) -> (B, Gh * Gw, D), patches row by row."""
 
-    def __init__(self, config: AFTConfig):
+    def __init__(self, config: AFTVisionConfig):
         super().__init__()
         self.patch_size = config.patch_size
         self.num_channels = config.num_channels
@@ -504,11 +533,14 @@ class AFTVisionModel(AFTPreTrainedModel):
     """The AFT image encoder: patch embeddings, pre-LN AFT blocks mixing the patch grid non-causally, final norm,
     and a global average over patches as `pooler_output` (no class token, no position embedding)."""
 
+    config_class = AFTVisionConfig
+    config: AFTVisionConfig
     main_input_name = "pixel_values"
     _is_stateful = False
 
-    def __init__(self, config: AFTConfig):
-        super().__init__(config)
+    def __init__(self, config: AFTVisionConfig):
+        super().__init__(_vision_config(config))
+        config = self.config
         self.patch_embeddings = AFTPatchEmbeddings(config)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.layers = nn.ModuleList(
@@ -599,11 +631,14 @@ class AFTForImageClassification(AFTPreTrainedModel):
     works on the saved folder.
     """
 
+    config_class = AFTVisionConfig
+    config: AFTVisionConfig
     main_input_name = "pixel_values"
     _is_stateful = False
 
-    def __init__(self, config: AFTConfig):
-        super().__init__(config)
+    def __init__(self, config: AFTVisionConfig):
+        super().__init__(_vision_config(config))
+        config = self.config
         self.num_labels = config.num_labels
         self.model = AFTVisionModel(config)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
@@ -632,18 +667,28 @@ class AFTForImageClassification(AFTPreTrainedModel):
         return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        # AutoModel of this folder is the image encoder, not the text decoder.
-        self.config.auto_map = {
-            **(getattr(self.config, "auto_map", None) or {}),
-            "AutoModel": "modeling_aft.AFTVisionModel",
-        }
         is_main = kwargs.get("is_main_process", True)
         if is_main and not os.path.exists(os.path.join(save_directory, "preprocessor_config.json")):
             aft_image_processor(self.config).save_pretrained(save_directory)
         return super().save_pretrained(save_directory, *args, **kwargs)
 
 
+class AFTForImageClassificationFromAFTConfig(AFTForImageClassification):
+    """What the installed package's `AutoModelForImageClassification` maps `AFTConfig` to: image folders saved by
+    aft 0.1 (model_type "aft"). `from_pretrained` reads the config as an `AFTVisionConfig` and returns an
+    `AFTForImageClassification`."""
+
+    config_class = AFTConfig
+
+    @classmethod
+    def from_pretrained(cls, *args, config=None, **kwargs):
+        return AFTForImageClassification.from_pretrained(
+            *args, config=None if config is None else _vision_config(config), **kwargs
+        )
+
+
 AFTConfig.register_for_auto_class()
+AFTVisionConfig.register_for_auto_class()
 AFTModel.register_for_auto_class("AutoModel")
 AFTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 AFTVisionModel.register_for_auto_class("AutoModel")

@@ -27,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 from tqdm import tqdm
 from transformers import ViTConfig, ViTForImageClassification
 
-from aft import AFTConfig, AFTForImageClassification
+from aft import AFTForImageClassification, AFTVisionConfig
 
 MODELS = ("aft-conv", "aft-full", "vit")
 
@@ -76,7 +76,7 @@ def build_model(name, image_size, args):
         )
         return ViTForImageClassification(config)
     variant = name.removeprefix("aft-")
-    config = AFTConfig(
+    config = AFTVisionConfig(
         aft_variant=variant,
         hidden_size=width,
         num_hidden_layers=depth,

@@ -212,18 +212,19 @@ def check_args(args):
 # 2. model
 
 
-def parse_config_overrides(text: str | None) -> dict:
-    """'a=1,b=local,c=0.1' -> {'a': 1, 'b': 'local', 'c': 0.1}, with the names checked against AFTConfig."""
+def parse_config_overrides(text: str | None, config_class=AFTConfig) -> dict:
+    """'a=1,b=local,c=0.1' -> {'a': 1, 'b': 'local', 'c': 0.1}, with the names checked against the config class."""
     if not text:
         return {}
-    fields = {f.name for f in dataclasses.fields(AFTConfig)}
+    fields = {f.name for f in dataclasses.fields(config_class)}
     overrides = {}
     for item in text.split(","):
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or key not in fields:
             raise InputError(
-                f"--config_overrides: {item!r} is not FIELD=VALUE with a field of AFTConfig ({sorted(fields)})."
+                f"--config_overrides: {item!r} is not FIELD=VALUE with a field of {config_class.__name__} "
+                f"({sorted(fields)})."
             )
         try:
             overrides[key] = ast.literal_eval(value.strip())
@@ -232,12 +233,14 @@ def parse_config_overrides(text: str | None) -> dict:
     return overrides
 
 
-def build_config(args, **task_fields) -> AFTConfig:
-    """A new model's config: the preset, then the task's fields, then --config_overrides (validated by AFTConfig)."""
+def build_config(args, config_class=AFTConfig, **task_fields):
+    """A new model's config: the preset, then the task's fields, then --config_overrides (validated by the class)."""
     preset = args.preset or args.default_preset
-    fields = {**PRESETS[preset], **task_fields, **parse_config_overrides(args.config_overrides)}
+    fields = {**PRESETS[preset], **task_fields, **parse_config_overrides(args.config_overrides, config_class)}
+    names = {f.name for f in dataclasses.fields(config_class)}
+    fields = {k: v for k, v in fields.items() if k in names or k in ("id2label", "label2id", "num_labels")}
     try:
-        return AFTConfig(**fields)
+        return config_class(**fields)
     except (ValueError, TypeError, StrictDataclassError) as error:
         cause = error.__cause__ or error
         raise InputError(f"invalid model configuration: {cause}") from error
@@ -246,7 +249,7 @@ def build_config(args, **task_fields) -> AFTConfig:
 def load_model(model_class, args, **task_fields):
     """A new model from the preset, or a saved one from --model_name_or_path (whose config must fit the task)."""
     if not args.model_name_or_path:
-        return model_class(build_config(args, **task_fields))
+        return model_class(build_config(args, model_class.config_class, **task_fields))
     model = model_class.from_pretrained(args.model_name_or_path)
     for name, value in task_fields.items():
         if name in ("id2label", "label2id", "max_position_embeddings"):
@@ -477,7 +480,7 @@ def find_checkpoint(args) -> Path:
 def load_checkpoint(accelerator, args, model_config) -> RunState:
     """Restore model, optimizer, scheduler, sampler and RNG states; refuse a checkpoint of another architecture."""
     path = find_checkpoint(args)
-    saved = AFTConfig.from_json_file(path / "config.json").to_diff_dict()
+    saved = type(model_config).from_json_file(path / "config.json").to_diff_dict()
     current = model_config.to_diff_dict()
     ignore = {"transformers_version", "architectures", "auto_map", "dtype"}
     diff = sorted(k for k in set(saved) | set(current) if k not in ignore and saved.get(k) != current.get(k))

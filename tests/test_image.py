@@ -3,6 +3,7 @@ installed and as remote code, the image processor and the pipeline. Tiny configs
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -12,9 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification, pipeline
 
-from aft import AFTConfig, AFTForImageClassification, AFTVisionModel
+from aft import AFTForImageClassification, AFTVisionConfig, AFTVisionModel
 from aft.ops_aft import (
     aft_conv_2d,
     aft_full,
@@ -45,7 +46,7 @@ def tiny_config(variant="conv", **kw):
         "id2label": LABELS,
         "label2id": {v: k for k, v in LABELS.items()},
     }
-    return AFTConfig(**{**base, **kw})
+    return AFTVisionConfig(**{**base, **kw})
 
 
 def window_bias(grid, s, value):
@@ -266,9 +267,12 @@ def test_bad_inputs_have_clear_errors():
 @pytest.mark.parametrize(
     ("kw", "message"),
     [
-        ({"image_size": 30, "patch_size": 8}, "AFTConfig.image_size=30 is not allowed: it must be a multiple of"),
-        ({"patch_size": 0}, "AFTConfig.patch_size=0 is not allowed"),
-        ({"num_channels": 0}, "AFTConfig.num_channels=0 is not allowed"),
+        (
+            {"image_size": 30, "patch_size": 8},
+            "AFTVisionConfig.image_size=30 is not allowed: it must be a multiple of",
+        ),
+        ({"patch_size": 0}, "AFTVisionConfig.patch_size=0 is not allowed"),
+        ({"num_channels": 0}, "AFTVisionConfig.num_channels=0 is not allowed"),
     ],
 )
 def test_config_checks_image_fields(kw, message):
@@ -324,12 +328,39 @@ def saved(tmp_path_factory):
 def test_saved_folder_loads_through_installed_auto_classes(saved):
     folder, x, logits = saved
     config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "aft_vision"
+    assert config["auto_map"]["AutoConfig"] == "configuration_aft.AFTVisionConfig"
     assert config["auto_map"]["AutoModelForImageClassification"] == "modeling_aft.AFTForImageClassification"
     assert config["auto_map"]["AutoModel"] == "modeling_aft.AFTVisionModel"
+    assert isinstance(AutoConfig.from_pretrained(folder), AFTVisionConfig)
     model = AutoModelForImageClassification.from_pretrained(folder).eval()
     assert isinstance(model, AFTForImageClassification)
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, logits, rtol=0, atol=0)
+    encoder = AutoModel.from_pretrained(folder).eval()  # the image encoder, not the text decoder
+    assert isinstance(encoder, AFTVisionModel)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(x).pooler_output, model.model(x).pooler_output, rtol=0, atol=0)
+
+
+def test_folder_of_the_previous_release_still_loads(saved, tmp_path):
+    """aft 0.1 saved image models with the text config (model_type "aft"): they load as image classifiers, and
+    AutoModel says what to do instead of building the text decoder."""
+    folder, x, logits = saved
+    old = tmp_path / "old"
+    shutil.copytree(folder, old)
+    config = json.loads((old / "config.json").read_text())
+    config["model_type"] = "aft"
+    config["auto_map"]["AutoConfig"] = "configuration_aft.AFTConfig"
+    (old / "config.json").write_text(json.dumps(config))
+    model = AutoModelForImageClassification.from_pretrained(old).eval()
+    assert isinstance(model.config, AFTVisionConfig)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="AFT image model.*AutoModelForImageClassification"):
+        AutoModel.from_pretrained(old)
+    model.save_pretrained(tmp_path / "updated")
+    assert json.loads((tmp_path / "updated" / "config.json").read_text())["model_type"] == "aft_vision"
 
 
 def test_saved_folder_loads_as_remote_code_in_a_fresh_process(saved, tmp_path):
@@ -345,6 +376,10 @@ def test_saved_folder_loads_as_remote_code_in_a_fresh_process(saved, tmp_path):
         encoder = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True)
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
         assert type(encoder).__name__ == "AFTVisionModel", type(encoder).__name__
+        from PIL import Image
+        from transformers import pipeline
+        classify = pipeline("image-classification", model={str(folder)!r}, trust_remote_code=True)
+        assert len(classify(Image.new("RGB", (40, 30)), top_k=2)) == 2
         with torch.no_grad():
             torch.save(model(torch.load({str(tmp_path / "x.pt")!r})).logits, {str(tmp_path / "logits.pt")!r})
         """

@@ -114,7 +114,8 @@ def test_output_folder_is_ready_to_upload(folder, request):
     if importlib.util.find_spec("matplotlib"):
         assert "loss_curve.png" in names
     config = json.loads((folder / "config.json").read_text())
-    assert config["auto_map"]["AutoConfig"] == "configuration_aft.AFTConfig"
+    kind = "AFTVisionConfig" if folder.name.startswith("classification") else "AFTConfig"
+    assert config["auto_map"]["AutoConfig"] == f"configuration_aft.{kind}"
     assert "AutoModel" in config["auto_map"]
     results = json.loads((folder / "all_results.json").read_text())
     assert results["train_steps"] > 0 and all(math.isfinite(v) for v in results.values())

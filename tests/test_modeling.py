@@ -20,6 +20,7 @@ from aft import AFTCache, AFTConfig, AFTForCausalLM, AFTModel
         ({"query_activation": "tanh"}, r"query_activation='tanh' is not allowed"),
         ({"position_embedding_type": "rotary"}, r"position_embedding_type='rotary' is not allowed"),
         ({"aft_variant": "full", "position_bias_rank": 0}, r"position_bias_rank=0 is not allowed"),
+        ({"initializer_range": -1.0}, r"initializer_range=-1.0 is not allowed: it is a standard deviation"),
     ],
 )
 def test_config_errors_name_field_value_and_allowed(kwargs, match):

@@ -4,7 +4,8 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.activations import ACT2FN
 
-AFT_VARIANTS = ("full", "local", "simple", "conv")
+from .ops_aft import AFT_VARIANTS, implementations
+
 QUERY_ACTIVATIONS = ("sigmoid", "relu")
 POSITION_EMBEDDING_TYPES = ("absolute", "none")
 
@@ -22,7 +23,10 @@ _MIXER_ARGS = r"""
         position_bias_rank (`int`, defaults to 128): rank d' of the factorised bias w = u v^T (`full`, `local`).
         conv_kernel_size (`int`, defaults to 11): kernel size s of `conv`.
         num_heads (`int`, defaults to 8): heads of `conv` (one key scalar and one kernel per head).
-        query_activation (`str`, defaults to `"sigmoid"`): sigma_q, `"sigmoid"` or `"relu"`."""
+        query_activation (`str`, defaults to `"sigmoid"`): sigma_q, `"sigmoid"` or `"relu"`.
+        aft_implementation (`str`, defaults to `"torch"`): the registered implementation of the operator
+            (`ops_aft.register_operator`); `"torch"` is the default every other one is tested against, `"exact"`
+            and `"naive"` are its twins (slower)."""
 
 
 @strict
@@ -43,6 +47,7 @@ class AFTPreTrainedConfig(PreTrainedConfig):
     conv_kernel_size: int = 11
     num_heads: int = 8
     query_activation: str = "sigmoid"
+    aft_implementation: str = "torch"
 
     def __post_init__(self, **kwargs):
         if self.intermediate_size is None:
@@ -56,7 +61,12 @@ class AFTPreTrainedConfig(PreTrainedConfig):
     def validate_architecture(self):
         """Every cross-field check of the config, each naming the field, the value and what is allowed."""
         need = self._need
-        need(self.aft_variant in AFT_VARIANTS, "aft_variant", f"use one of {AFT_VARIANTS}")
+        need(self.aft_variant in AFT_VARIANTS, "aft_variant", f"use one of {tuple(AFT_VARIANTS)}")
+        need(
+            self.aft_implementation in implementations(self.aft_variant),
+            "aft_implementation",
+            f"use one registered for aft_variant={self.aft_variant!r}: {implementations(self.aft_variant)}",
+        )
         need(self.query_activation in QUERY_ACTIVATIONS, "query_activation", f"use one of {QUERY_ACTIVATIONS}")
         need(self.hidden_act in ACT2FN, "hidden_act", "use an activation name from transformers.activations.ACT2FN")
         for field in ("hidden_size", "num_hidden_layers", "intermediate_size"):
@@ -64,18 +74,8 @@ class AFTPreTrainedConfig(PreTrainedConfig):
         need(0 <= self.hidden_dropout_prob < 1, "hidden_dropout_prob", "it must be in [0, 1)")
         need(self.layer_norm_eps > 0, "layer_norm_eps", "it must be > 0")
         need(self.initializer_range >= 0, "initializer_range", "it is a standard deviation: it must be >= 0")
-        if self.aft_variant == "local":
-            need(self.local_window_size >= 1, "local_window_size", "the window must be >= 1")
-        if self.aft_variant in ("full", "local"):
-            need(self.position_bias_rank >= 1, "position_bias_rank", "the bias rank must be >= 1")
-        if self.aft_variant == "conv":
-            need(self.conv_kernel_size >= 1, "conv_kernel_size", "the kernel size must be >= 1")
-            need(self.num_heads >= 1, "num_heads", "it must be >= 1")
-            need(
-                self.hidden_size % self.num_heads == 0,
-                "num_heads",
-                f"hidden_size={self.hidden_size} must be divisible by num_heads",
-            )
+        for ok, field, allowed in AFT_VARIANTS[self.aft_variant].checks(self):
+            need(ok, field, allowed)
 
 
 @strict
@@ -127,8 +127,18 @@ class AFTConfig(AFTPreTrainedConfig):
 
     @property
     def has_position_limit(self) -> bool:
-        """Whether inputs are limited to `max_position_embeddings` positions (absolute embeddings or a u v^T bias)."""
-        return self.position_embedding_type == "absolute" or self.aft_variant in ("full", "local")
+        """Whether inputs are limited to `max_position_embeddings` positions (absolute embeddings or a bias learned
+        per position)."""
+        return self.position_embedding_type == "absolute" or AFT_VARIANTS[self.aft_variant].position_bias
+
+    @property
+    def layer_types(self) -> list[str]:
+        """What each layer's decoding state is, in transformers' cache terms: a fixed-size recurrent state
+        ("linear_attention") or every past position ("full_attention", AFT-full)."""
+        variant = AFT_VARIANTS.get(self.aft_variant)  # read by transformers before validation: no error here
+        if variant is None:
+            return None
+        return ["linear_attention" if variant.constant_state else "full_attention"] * self.num_hidden_layers
 
 
 @strict

@@ -1,7 +1,7 @@
 """Attention Free Transformer (Zhai et al. 2021) models for transformers.
 
-The token mixer math lives in `ops_aft.py`; this file is plumbing: projections, blocks, the recurrent cache and
-the transformers heads.
+The operator lives in `ops_aft*.py` (pure tensor code, looked up by variant and implementation); this file is
+plumbing: projections, blocks, the decoding cache and the transformers heads.
 """
 
 import os
@@ -11,7 +11,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel, logging
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, LinearAttentionCacheLayerMixin
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
@@ -23,38 +23,184 @@ from transformers.modeling_outputs import (
 
 from .configuration_aft import AFTConfig, AFTPreTrainedConfig, AFTVisionConfig
 from .ops_aft import (
+    AFT_VARIANTS,
+    INIT_NORMAL,
+    INIT_POSITION_BIAS,
+    INIT_ZEROS,
+    NEG,
     AFTState,
-    aft_conv,
-    aft_conv_2d,
-    aft_full,
-    aft_local,
-    aft_local_2d,
-    aft_simple,
-    aft_step,
-    conv_kernel,
-    conv_kernel_2d,
+    full_state,
+    get_operator,
+    mask_keys,
 )
 
 logger = logging.get_logger(__name__)
 
 QUERY_ACTIVATIONS = {"sigmoid": torch.sigmoid, "relu": torch.relu}
 
+# The one compatibility seam with the supported transformers releases (README, "Supported versions"): 5.24 renamed
+# the cache argument of forward() and the cache field of the model outputs from `past_key_values` to `cache`. The
+# models take either name and return the cache under the name this release's generate() reads.
+CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
-class AFTCacheLayer:
-    """One layer's decoding state (an `ops_aft.AFTState`): O(d) for simple, O(s*d) for local and conv, O(t*d)
-    for full. Every tensor has the batch first, so beam search and batch edits are one indexing each."""
 
-    is_compileable = False
-    is_croppable = False
+def _cache_argument(cache, past_key_values):
+    if cache is not None and past_key_values is not None:
+        raise ValueError("Pass the cache once, as `cache` or as `past_key_values`, not both.")
+    if past_key_values is not None and CACHE_NAME == "cache":
+        logger.warning_once("`past_key_values` is deprecated in this transformers release: pass the cache as `cache`.")
+    return cache if cache is not None else past_key_values
+
+
+class AFTCacheLayer(LinearAttentionCacheLayerMixin):
+    """One layer's fixed-size decoding state (`simple`, `local`, `conv`), in the design of transformers' linear-
+    attention layers: the pool (m, n, z) as `recurrent_states` 0-2 and the window (k, v, pos) as `conv_states` 0-2
+    (`ops_aft.AFTState`). The tensors are allocated at the first write and then updated in place, so their
+    addresses stay fixed for compiled decoding (and CUDA graphs)."""
+
     is_sliding = False
-    supports_early_init = False
+    appends = False
 
     def __init__(self):
-        self.state: AFTState | None = None
+        super().__init__(number_of_states=3)
+
+    def read(self) -> AFTState | None:
+        """The state, or None before the first write (or after `reset`)."""
+        if not all(self.has_previous_state.values()):
+            return None
+        return AFTState(*(self.recurrent_states[i] for i in range(3)), *(self.conv_states[i] for i in range(3)))
+
+    def write(self, state: AFTState):
+        for i in range(3):
+            self.update_recurrent_state(state[i], i)
+            self.update_conv_state(state[3 + i], i)
+
+    def lazy_initialization(self, conv_states=None, recurrent_states=None, state_idx: int = 0):
+        for store, initialized, x in (
+            (self.conv_states, self.is_conv_states_initialized, conv_states),
+            (self.recurrent_states, self.is_recurrent_states_initialized, recurrent_states),
+        ):
+            if x is not None:
+                self.dtype, self.device = x.dtype, x.device
+                store[state_idx] = torch.zeros_like(x)
+                if not torch.compiler.is_compiling():
+                    torch._dynamo.mark_static_address(store[state_idx])
+                initialized[state_idx] = True
+
+    def update_conv_state(self, conv_states, state_idx: int = 0, **kwargs):
+        return self._copy_in(self.conv_states, self.is_conv_states_initialized, conv_states, state_idx, "conv_states")
+
+    def update_recurrent_state(self, recurrent_states, state_idx: int = 0, **kwargs):
+        store, flags = self.recurrent_states, self.is_recurrent_states_initialized
+        return self._copy_in(store, flags, recurrent_states, state_idx, "recurrent_states")
+
+    def _copy_in(self, store, initialized, x, state_idx, kind):
+        if not initialized[state_idx] or store[state_idx].shape != x.shape or store[state_idx].dtype != x.dtype:
+            self.lazy_initialization(**{kind: x}, state_idx=state_idx)
+        store[state_idx].copy_(x)  # in place: the address stays
+        self.has_previous_state[state_idx] = True
+        return store[state_idx]
 
     def _map(self, fn):
-        if self.state is not None:
-            self.state = AFTState(*(None if x is None else fn(x) for x in self.state))
+        for store, initialized in (
+            (self.conv_states, self.is_conv_states_initialized),
+            (self.recurrent_states, self.is_recurrent_states_initialized),
+        ):
+            for i in range(self.number_of_states):
+                if initialized[i]:
+                    store[i] = fn(store[i])
+
+    def batch_repeat_interleave(self, repeats: int):
+        self._map(lambda x: x.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        self._map(lambda x: x[indices])
+
+    def crop(self, tokens_to_remove: int):
+        if tokens_to_remove:
+            raise ValueError(
+                f"AFTCache cannot remove {tokens_to_remove} tokens: a recurrent state cannot be rolled back."
+            )
+
+    def activate_past_recording(self):
+        raise ValueError("AFTCache keeps no past states to roll back to: assisted decoding is not supported.")
+
+    @property
+    def batch_size(self) -> int:
+        return self.recurrent_states[0].shape[0] if self.is_recurrent_states_initialized[0] else -1
+
+    def nbytes(self) -> int:
+        tensors = [*self.conv_states.values(), *self.recurrent_states.values()]
+        return sum(x.numel() * x.element_size() for x in tensors if x is not None)
+
+
+class AFTFullCacheLayer:
+    """AFT-full's decoding state: every past position (masked key, value and key-side position factors), like a KV
+    cache of half the size. The buffers grow geometrically, so a token costs a copy of its own entries and not of
+    the whole past; with `max_cache_len` they have that fixed size (empty slots have the key NEG and count for
+    nothing), so that a compiled decoding step sees the same shapes and addresses at every token."""
+
+    is_sliding = False
+    is_croppable = False
+    supports_early_init = False
+    appends = True
+
+    def __init__(self, max_cache_len: int | None = None):
+        self.max_cache_len = max_cache_len
+        self.is_compileable = max_cache_len is not None
+        self.keys = self.values = self.positions = None
+        self.length = 0  # filled slots (growing buffers)
+        self.filled = None  # the same as a tensor (fixed buffers: written at a position known only on the device)
+
+    def read(self) -> AFTState | None:
+        if self.keys is None:
+            return None
+        end = None if self.max_cache_len is not None else self.length
+        return full_state(self.keys[:, :end], self.values[:, :end], self.positions[:, :end])
+
+    def append(self, new: AFTState):
+        """Add the positions of `new` (an `ops_aft.full_state`) after the filled slots."""
+        B, T = new.k.shape[:2]
+        if self.keys is None or self.keys.shape[0] != B:
+            self._allocate(new, self.max_cache_len or max(T, 64))
+        if self.max_cache_len is not None:  # fixed buffers: the filled count lives on the device only
+            if not torch.compiler.is_compiling() and int(self.filled) + T > self.max_cache_len:
+                raise ValueError(
+                    f"The AFT-full cache holds max_cache_len={self.max_cache_len} positions; {int(self.filled)} are "
+                    f"filled and {T} more do not fit. Create the AFTCache with a larger max_cache_len."
+                )
+            index = torch.arange(T, device=self.filled.device) + self.filled
+            for buffer, x in zip((self.keys, self.values, self.positions), new[3:], strict=True):
+                buffer.index_copy_(1, index, x.to(buffer.dtype))
+            self.filled.add_(T)
+        else:
+            if self.length + T > self.keys.shape[1]:
+                self._allocate(new, max(2 * self.keys.shape[1], self.length + T))
+            for buffer, x in zip((self.keys, self.values, self.positions), new[3:], strict=True):
+                buffer[:, self.length : self.length + T] = x
+            self.length += T
+
+    def _allocate(self, new: AFTState, capacity: int):
+        """Buffers of `capacity` slots, with what is filled copied over."""
+        B, _, H, D = new.k.shape
+        kw = {"dtype": new.k.dtype, "device": new.k.device}
+        old = (self.keys, self.values, self.positions) if self.keys is not None and self.keys.shape[0] == B else None
+        self.keys = torch.full((B, capacity, H, D), NEG, **kw)
+        self.values = torch.zeros(B, capacity, H, new.v.shape[3], **kw)
+        self.positions = torch.zeros(B, capacity, new.pos.shape[2], **kw)
+        if old is not None:
+            for buffer, x in zip((self.keys, self.values, self.positions), old, strict=True):
+                buffer[:, : self.length] = x[:, : self.length]
+        else:
+            self.length = 0
+        self.filled = torch.tensor(self.length, device=new.k.device)
+        if self.max_cache_len is not None and not torch.compiler.is_compiling():
+            for buffer in (self.keys, self.values, self.positions, self.filled):
+                torch._dynamo.mark_static_address(buffer)
+
+    def _map(self, fn):
+        if self.keys is not None:
+            self.keys, self.values, self.positions = fn(self.keys), fn(self.values), fn(self.positions)
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         self._map(lambda x: x.index_select(0, beam_idx.to(x.device)))
@@ -66,45 +212,90 @@ class AFTCacheLayer:
         self._map(lambda x: x[indices])
 
     def reset(self):
-        self.state = None
+        self.keys = self.values = self.positions = self.filled = None
+        self.length = 0
 
-    def crop(self, tokens_to_remove: int):
-        if tokens_to_remove:
-            raise ValueError(
-                f"AFTCache cannot remove {tokens_to_remove} tokens: a recurrent state cannot be rolled back."
-            )
+    crop = AFTCacheLayer.crop
+    activate_past_recording = AFTCacheLayer.activate_past_recording
 
     def offload(self):
-        pass
+        self._map(lambda x: x.to("cpu", non_blocking=True))
 
     def prefetch(self):
         pass
 
     @property
     def batch_size(self) -> int:
-        return -1 if self.state is None else self.state.m.shape[0]
+        return -1 if self.keys is None else self.keys.shape[0]
 
     def nbytes(self) -> int:
-        return 0 if self.state is None else sum(x.numel() * x.element_size() for x in self.state if x is not None)
+        """Bytes of the filled slots (what the state holds, not the spare capacity)."""
+        if self.keys is None:
+            return 0
+        filled = self.length if self.max_cache_len is None else int(self.filled)
+        return sum(x[:, :filled].numel() * x.element_size() for x in (self.keys, self.values, self.positions))
 
 
 class AFTCache(Cache):
-    """The recurrent state of every layer of an AFT model, as a transformers `Cache`.
+    """The decoding state of every layer of an AFT model, as a transformers `Cache` (what generate() creates,
+    reorders for beam search, selects and continues).
 
-    `get_seq_length()` counts the positions seen (padding included), as `generate()` expects. Beam search,
-    `num_return_sequences` and batch selection act on every layer's state.
+    `simple`, `local` and `conv` keep a fixed-size state per layer (`AFTCacheLayer`: constant memory at any
+    context); `full` keeps every past position (`AFTFullCacheLayer`; `max_cache_len` fixes its size for compiled
+    decoding). `get_seq_length()` counts the positions seen (padding included), as generate() expects.
     """
 
-    def __init__(self, config: AFTConfig):
-        super().__init__(layers=[AFTCacheLayer() for _ in range(config.num_hidden_layers)])
-        self.seen_tokens = 0
+    def __init__(self, config: AFTConfig, max_cache_len: int | None = None):
+        appends = not AFT_VARIANTS[config.aft_variant].constant_state
+        layers = [
+            AFTFullCacheLayer(max_cache_len) if appends else AFTCacheLayer() for _ in range(config.num_hidden_layers)
+        ]
+        super().__init__(layers=layers)
+        # Tensors, so that a compiled step advances them in place: the positions seen (padding included) and, per
+        # row, the position id of the next token (the real tokens seen: left padding does not shift positions).
+        self.seen = torch.zeros((), dtype=torch.long)
+        self.next_position = None  # (B,) long, from the first forward
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.seen_tokens
+        return int(self.seen)
+
+    def on_device(self, device) -> "AFTCache":
+        if self.seen.device != device:
+            self.seen = self.seen.to(device)
+            if not torch.compiler.is_compiling():
+                torch._dynamo.mark_static_address(self.seen)
+        return self
+
+    def advance(self, tokens: int, next_position: torch.Tensor):
+        """Count `tokens` more positions; `next_position` (B,): each row's next position id."""
+        self.seen.add_(tokens)
+        if self.next_position is None or self.next_position.shape != next_position.shape:
+            self.next_position = next_position.clone()
+            if not torch.compiler.is_compiling():
+                torch._dynamo.mark_static_address(self.next_position)
+        else:
+            self.next_position.copy_(next_position)
+
+    def _map_rows(self, fn):
+        if self.next_position is not None:
+            self.next_position = fn(self.next_position)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        super().reorder_cache(beam_idx)
+        self._map_rows(lambda x: x.index_select(0, beam_idx.to(x.device)))
+
+    def batch_repeat_interleave(self, repeats: int):
+        super().batch_repeat_interleave(repeats)
+        self._map_rows(lambda x: x.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        super().batch_select_indices(indices)
+        self._map_rows(lambda x: x[indices])
 
     def reset(self):
         super().reset()
-        self.seen_tokens = 0
+        self.seen.zero_()
+        self.next_position = None
 
     def nbytes(self) -> int:
         """Bytes held by all layers' states."""
@@ -114,8 +305,11 @@ class AFTCache(Cache):
 class AFTMixer(nn.Module):
     """The AFT token mixer in place of attention: q, k, v projections, the AFT operator, output projection.
 
-    `ndim=1` mixes a sequence (causal or not); `ndim=2` mixes a patch grid, non-causally: `conv` has s x s kernels,
-    `local` an s x s window, and `full`/`local` one bias row per patch of the `config.image_size` grid.
+    The variant (`config.aft_variant`, an entry of `ops_aft.AFT_VARIANTS`) says what the layer learns beyond the
+    projections and how it becomes the operator's arguments; the implementation (`config.aft_implementation`) is
+    looked up in the operator registry. `ndim=1` mixes a sequence (causal or not): the parallel form for training,
+    prefill and continuation, the recurrent form for one token on a state. `ndim=2` mixes a patch grid,
+    non-causally (`conv` has s x s kernels, `local` an s x s window, `full`/`local` one bias row per patch).
     """
 
     def __init__(self, config: AFTPreTrainedConfig, layer_idx: int, causal: bool = True, ndim: int = 1):
@@ -124,46 +318,30 @@ class AFTMixer(nn.Module):
             raise ValueError(
                 f"AFTMixer supports ndim=1 (causal or not) and ndim=2 (non-causal); got {ndim=}, {causal=}."
             )
-        self.variant = config.aft_variant
+        self.config = config
+        self.variant = AFT_VARIANTS[config.aft_variant]
+        self.operator = get_operator(config.aft_variant, config.aft_implementation)
         self.layer_idx = layer_idx
         self.causal = causal
         self.ndim = ndim
-        self.num_heads = config.num_heads if self.variant == "conv" else 1
+        self.num_heads = config.num_heads if self.variant.key_per_head else 1
         D = config.hidden_size
         self.head_dim = D // self.num_heads
-        self.key_dim = 1 if self.variant == "conv" else D  # conv: one key scalar per head and position
+        self.key_dim = 1 if self.variant.key_per_head else self.head_dim
         self.query_act = QUERY_ACTIVATIONS[config.query_activation]
         self.q_proj = nn.Linear(D, D)
         self.k_proj = nn.Linear(D, self.num_heads * self.key_dim)
         self.v_proj = nn.Linear(D, D)
         self.o_proj = nn.Linear(D, D)
-        if self.variant in ("full", "local"):
-            # Factorised position bias w_{t,t'} = pos_u[t] . pos_v[t'].
-            positions = config.max_position_embeddings if ndim == 1 else config.image_grid[0] * config.image_grid[1]
-            self.pos_u = nn.Parameter(torch.empty(positions, config.position_bias_rank))
-            self.pos_v = nn.Parameter(torch.empty(positions, config.position_bias_rank))
-        if self.variant == "conv":
-            kernel_shape = (config.conv_kernel_size,) * ndim
-            self.conv_weight = nn.Parameter(torch.empty(self.num_heads, *kernel_shape))
-            self.conv_gamma = nn.Parameter(torch.zeros(self.num_heads))
-            self.conv_beta = nn.Parameter(torch.zeros(self.num_heads))
-        self.window = {
-            "simple": 0,
-            "local": config.local_window_size,
-            "conv": config.conv_kernel_size,
-            "full": None,
-        }[self.variant]
+        self.variant_inits = {}
+        for name, (shape, how) in self.variant.parameters(config, ndim).items():
+            setattr(self, name, nn.Parameter(torch.empty(shape)))
+            self.variant_inits[name] = how
 
-    def forward(
-        self,
-        hidden_states,
-        position_ids,
-        attention_mask=None,
-        cache_layer: AFTCacheLayer | None = None,
-        grid: tuple[int, int] | None = None,
-    ):
-        """hidden_states (B, T, D). For ndim=2, `grid` = (Gh, Gw) with Gh * Gw == T, patches row by row, and
-        `position_ids` None (the bias covers the whole `image_size` grid)."""
+    def forward(self, hidden_states, position_ids=None, attention_mask=None, cache_layer=None, grid=None, update=True):
+        """hidden_states (B, T, D). For ndim=2, `grid` = (Gh, Gw) with Gh * Gw == T, patches row by row, and no
+        `position_ids` (the bias covers the whole `image_size` grid). `cache_layer`: the layer's decoding state,
+        continued from and (with `update`) written back."""
         B, T, _ = hidden_states.shape
         if (grid is not None) != (self.ndim == 2) or (grid is not None and grid[0] * grid[1] != T):
             raise ValueError(f"An ndim={self.ndim} AFTMixer got grid={grid} for {T} positions.")
@@ -172,51 +350,28 @@ class AFTMixer(nn.Module):
         q = self.query_act(self.q_proj(hidden_states)).view(B, T, H, self.head_dim)
         k = self.k_proj(hidden_states).view(B, T, H, self.key_dim)
         v = self.v_proj(hidden_states).view(B, T, H, self.head_dim)
-        # 2. what the variant's bias needs: position factors (B|1, T, R) or the per-head kernel (H, s)
-        kw = {}
-        if self.variant in ("full", "local"):
-            kw = {"pos_u": self.pos_u[position_ids], "pos_v": self.pos_v[position_ids]}
-        elif self.variant == "conv":
-            make_kernel = conv_kernel_2d if self.ndim == 2 else conv_kernel
-            kw = {"kernel": make_kernel(self.conv_weight, self.conv_gamma, self.conv_beta)}
-        # 3. mixing: over the patch grid; else parallel form from an empty state (training, prefill), else one step
-        # per token
-        state = cache_layer.state if cache_layer is not None else None
+        # 2. the variant's arguments: position factors (B|1, T, R), a kernel (H, s), ...
+        params = {name: getattr(self, name) for name in self.variant_inits}
+        args = self.variant.operator_args(params, position_ids, self.config, self.ndim)
+        # 3. mixing: over the patch grid; else one step per token on a state (decoding), else in parallel from the
+        # state (training and prefill from none, a continuation from the cache's)
         if grid is not None:
-            y, new_state = self._grid(q, k, v, grid, **kw), None
-        elif state is None:
-            y, new_state = self._parallel(q, k, v, attention_mask, return_state=cache_layer is not None, **kw)
+            y = self.operator.grid(q, k, v, *args, grid)
         else:
-            ys = []
-            for t in range(T):  # position factors are per token; the conv kernel is shared by all
-                step_kw = {name: x if name == "kernel" else x[:, t] for name, x in kw.items()}
-                mask_t = None if attention_mask is None else attention_mask[:, t]
-                y_t, state = aft_step(q[:, t], k[:, t], v[:, t], state, window=self.window, mask=mask_t, **step_kw)
-                ys.append(y_t)
-            y, new_state = torch.stack(ys, dim=1), state
-        if cache_layer is not None:
-            cache_layer.state = new_state
+            state = cache_layer.read() if cache_layer is not None else None
+            form = self.operator.recurrent if state is not None and T == 1 else self.operator.parallel
+            keep = cache_layer is not None and update and not cache_layer.appends
+            y, final = form(
+                q, k, v, *args, causal=self.causal, mask=attention_mask, initial_state=state, output_final_state=keep
+            )
+            if cache_layer is not None and update:
+                if cache_layer.appends:  # every past position: add this call's (masked, accumulation dtype)
+                    keys = mask_keys(k, attention_mask)
+                    cache_layer.append(full_state(keys, v.to(keys.dtype), args[1].to(keys.dtype).expand(B, -1, -1)))
+                else:
+                    cache_layer.write(final)
         # 4. output projection
-        return self.o_proj(y.reshape(B, T, -1))
-
-    def _parallel(self, q, k, v, mask, return_state, **kw):
-        common = {"causal": self.causal, "mask": mask, "return_state": return_state}
-        if self.variant == "simple":
-            return aft_simple(q, k, v, **common)
-        if self.variant == "local":
-            return aft_local(q, k, v, kw["pos_u"], kw["pos_v"], self.window, **common)
-        if self.variant == "full":
-            return aft_full(q, k, v, kw["pos_u"], kw["pos_v"], **common)
-        return aft_conv(q, k, v, kw["kernel"], **common)
-
-    def _grid(self, q, k, v, grid, **kw):
-        if self.variant == "simple":
-            return aft_simple(q, k, v, causal=False)[0]
-        if self.variant == "local":
-            return aft_local_2d(q, k, v, kw["pos_u"], kw["pos_v"], self.window, grid)
-        if self.variant == "full":
-            return aft_full(q, k, v, kw["pos_u"], kw["pos_v"], causal=False)[0]
-        return aft_conv_2d(q, k, v, kw["kernel"], grid)
+        return self.o_proj(y.reshape(B, T, H * self.head_dim))
 
 
 class AFTMLP(nn.Module):
@@ -242,17 +397,11 @@ class AFTBlock(GradientCheckpointingLayer):
         self.mlp = AFTMLP(config)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(
-        self,
-        hidden_states,
-        position_ids=None,
-        attention_mask=None,
-        past_key_values=None,
-        use_cache=False,
-        grid=None,
-    ):
-        cache_layer = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
-        mixed = self.mixer(self.ln_1(hidden_states), position_ids, attention_mask, cache_layer, grid=grid)
+    def forward(self, hidden_states, position_ids=None, attention_mask=None, cache=None, update_cache=True, grid=None):
+        cache_layer = cache.layers[self.layer_idx] if cache is not None else None
+        mixed = self.mixer(
+            self.ln_1(hidden_states), position_ids, attention_mask, cache_layer, grid=grid, update=update_cache
+        )
         hidden_states = hidden_states + self.dropout(mixed)
         return hidden_states + self.dropout(self.mlp(self.ln_2(hidden_states)))
 
@@ -269,14 +418,15 @@ class AFTPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, AFTMixer):
-            if hasattr(module, "pos_u"):  # the paper: u, v ~ N(0, 0.01^2)
-                init.normal_(module.pos_u, mean=0.0, std=0.01)
-                init.normal_(module.pos_v, mean=0.0, std=0.01)
-            if hasattr(module, "conv_weight"):  # gamma = beta = 0: a fresh conv layer is per-head AFT-simple
-                init.normal_(module.conv_weight, mean=0.0, std=self.config.initializer_range)
-                init.zeros_(module.conv_gamma)
-                init.zeros_(module.conv_beta)
+        if isinstance(module, AFTMixer):  # the variant's own tensors, as the variant table says
+            for name, how in module.variant_inits.items():
+                param = getattr(module, name)
+                if how == INIT_POSITION_BIAS:  # the paper: u, v ~ N(0, 0.01^2)
+                    init.normal_(param, mean=0.0, std=0.01)
+                elif how == INIT_NORMAL:
+                    init.normal_(param, mean=0.0, std=self.config.initializer_range)
+                elif how == INIT_ZEROS:  # conv gamma = beta = 0: a fresh conv layer is per-head AFT-simple
+                    init.zeros_(param)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # One saved folder serves AutoModel (the backbone of its kind) as well as the head's own Auto class.
@@ -339,13 +489,18 @@ class AFTModel(AFTPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: AFTCache | None = None,
+        cache: AFTCache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        past_key_values: AFTCache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
+        """`cache` (or `past_key_values`): an `AFTCache` to continue from. With `use_cache` (the default) it is
+        advanced past the input and returned; with `use_cache=False` its state is the input's context and it is
+        left as it was. `attention_mask` is (B, T) or (B, cached + T) (left padding); position ids follow it."""
+        cache = _cache_argument(cache, past_key_values)
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
@@ -354,47 +509,31 @@ class AFTModel(AFTPreTrainedModel):
         if self.gradient_checkpointing and self.training:
             use_cache = False
 
-        # 1. check the inputs before any work
+        # 1. the inputs: checked before any work
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
-        if past_key_values is not None and not isinstance(past_key_values, AFTCache):
-            raise TypeError(f"`past_key_values` must be an AFTCache, got {type(past_key_values).__name__}.")
-        B, T = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
-        if (
-            input_ids is not None
-            and input_ids.numel()
-            and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size)
-        ):
-            bad = input_ids.max() if input_ids.max() >= self.config.vocab_size else input_ids.min()
+        if cache is not None and not isinstance(cache, AFTCache):
+            raise TypeError(f"The cache must be an AFTCache, got {type(cache).__name__}.")
+        B, T = input_ids.shape[:2] if input_ids is not None else inputs_embeds.shape[:2]
+        if cache is not None and cache.batch_size not in (-1, B):
             raise ValueError(
-                f"`input_ids` contains the id {int(bad)}, outside the vocabulary: ids must be in "
-                f"[0, {self.config.vocab_size - 1}] (config.vocab_size={self.config.vocab_size})."
+                f"The cache holds the state of a batch of {cache.batch_size}, but the input has a batch of {B}: "
+                "pass inputs of the cache's batch, or a new cache (or none)."
             )
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if attention_mask is not None and tuple(attention_mask.shape) not in {
-            (B, T),
-            (B, past + T),
-        }:
-            allowed = f"({B}, {T})" + (f" or ({B}, {past + T}) with the {past} cached positions" if past else "")
-            raise ValueError(f"`attention_mask` has shape {tuple(attention_mask.shape)}; expected {allowed}.")
-        if position_ids is None:
-            if attention_mask is not None and attention_mask.shape[1] == past + T:
-                # Left padding must not shift positions: count real tokens.
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+        device = input_ids.device if input_ids is not None else inputs_embeds.device
+        if cache is not None:
+            cache.on_device(device)
+        mask = attention_mask[:, -T:] if attention_mask is not None else None  # the new tokens' padding
+        if position_ids is None:  # positions count real tokens, after those the cache has seen
+            start = cache.next_position[:, None] if cache is not None and cache.next_position is not None else 0
+            if mask is not None:
+                position_ids = start + (mask.long().cumsum(-1) - 1).clamp(min=0)
             else:
-                position_ids = torch.arange(past, past + T, device=self.device)[None]
-        if self.config.has_position_limit and T and int(position_ids.max()) >= self.config.max_position_embeddings:
-            raise ValueError(
-                f"The input reaches position {int(position_ids.max())}, but this model has "
-                f"max_position_embeddings={self.config.max_position_embeddings} positions (position_embedding_type="
-                f"{self.config.position_embedding_type!r}, aft_variant={self.config.aft_variant!r}). Shorten the "
-                "input or max_new_tokens; `simple` and `conv` with position_embedding_type='none' are unlimited."
-            )
-        mask = attention_mask[:, -T:] if attention_mask is not None else None
-        if use_cache and past_key_values is None:
-            past_key_values = AFTCache(self.config)
-        if not use_cache:
-            past_key_values = None
+                position_ids = start + torch.arange(T, device=device)[None]
+        if not torch.compiler.is_compiling():  # host values: checked in eager calls, once per call
+            self._check_values(input_ids, attention_mask, position_ids, cache, B, T)
+        if use_cache and cache is None:
+            cache = AFTCache(self.config).on_device(device)
 
         # 2. embeddings
         hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_tokens(input_ids)
@@ -408,25 +547,47 @@ class AFTModel(AFTPreTrainedModel):
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             hidden_states = layer(
-                hidden_states,
-                position_ids=position_ids,
-                attention_mask=mask,
-                past_key_values=past_key_values,
-                use_cache=use_cache,
+                hidden_states, position_ids=position_ids, attention_mask=mask, cache=cache, update_cache=use_cache
             )
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
-        if past_key_values is not None:
-            past_key_values.seen_tokens += T
+        if cache is not None and use_cache:
+            after = position_ids[:, -1] + 1 if T else (cache.next_position if cache.next_position is not None else 0)
+            cache.advance(T, torch.as_tensor(after, device=device).expand(B))
+        cache = cache if use_cache else None
 
         if not return_dict:
-            return tuple(x for x in (hidden_states, past_key_values, all_hidden_states) if x is not None)
+            return tuple(x for x in (hidden_states, cache, all_hidden_states) if x is not None)
         return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            past_key_values=past_key_values,
-            hidden_states=all_hidden_states,
+            last_hidden_state=hidden_states, hidden_states=all_hidden_states, **{CACHE_NAME: cache}
         )
+
+    def _check_values(self, input_ids, attention_mask, position_ids, cache, B, T):
+        """The checks that need values from the tensors, read with one host synchronisation."""
+        config = self.config
+        probes = [cache.seen if cache is not None else torch.zeros((), dtype=torch.long)]
+        for x in (input_ids, position_ids):
+            probes += [x.min(), x.max()] if x is not None and x.numel() else [torch.zeros((), dtype=torch.long)] * 2
+        past, id_min, id_max, pos_min, pos_max = torch.stack([p.long().cpu() for p in probes]).tolist()
+        if input_ids is not None and input_ids.numel() and (id_min < 0 or id_max >= config.vocab_size):
+            bad = id_max if id_max >= config.vocab_size else id_min
+            raise ValueError(
+                f"`input_ids` contains the id {bad}, outside the vocabulary: ids must be in "
+                f"[0, {config.vocab_size - 1}] (config.vocab_size={config.vocab_size})."
+            )
+        if attention_mask is not None and tuple(attention_mask.shape) not in {(B, T), (B, past + T)}:
+            allowed = f"({B}, {T})" + (f" or ({B}, {past + T}) with the {past} cached positions" if past else "")
+            raise ValueError(f"`attention_mask` has shape {tuple(attention_mask.shape)}; expected {allowed}.")
+        if position_ids.numel() and pos_min < 0:
+            raise ValueError(f"`position_ids` contains {pos_min}: positions must be >= 0.")
+        if config.has_position_limit and position_ids.numel() and pos_max >= config.max_position_embeddings:
+            raise ValueError(
+                f"The input reaches position {pos_max}, but this model has "
+                f"max_position_embeddings={config.max_position_embeddings} positions (position_embedding_type="
+                f"{config.position_embedding_type!r}, aft_variant={config.aft_variant!r}). Shorten the input or "
+                "max_new_tokens; `simple` and `conv` with position_embedding_type='none' are unlimited."
+            )
 
 
 class AFTForCausalLM(AFTPreTrainedModel, GenerationMixin):
@@ -442,7 +603,7 @@ class AFTForCausalLM(AFTPreTrainedModel, GenerationMixin):
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
-        return False  # the model builds its own AFTCache
+        return False  # the model builds its own AFTCache, on every supported transformers release
 
     def get_input_embeddings(self):
         return self.model.embed_tokens
@@ -450,18 +611,41 @@ class AFTForCausalLM(AFTPreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value):
         self.model.embed_tokens = value
 
+    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, **kwargs):
+        cache = kwargs.get(CACHE_NAME)
+        if isinstance(cache, AFTCache) and next_sequence_length is None and kwargs.get("inputs_embeds") is None:
+            # A continuation passes the whole sequence: feed only what the cache has not seen (transformers 5.24
+            # leaves this to the models whose caches are all linear-attention layers).
+            seen, mask = cache.get_seq_length(), kwargs.get("attention_mask")
+            if 0 < seen < input_ids.shape[1] and (mask is None or mask.shape[-1] == input_ids.shape[1]):
+                next_sequence_length = input_ids.shape[1] - seen
+        inputs = super().prepare_inputs_for_generation(input_ids, next_sequence_length=next_sequence_length, **kwargs)
+        mask = inputs.get("attention_mask")
+        if isinstance(cache, AFTCache) and mask is not None and inputs.get("position_ids") is not None:
+            # positions come with the inputs: the new tokens' mask is all the model needs, and its shape stays the
+            # same at every step (one compiled graph for decoding)
+            inputs["attention_mask"] = (
+                mask[:, -inputs["input_ids"].shape[1] :] if inputs.get("input_ids") is not None else mask
+            )
+        return inputs
+
+    def create_masks_for_generate(self, attention_mask=None, **kwargs):
+        """AFT reads the 2-D padding mask itself: generate() builds no 4-D attention masks for it."""
+        return attention_mask
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: AFTCache | None = None,
+        cache: AFTCache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: AFTCache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         return_dict = return_dict if return_dict is not None else self.config.return_dict
@@ -469,7 +653,7 @@ class AFTForCausalLM(AFTPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=_cache_argument(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
@@ -480,21 +664,13 @@ class AFTForCausalLM(AFTPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden_states[:, keep, :])
         loss = None
         if labels is not None:
-            loss = self.loss_function(
-                logits=logits,
-                labels=labels,
-                vocab_size=self.config.vocab_size,
-                **kwargs,
-            )
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        cache = getattr(outputs, CACHE_NAME)
         if not return_dict:
-            out = (logits, outputs.past_key_values, outputs.hidden_states)
-            out = tuple(x for x in out if x is not None)
+            out = tuple(x for x in (logits, cache, outputs.hidden_states) if x is not None)
             return ((loss,) + out) if loss is not None else out
         return CausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, **{CACHE_NAME: cache}
         )
 
 

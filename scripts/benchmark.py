@@ -45,7 +45,8 @@ from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from aft import AFTConfig, AFTForCausalLM  # noqa: E402
-from aft.ops_aft import aft_simple  # noqa: E402
+from aft.modeling_aft import CACHE_NAME  # noqa: E402
+from aft.ops_aft import aft_simple_chunk  # noqa: E402
 
 VARIANTS = ("simple", "local", "conv", "full")
 MODELS = (*VARIANTS, "gpt2")
@@ -258,13 +259,13 @@ def bench_inference(model, name, lengths, args, bar, keep_caches=None):
             times = repeat(prefill, args.reps, args.point_seconds)
             row.update(prefill_s=statistics.median(times), prefill_times_s=times)
             history.append((L, statistics.median(times)))
-            cache = out["r"].past_key_values
+            cache = getattr(out["r"], CACHE_NAME)
             row["cache"] = "from the prefill"
         row["cache_bytes"] = cache_bytes(cache)
         token = torch.randint(0, args.vocab, (args.batch, 1), generator=gen)
         step_times = []
         for i in range(args.decode_tokens + 2):
-            t = timed(lambda token=token, cache=cache: model(input_ids=token, past_key_values=cache, use_cache=True))
+            t = timed(lambda token=token, cache=cache: model(input_ids=token, use_cache=True, **{CACHE_NAME: cache}))
             if i >= 2:
                 step_times.append(t)
         row.update(decode_token_s=statistics.median(step_times), decode_times_s=step_times)
@@ -284,7 +285,7 @@ def interleaved_decode(model, caches, args):
     times = {L: [] for L in caches}
     for i in range(args.decode_tokens + 2):
         for L, cache in caches.items():
-            t = timed(lambda cache=cache: model(input_ids=token, past_key_values=cache, use_cache=True))
+            t = timed(lambda cache=cache: model(input_ids=token, use_cache=True, **{CACHE_NAME: cache}))
             if i >= 2:
                 times[L].append(t)
     return {L: statistics.median(ts) for L, ts in times.items()}
@@ -306,8 +307,8 @@ def bench_operator(args):
     reps = max(3, args.reps)
     timed(lambda: dst.copy_(src))
     copy_t = statistics.median(repeat(lambda: dst.copy_(src), reps, 1e9))
-    timed(lambda: aft_simple(q, k, v, causal=True))
-    op_times = repeat(lambda: aft_simple(q, k, v, causal=True), reps, 1e9)
+    timed(lambda: aft_simple_chunk(q, k, v, causal=True))
+    op_times = repeat(lambda: aft_simple_chunk(q, k, v, causal=True), reps, 1e9)
     op_t = statistics.median(op_times)
     return {
         "shape": [B, T, 1, D],

@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from aft import AFTConfig
+from aft.ops_aft import AFT_VARIANTS
 
-VARIANTS = ("simple", "local", "conv", "full")
+VARIANTS = tuple(AFT_VARIANTS)  # every test over variants reads the variant table
 
 
 def tiny_config(variant: str, **overrides) -> AFTConfig:
@@ -25,6 +26,11 @@ def tiny_config(variant: str, **overrides) -> AFTConfig:
     }
     kwargs.update(overrides)
     return AFTConfig(**kwargs)
+
+
+def enable_checkpointing(model):
+    """Activation checkpointing under the name of the installed transformers (5.22 renamed the method)."""
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ from conftest import VARIANTS, tiny_config
 from transformers.generation.streamers import BaseStreamer
 
 from aft import AFTCache, AFTForCausalLM
+from aft.modeling_aft import CACHE_NAME
 
 
 def _model(variant, **overrides):
@@ -71,10 +72,10 @@ def test_cache_batch_operations(variant):
 
     def step(prompt, token, edit=None):
         with torch.no_grad():
-            cache = model(prompt, use_cache=True).past_key_values
+            cache = getattr(model(prompt, use_cache=True), CACHE_NAME)
             if edit is not None:
                 edit(cache)
-            return model(token, past_key_values=cache).logits
+            return model(token, **{CACHE_NAME: cache}).logits
 
     order = torch.tensor([2, 0, 1])
     torch.testing.assert_close(step(ids, nxt[order], lambda c: c.reorder_cache(order)), step(ids[order], nxt[order]))
@@ -105,10 +106,10 @@ def test_generation_continues_from_returned_cache(variant):
     model = _model(variant)
     ids = torch.randint(1, 37, (1, 6))
     first = _greedy(model, ids, 5, return_dict_in_generate=True)
-    assert isinstance(first.past_key_values, AFTCache)
+    assert isinstance(getattr(first, CACHE_NAME), AFTCache)
     extra = torch.randint(1, 37, (1, 3))  # the user appends text, then continues from the cache
     prompt = torch.cat([first.sequences, extra], dim=1)
-    continued = _greedy(model, prompt, 7, past_key_values=first.past_key_values)
+    continued = _greedy(model, prompt, 7, **{CACHE_NAME: getattr(first, CACHE_NAME)})
     from_scratch = _greedy(model, prompt, 7)
     assert torch.equal(continued, from_scratch)
 
@@ -140,13 +141,13 @@ def test_cache_size_does_not_grow_with_context(variant):
     for length in (8, 80):
         with torch.no_grad():
             out = model(torch.randint(1, 37, (1, length)), use_cache=True)
-        sizes.append(out.past_key_values.nbytes())
+        sizes.append(getattr(out, CACHE_NAME).nbytes())
     assert sizes[0] == sizes[1] > 0
 
 
 def test_full_cache_grows_linearly():
     model = _model("full")
-    sizes = [model(torch.randint(1, 37, (1, n)), use_cache=True).past_key_values.nbytes() for n in (10, 20, 40)]
+    sizes = [getattr(model(torch.randint(1, 37, (1, n)), use_cache=True), CACHE_NAME).nbytes() for n in (10, 20, 40)]
     assert sizes[2] - sizes[1] == 2 * (sizes[1] - sizes[0]) > 0
 
 
@@ -154,3 +155,118 @@ def test_generation_past_the_positions_fails_clearly():
     model = _model("local", max_position_embeddings=12)
     with pytest.raises(ValueError, match="reaches position 12.*max_position_embeddings=12"):
         _greedy(model, torch.randint(1, 37, (1, 8)), 10)
+
+
+def _padded(prompts):
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = p
+        mask[i, width - len(p) :] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_multi_token_continuation_equals_one_forward(variant):
+    """The next turn on a filled cache (several tokens, left-padded batch) gives the logits of one forward pass over
+    the whole sequence, and the cache it leaves decodes on like the full forward."""
+    model = _model(variant)
+    ids, mask = _padded([torch.randint(1, 37, (n,)) for n in (9, 4)])
+    more = torch.randint(1, 37, (2, 6))
+    whole, whole_mask = torch.cat([ids, more], 1), torch.cat([mask, torch.ones(2, 6, dtype=torch.long)], 1)
+    with torch.no_grad():
+        expected = model(whole, attention_mask=whole_mask).logits
+        cache = getattr(model(ids, attention_mask=mask), CACHE_NAME)
+        turn = model(more, attention_mask=whole_mask, **{CACHE_NAME: cache}).logits
+        nxt = torch.randint(1, 37, (2, 1))
+        step = model(nxt, attention_mask=torch.cat([whole_mask, torch.ones(2, 1, dtype=torch.long)], 1),
+                     **{CACHE_NAME: cache}).logits  # fmt: skip
+        full_step = model(
+            torch.cat([whole, nxt], 1), attention_mask=torch.cat([whole_mask, torch.ones(2, 1)], 1)
+        ).logits
+    torch.testing.assert_close(turn, expected[:, -6:], atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(step[:, -1], full_step[:, -1], atol=1e-10, rtol=1e-10)
+    assert cache.get_seq_length() == whole.shape[1] + 1
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_use_cache_false_reads_the_cache_as_context_and_leaves_it(variant):
+    model = _model(variant)
+    ids, more = torch.randint(1, 37, (2, 7)), torch.randint(1, 37, (2, 3))
+    with torch.no_grad():
+        cache = getattr(model(ids), CACHE_NAME)
+        before = (cache.get_seq_length(), cache.nbytes())
+        out = model(more, use_cache=False, **{CACHE_NAME: cache})
+        expected = model(torch.cat([ids, more], 1)).logits[:, -3:]
+        again = model(more, **{CACHE_NAME: cache}).logits  # the cache was not advanced by the first call
+    assert getattr(out, CACHE_NAME) is None
+    torch.testing.assert_close(out.logits, expected, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(again, expected, atol=1e-10, rtol=1e-10)
+    assert before[0] == 7 and cache.get_seq_length() == 10
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_cache_of_another_batch_is_refused(variant):
+    model = _model(variant)
+    with torch.no_grad():
+        cache = getattr(model(torch.randint(1, 37, (3, 5))), CACHE_NAME)
+        for batch in (1, 4):
+            with pytest.raises(ValueError, match=f"a batch of 3, but the input has a batch of {batch}"):
+                model(torch.randint(1, 37, (batch, 1)), **{CACHE_NAME: cache})
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_empty_inputs_give_empty_results(variant):
+    model = _model(variant)
+    with torch.no_grad():
+        empty = model(torch.zeros(2, 0, dtype=torch.long))
+        assert empty.logits.shape == (2, 0, 37)
+        cache = getattr(model(torch.randint(1, 37, (2, 5))), CACHE_NAME)
+        size = cache.nbytes()
+        assert model(torch.zeros(2, 0, dtype=torch.long), **{CACHE_NAME: cache}).logits.shape == (2, 0, 37)
+        assert (cache.get_seq_length(), cache.nbytes()) == (5, size)
+        assert model(torch.zeros(0, 4, dtype=torch.long)).logits.shape == (0, 4, 37)
+
+
+@pytest.mark.parametrize("variant,embedding", [("local", "absolute"), ("full", "none"), ("simple", "none")])
+def test_negative_positions_are_refused(variant, embedding):
+    model = _model(variant, position_embedding_type=embedding)
+    with pytest.raises(ValueError, match=r"`position_ids` contains -2: positions must be >= 0"):
+        model(torch.randint(1, 37, (1, 4)), position_ids=torch.tensor([[-2, -1, 0, 1]]))
+
+
+def test_the_cache_goes_under_the_name_of_this_transformers_release():
+    """One seam: transformers 5.24 renamed `past_key_values` to `cache` (argument and output field)."""
+    model = _model("simple")
+    out = model(torch.randint(1, 37, (1, 4)))
+    assert isinstance(getattr(out, CACHE_NAME), AFTCache)
+    cache = getattr(out, CACHE_NAME)
+    with pytest.raises(ValueError, match="Pass the cache once"):
+        model(torch.randint(1, 37, (1, 1)), cache=cache, past_key_values=cache)
+    for name in ("cache", "past_key_values"):  # both names are accepted
+        assert getattr(model(torch.randint(1, 37, (1, 1)), **{name: cache}), CACHE_NAME) is cache
+
+
+def test_full_decoding_appends_in_place():
+    """AFT-full's state grows geometrically: decoding 40 tokens reallocates its buffers a few times, not per token;
+    a fixed-size cache (max_cache_len) keeps one set of buffers and refuses what does not fit."""
+    model = _model("full")
+    ids = torch.randint(1, 37, (1, 3))
+    out = _greedy(model, ids, 40, return_dict_in_generate=True)
+    cache = getattr(out, CACHE_NAME)
+    assert cache.layers[0].keys.shape[1] >= 43 and cache.layers[0].length == 42
+    addresses = set()
+    with torch.no_grad():
+        cache = getattr(model(ids), CACHE_NAME)
+        for _ in range(40):
+            model(torch.randint(1, 37, (1, 1)), **{CACHE_NAME: cache})
+            addresses.add(cache.layers[0].keys.data_ptr())
+    assert len(addresses) <= 2  # 64 slots, then 128
+    fixed = AFTCache(model.config, max_cache_len=50)
+    greedy_fixed = _greedy(model, ids, 40, **{CACHE_NAME: fixed})
+    assert torch.equal(greedy_fixed, out.sequences)
+    assert fixed.layers[0].keys.shape[1] == 50 and fixed.nbytes() == getattr(out, CACHE_NAME).nbytes()
+    too_many = r"max_cache_len=50 positions; 42 are filled and 9 more do not fit"
+    with pytest.raises(ValueError, match=too_many), torch.no_grad():
+        model(torch.randint(1, 37, (1, 9)), **{CACHE_NAME: fixed})

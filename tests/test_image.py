@@ -12,16 +12,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import enable_checkpointing
 from PIL import Image
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification, pipeline
 
 from aft import AFTForImageClassification, AFTVisionConfig, AFTVisionModel
 from aft.ops_aft import (
     aft_conv_2d,
-    aft_full,
+    aft_full_chunk,
     aft_local_2d,
     aft_reference,
-    aft_simple,
+    aft_simple_chunk,
     conv_bias_dense_2d,
     conv_kernel_2d,
     local_bias_dense_2d,
@@ -133,7 +134,7 @@ def test_local_2d_is_zero_outside_window_not_masked():
     q, k, v = qkv(1, T, 1, 5, 5)
     zeros = torch.zeros(1, T, 2, dtype=F64)
     torch.testing.assert_close(
-        aft_local_2d(q, k, v, zeros, zeros, 1, grid), aft_simple(q, k, v, causal=False)[0], rtol=0, atol=1e-12
+        aft_local_2d(q, k, v, zeros, zeros, 1, grid), aft_simple_chunk(q, k, v, causal=False)[0], rtol=0, atol=1e-12
     )
 
 
@@ -145,11 +146,11 @@ def test_full_and_simple_over_grid_equal_reference(variant):
     pos_u = torch.randn(1, T, R, generator=g, dtype=F64).requires_grad_()
     pos_v = torch.randn(1, T, R, generator=g, dtype=F64).requires_grad_()
     if variant == "full":
-        fast = aft_full(q, k, v, pos_u, pos_v, causal=False)[0]
+        fast = aft_full_chunk(q, k, v, pos_u, pos_v, causal=False)[0]
         ref = aft_reference(q, k, v, (pos_u @ pos_v.transpose(1, 2))[:, None], causal=False)
         assert_same(fast, ref, (q, k, v, pos_u, pos_v))
     else:
-        assert_same(aft_simple(q, k, v, causal=False)[0], aft_reference(q, k, v, None, causal=False), (q, k, v))
+        assert_same(aft_simple_chunk(q, k, v, causal=False)[0], aft_reference(q, k, v, None, causal=False), (q, k, v))
 
 
 def mixer_reference(mixer, x, grid):
@@ -160,13 +161,14 @@ def mixer_reference(mixer, x, grid):
     k = mixer.k_proj(x).view(B, T, H, mixer.key_dim)
     v = mixer.v_proj(x).view(B, T, H, Dh)
     w = None
-    if mixer.variant == "full":
+    window = getattr(mixer.config, mixer.variant.window_field or "local_window_size")
+    if mixer.variant.name == "full":
         w = (mixer.pos_u @ mixer.pos_v.T)[None, None]
-    elif mixer.variant == "local":
-        w = window_bias(grid, mixer.window, lambda t, t2, i, j: mixer.pos_u[t] @ mixer.pos_v[t2])[None, None]
-    elif mixer.variant == "conv":
+    elif mixer.variant.name == "local":
+        w = window_bias(grid, window, lambda t, t2, i, j: mixer.pos_u[t] @ mixer.pos_v[t2])[None, None]
+    elif mixer.variant.name == "conv":
         kernel = conv_kernel_2d(mixer.conv_weight, mixer.conv_gamma, mixer.conv_beta)
-        w = torch.stack([window_bias(grid, mixer.window, lambda t, t2, i, j, h=h: kernel[h, i, j]) for h in range(H)])
+        w = torch.stack([window_bias(grid, window, lambda t, t2, i, j, h=h: kernel[h, i, j]) for h in range(H)])
         w = w[None]
     return mixer.o_proj(aft_reference(q, k, v, w, causal=False).reshape(B, T, -1))
 
@@ -197,7 +199,7 @@ def test_fresh_conv_layer_equals_per_head_simple():
     q = mixer.query_act(mixer.q_proj(x)).view(B, T, H, Dh)
     k = mixer.k_proj(x).view(B, T, H, 1)
     v = mixer.v_proj(x).view(B, T, H, Dh)
-    simple = mixer.o_proj(aft_simple(q, k, v, causal=False)[0].reshape(B, T, -1))
+    simple = mixer.o_proj(aft_simple_chunk(q, k, v, causal=False)[0].reshape(B, T, -1))
     torch.testing.assert_close(mixer(x, None, grid=grid), simple, rtol=0, atol=1e-12)
     with torch.no_grad():
         mixer.conv_gamma.fill_(1.0)
@@ -234,7 +236,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     model(x, labels=labels).loss.backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    model.activation_checkpointing_enable()
+    enable_checkpointing(model)
     assert model.model.layers[0].gradient_checkpointing
     model(x, labels=labels).loss.backward()
     for name, param in model.named_parameters():

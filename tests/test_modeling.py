@@ -2,16 +2,17 @@
 
 import pytest
 import torch
-from conftest import VARIANTS, tiny_config
+from conftest import VARIANTS, enable_checkpointing, tiny_config
 from huggingface_hub.errors import StrictDataclassClassValidationError
 
 from aft import AFTCache, AFTConfig, AFTForCausalLM, AFTModel
+from aft.modeling_aft import CACHE_NAME
 
 
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"aft_variant": "sparse"}, r"aft_variant='sparse' is not allowed.*'full', 'local', 'simple', 'conv'"),
+        ({"aft_variant": "sparse"}, r"aft_variant='sparse' is not allowed.*'simple', 'local', 'conv', 'full'"),
         (
             {"aft_variant": "local", "local_window_size": 0},
             r"local_window_size=0 is not allowed: the window must be >= 1",
@@ -57,7 +58,8 @@ def test_forward_outputs_loss_and_backward(variant):
     out = model(ids, labels=ids, output_hidden_states=True)
     assert out.logits.shape == (2, 10, 37)
     assert len(out.hidden_states) == config.num_hidden_layers + 1
-    assert isinstance(out.past_key_values, AFTCache) and out.past_key_values.get_seq_length() == 10
+    cache = getattr(out, CACHE_NAME)
+    assert isinstance(cache, AFTCache) and cache.get_seq_length() == 10
     expected = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 37), ids[:, 1:].reshape(-1))
     torch.testing.assert_close(out.loss, expected)
     out.loss.backward()
@@ -97,10 +99,10 @@ def test_gradient_checkpointing_matches(variant):
     ids = torch.randint(1, 37, (2, 10))
     loss = model(ids, labels=ids).loss
     grads = torch.autograd.grad(loss, list(model.parameters()))
-    model.activation_checkpointing_enable()
+    enable_checkpointing(model)
     model.train()
     out = model(ids, labels=ids, use_cache=True)
-    assert out.past_key_values is None  # checkpointed training keeps no cache
+    assert getattr(out, CACHE_NAME) is None  # checkpointed training keeps no cache
     grads_ckpt = torch.autograd.grad(out.loss, list(model.parameters()))
     for a, b in zip(grads, grads_ckpt, strict=True):
         torch.testing.assert_close(a, b)

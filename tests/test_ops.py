@@ -1,134 +1,301 @@
-"""The operator: every parallel form against the literal formula, the recurrent form against the parallel form."""
+"""The operator through its public names, for every variant of the table and every registered implementation.
+
+Every parallel form against the literal formula, the fast forms (small chunks and blocks, so that a short sequence
+spans several) against their exact twins in outputs and gradients, a parallel form continued from a state against
+one pass over the whole sequence, the recurrent form against the parallel one, bitwise causality, extreme keys,
+linear memory, and the registry (the backend seam).
+"""
 
 import pytest
 import torch
+from conftest import tiny_config
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import aft.ops_aft as ops
 
-B, T, R = 2, 13, 4
+VARIANTS = list(ops.AFT_VARIANTS)
+B, T = 2, 29
+F64 = torch.float64
 
 
-def _inputs(H, Dk, Dv, dtype, key_scale=2.0):
-    q = torch.rand(B, T, H, Dv, dtype=dtype)
-    k = (torch.randn(B, T, H, Dk, dtype=dtype) * key_scale).requires_grad_()
-    v = torch.randn(B, T, H, Dv, dtype=dtype, requires_grad=True)
-    return q, k, v
-
-
-def _mask():
+def _mask(T=T, pad=11):
     mask = torch.ones(B, T)
-    mask[1, :4] = 0  # left padding
+    mask[1, :pad] = 0  # left padding across a chunk boundary
     return mask
 
 
-def _cases(dtype):
-    """(name, parallel(q, k, v, mask, causal), dense bias for the reference, heads, key dim, value dim)."""
-    pu, pv = torch.randn(1, T, R, dtype=dtype), torch.randn(1, T, R, dtype=dtype)
-    kernel = torch.randn(3, 4, dtype=dtype)
-    return [
-        ("simple", lambda q, k, v, m, c: ops.aft_simple(q, k, v, causal=c, mask=m)[0], lambda c: None, 1, 6, 6),
-        *[
-            (
-                f"local{s}",
-                lambda q, k, v, m, c, s=s: ops.aft_local(q, k, v, pu, pv, s, causal=c, mask=m)[0],
-                lambda c, s=s: ops.local_bias_dense(pu, pv, s, causal=c),
-                1,
-                6,
-                6,
-            )
-            for s in (1, 3, 20)
-        ],
-        ("full", lambda q, k, v, m, c: ops.aft_full(q, k, v, pu, pv, causal=c, mask=m)[0],
-         lambda c: ops.full_bias(pu, pv)[:, None], 1, 6, 6),
-        ("conv", lambda q, k, v, m, c: ops.aft_conv(q, k, v, kernel, causal=c, mask=m)[0],
-         lambda c: ops.conv_bias_dense(kernel, T, causal=c), 3, 1, 5),
-    ]  # fmt: skip
+class Case:
+    """Random inputs of a variant at its tiny config: q, k, v and the variant's own tensors (the leaves), with
+    `args(a, b)` the forms' variant arguments for positions a .. b - 1, built by the variant table."""
+
+    def __init__(self, variant, dtype=F64, key_scale=3.0, T=T, **config):
+        self.config = tiny_config(variant, **{"max_position_embeddings": 64, **config})
+        self.variant = ops.AFT_VARIANTS[variant]
+        H = self.config.num_heads if self.variant.key_per_head else 1
+        D = self.config.hidden_size // H
+        Dk = 1 if self.variant.key_per_head else D
+        g = torch.Generator().manual_seed(0)
+        self.q = torch.rand(B, T, H, D, generator=g, dtype=dtype)
+        self.k = (torch.randn(B, T, H, Dk, generator=g, dtype=dtype) * key_scale).requires_grad_()
+        self.v = torch.randn(B, T, H, D, generator=g, dtype=dtype, requires_grad=True)
+        self.params = {
+            name: torch.randn(shape, generator=g, dtype=dtype).requires_grad_()
+            for name, (shape, _) in self.variant.parameters(self.config, 1).items()
+        }
+        self.leaves = [self.k, self.v, *self.params.values()]
+
+    def args(self, a=0, b=T):
+        return self.variant.operator_args(self.params, torch.arange(a, b)[None], self.config, 1)
+
+    def run(self, implementation="torch", a=0, b=T, mask=None, form="parallel", **kw):
+        op = getattr(ops.get_operator(self.variant.name, implementation), form)
+        m = None if mask is None else mask[:, a:b]
+        return op(self.q[:, a:b], self.k[:, a:b], self.v[:, a:b], *self.args(a, b), mask=m, **kw)
+
+    def detached(self, dtype):
+        """The same inputs as new leaves in another dtype."""
+        other = Case.__new__(Case)
+        other.config, other.variant = self.config, self.variant
+        other.q = self.q.detach().to(dtype)
+        other.k, other.v = (x.detach().to(dtype).requires_grad_() for x in (self.k, self.v))
+        other.params = {n: p.detach().to(dtype).requires_grad_() for n, p in self.params.items()}
+        other.leaves = [other.k, other.v, *other.params.values()]
+        return other
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
-@pytest.mark.parametrize("causal", [True, False])
-def test_parallel_equals_reference(dtype, tol, causal):
-    mask = _mask()
+SMALL = {"chunk_size": 8}  # T = 29: four chunks, the last one partial
+CASES = [("simple", {}), ("local", {"local_window_size": 1}), ("local", {"local_window_size": 3})]
+CASES += [("local", {"local_window_size": 12}), ("conv", {"conv_kernel_size": 4}), ("full", {})]
+IDS = ["simple", "local1", "local3", "local12", "conv4", "full"]
+
+
+def _small(variant):
+    return {"block_size": 8} if variant == "full" else SMALL
+
+
+def _grads(y, leaves, grad_out):
+    return torch.autograd.grad(y, leaves, grad_out.to(y.dtype), allow_unused=True)
+
+
+@pytest.mark.parametrize("variant,config", CASES, ids=IDS)
+@pytest.mark.parametrize("implementation", ["torch", "exact"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_parallel_forms_equal_the_literal_formula(variant, config, implementation, causal):
+    """float64, left padding: outputs and the gradients of k, v and the variant's tensors, 1e-10."""
+    case, mask = Case(variant, **config), _mask()
+    kw = _small(variant) if implementation == "torch" else {}
+    y, _ = case.run(implementation, mask=mask, causal=causal, **kw)
+    ref, _ = case.run("naive", mask=mask, causal=causal)
     valid = mask.bool()
-    for name, parallel, bias, H, Dk, Dv in _cases(dtype):
-        q, k, v = _inputs(H, Dk, Dv, dtype)
-        y = parallel(q, k, v, mask, causal)
-        ref = ops.aft_reference(q, k, v, bias(causal), causal=causal, mask=mask)
-        torch.testing.assert_close(y[valid], ref[valid], atol=tol, rtol=tol, msg=name)
-        grad_out = torch.randn_like(y) * valid[:, :, None, None]
-        g = torch.autograd.grad(y, (k, v), grad_out)
-        g_ref = torch.autograd.grad(ref, (k, v), grad_out.masked_fill(~valid[:, :, None, None], 0))
-        for a, b in zip(g, g_ref, strict=True):
-            torch.testing.assert_close(a, b, atol=tol, rtol=tol, msg=f"{name} gradient")
+    torch.testing.assert_close(y[valid], ref[valid], atol=1e-10, rtol=1e-10)
+    if causal:  # rows that have seen only padding are exactly 0
+        assert torch.equal(y[~valid], torch.zeros_like(y[~valid]))
+    grad_out = torch.randn_like(y) * valid[:, :, None, None]
+    for a, b in zip(_grads(y, case.leaves, grad_out), _grads(ref, case.leaves, grad_out), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 
 
-def _step_all(q, k, v, mask, state, start, **kw):
-    """Run aft_step over positions start..T-1; kw holds the window and the bias inputs per variant."""
-    pos_u, pos_v = kw.pop("pos_u", None), kw.pop("pos_v", None)
-    ys = []
-    for t in range(start, T):
-        extra = {"pos_u": pos_u[:, t], "pos_v": pos_v[:, t]} if pos_u is not None else {}
-        y, state = ops.aft_step(q[:, t], k[:, t], v[:, t], state, mask=mask[:, t], **kw, **extra)
-        ys.append(y)
-    return torch.stack(ys, 1), state
+@pytest.mark.parametrize("variant,config", CASES, ids=IDS)
+@pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "left_padding"])
+def test_fast_form_in_float32_equals_float64_twin(variant, config, masked):
+    """The fast form in float32 against the exact twin in float64: outputs and gradients, 1e-5."""
+    case, mask = Case(variant, dtype=torch.float32, **config), _mask() if masked else None
+    y, _ = case.run("torch", mask=mask, **_small(variant))
+    twin = case.detached(F64)
+    ref, _ = twin.run("exact", mask=mask)
+    valid = torch.ones(B, T, dtype=torch.bool) if mask is None else mask.bool()
+    torch.testing.assert_close(y[valid].double(), ref[valid], atol=1e-5, rtol=1e-5)
+    grad_out = torch.randn_like(ref) * valid[:, :, None, None]
+    for a, b in zip(_grads(y, case.leaves, grad_out), _grads(ref, twin.leaves, grad_out), strict=True):
+        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["simple", "local", "conv", "full"])
-@pytest.mark.parametrize("prefill", [0, 5, T - 1])
-def test_recurrent_equals_parallel(variant, prefill):
-    """Prefill `prefill` tokens in parallel, then one step per token: the same outputs as one parallel pass."""
-    dtype = torch.float64
-    mask = _mask()
-    pu, pv = torch.randn(1, T, R, dtype=dtype), torch.randn(1, T, R, dtype=dtype)
-    kernel = torch.randn(3, 4, dtype=dtype)
-    H, Dk, Dv = (3, 1, 5) if variant == "conv" else (1, 6, 6)
-    q, k, v = _inputs(H, Dk, Dv, dtype, key_scale=3.0)
-    window, parallel, step_kw, rank = {
-        "simple": (0, lambda *a, **kw: ops.aft_simple(*a, **kw), {}, 0),
-        "local": (4, lambda *a, **kw: ops.aft_local(*a[:3], pu[:, : a[0].shape[1]], pv[:, : a[0].shape[1]], 4, **kw),
-                  {"pos_u": pu, "pos_v": pv}, R),
-        "conv": (4, lambda *a, **kw: ops.aft_conv(*a, kernel, **kw), {"kernel": kernel}, 0),
-        "full": (None, lambda *a, **kw: ops.aft_full(*a[:3], pu[:, : a[0].shape[1]], pv[:, : a[0].shape[1]], **kw),
-                 {"pos_u": pu, "pos_v": pv}, R),
-    }[variant]  # fmt: skip
+@pytest.mark.parametrize("variant,config", CASES, ids=IDS)
+@pytest.mark.parametrize("split", [0, 5, 16, T])
+@pytest.mark.parametrize("implementation", ["torch", "exact", "naive"])
+def test_continuing_from_a_state_equals_one_pass(variant, config, split, implementation):
+    """Prefix in parallel -> state -> the rest in parallel from that state: the outputs of one pass over the whole
+    sequence, and the same final state (pool and window) as the recurrent form."""
+    case, mask = Case(variant, **config), _mask()
+    kw = _small(variant) if implementation == "torch" else {}
+    whole, _ = case.run(implementation, mask=mask, **kw)
+    head, state = case.run(implementation, 0, split, mask=mask, output_final_state=True, **kw)
+    tail, final = case.run(implementation, split, T, mask=mask, initial_state=state, output_final_state=True, **kw)
+    valid = mask.bool()
+    torch.testing.assert_close(torch.cat([head, tail], 1)[valid], whole[valid], atol=1e-10, rtol=1e-10)
+    stepped, stepped_final = case.run(
+        implementation, split, T, mask=mask, initial_state=state, output_final_state=True, form="recurrent"
+    )
+    torch.testing.assert_close(torch.cat([head, stepped], 1)[valid], whole[valid], atol=1e-10, rtol=1e-10)
+    _assert_same_state(final, stepped_final)
+    # and a state left by the recurrent form (its pool is not normalised) continues in parallel just as well
+    mid = (split + T) // 2
+    middle, state = case.run(implementation, split, mid, mask=mask, initial_state=state, output_final_state=True,
+                             form="recurrent")  # fmt: skip
+    rest, _ = case.run(implementation, mid, T, mask=mask, initial_state=state, **kw)
+    torch.testing.assert_close(torch.cat([head, middle, rest], 1)[valid], whole[valid], atol=1e-10, rtol=1e-10)
+
+
+def _assert_same_state(a, b):
+    """Same pool whatever its scaling (log-normaliser m + log z, mean n / z), same window slots."""
+    real = a.z > 0
+    assert torch.equal(real, b.z > 0)
+    log_a, log_b = a.m + torch.log(torch.where(real, a.z, 1)), b.m + torch.log(torch.where(real, b.z, 1))
+    torch.testing.assert_close(log_a[real], log_b[real], atol=1e-10, rtol=1e-10)
+    mean = lambda s: s.n / torch.where(s.z > 0, s.z, 1)  # noqa: E731
+    torch.testing.assert_close(mean(a), mean(b), atol=1e-10, rtol=1e-10)
+    for name in ("k", "v", "pos"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-12, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_states_have_the_documented_size(variant):
+    """simple: no window slots; local/conv: s - 1; full: every position. Empty inputs leave a state as it was."""
+    case = Case(variant)
+    _, state = case.run(mask=_mask(), output_final_state=True)
+    slots = {"simple": 0, "local": case.config.local_window_size - 1, "conv": case.config.conv_kernel_size - 1}
+    assert state.k.shape[1] == slots.get(variant, T)
+    y, again = case.run(a=T, b=T, initial_state=state, output_final_state=True)
+    assert y.shape[1] == 0
+    _assert_same_state(state, again)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_empty_batch_and_empty_sequence(variant):
+    case = Case(variant)
+    for form in ("parallel", "recurrent"):
+        y, state = case.run(a=0, b=0, form=form, output_final_state=True)
+        assert y.shape == (B, 0, *case.q.shape[2:]) and state is not None
+    op = ops.get_operator(variant).parallel
+    y, _ = op(case.q[:0], case.k[:0], case.v[:0], *case.args(), causal=True)
+    assert y.shape == (0, T, *case.q.shape[2:])
+
+
+def test_a_state_of_another_batch_is_refused():
+    case = Case("local")
+    _, state = case.run(b=5, output_final_state=True)
+    op = ops.get_operator("local").parallel
+    with pytest.raises(
+        ValueError, match=r"initial_state.m has shape \(2, 1, 16\), but these inputs need \(1, 1, 16\)"
+    ):
+        op(case.q[:1, 5:], case.k[:1, 5:], case.v[:1, 5:], *case.args(5), initial_state=state)
+
+
+@pytest.mark.parametrize("variant,config", CASES, ids=IDS)
+@pytest.mark.parametrize("position", [13, 16])  # inside a chunk; a chunk's first row (its key sets a reference)
+def test_fast_form_is_bitwise_causal(variant, config, position):
+    """Changing the key and value at one position leaves every earlier output unchanged, to the last bit."""
+    case = Case(variant, dtype=torch.float32, **config)
     with torch.no_grad():
-        full_y, _ = parallel(q, k, v, causal=True, mask=mask)
-        if prefill:
-            head, state = parallel(
-                q[:, :prefill], k[:, :prefill], v[:, :prefill], causal=True, mask=mask[:, :prefill], return_state=True
-            )
-        else:
-            buffer = None if window == 0 else (0 if window is None else window - 1)
-            state = ops.empty_state(B, H, Dk, Dv, buffer, rank=rank, dtype=dtype)
-            head = full_y[:, :0]
-        tail, _ = _step_all(q, k, v, mask, state, prefill, window=window, **step_kw)
-    y = torch.cat([head, tail], 1)
-    valid = mask.bool()
-    torch.testing.assert_close(y[valid], full_y[valid], atol=1e-10, rtol=1e-10)
+        a, _ = case.run(**_small(variant))
+        case.k[:, position] += 5.0
+        case.v[:, position] -= 1.0
+        b, _ = case.run(**_small(variant))
+    assert torch.equal(a[:, :position], b[:, :position])
+    assert not torch.equal(a[:, position:], b[:, position:])
 
 
+@pytest.mark.parametrize("variant,config", CASES, ids=IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("causal", [True, False])
-def test_large_keys_stay_finite(dtype, causal):
-    """Keys at +-60 (exp overflows fp16 at 11 and fp32 at 88): no inf or NaN, and fp32 still matches fp64."""
-    mask = _mask()
-    for name, parallel, bias, H, Dk, Dv in _cases(torch.float32):
-        q, k, v = _inputs(H, Dk, Dv, torch.float32)
-        k = (torch.sign(k) * 60).detach()
-        k[:, ::3] = -60  # jumps of 120 between neighbours
-        y = parallel(q.to(dtype), k.to(dtype), v.detach().to(dtype), mask, causal)
-        assert torch.isfinite(y).all(), (name, dtype)
-        if dtype == torch.float32:
-            ref = ops.aft_reference(q.double(), k.double(), v.detach().double(), bias(causal) if bias(causal) is None
-                                    else bias(causal).double(), causal=causal, mask=mask)  # fmt: skip
-            torch.testing.assert_close(y[mask.bool()].double(), ref[mask.bool()], atol=1e-5, rtol=1e-5, msg=name)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_keys_at_60_stay_finite_and_exact(variant, config, dtype, causal):
+    """Keys jumping between -60 and +60 (e^88 overflows float32, e^11 float16): the fast form declines what it
+    cannot represent and hands it to its exact twin, so the result is finite in every dtype and, in float32,
+    equal to the float64 formula."""
+    case, mask = Case(variant, dtype=torch.float32, **config), _mask()
+    with torch.no_grad():
+        case.k.copy_(torch.sign(case.k) * 60)
+        case.k[:, ::3] = -60
+    low = case.detached(dtype)
+    y, _ = low.run("torch", mask=mask, causal=causal, **_small(variant))
+    assert torch.isfinite(y).all()
+    if dtype == torch.float32:
+        ref, _ = case.detached(F64).run("naive", mask=mask, causal=causal)
+        torch.testing.assert_close(y[mask.bool()].double(), ref[mask.bool()], atol=1e-5, rtol=1e-5)
+
+
+def test_simple_carry_levels_stay_exact():
+    """Chunks of 4 over 29 positions: the carry of 8 chunk totals is itself chunked (2 chunks, then 1); with keys
+    flat inside each chunk but rising 30 per chunk, the upper levels cannot be represented and pool in log space.
+    Both stay exact, with and without left padding."""
+    for rising in (False, True):
+        case = Case("simple")
+        if rising:
+            with torch.no_grad():
+                case.k.copy_(30.0 * (torch.arange(T) // 4).double()[None, :, None, None].expand_as(case.k))
+        for mask in (None, _mask()):
+            y, _ = case.run("torch", mask=mask, chunk_size=4)
+            ref, _ = case.run("exact", mask=mask)
+            valid = torch.ones(B, T, dtype=torch.bool) if mask is None else mask.bool()
+            torch.testing.assert_close(y[valid], ref[valid], atol=1e-10, rtol=1e-10)
+
+
+def test_blocked_full_stays_exact_when_w_spreads_far():
+    """w = -100 t' (every row prefers the first key) with keys rising 4 per position: a block's references (row max
+    of w, largest key so far) are both attained, but at different keys, so its denominator underflows in float32.
+    The blocked form must decline and the tree give the exact result."""
+    case = Case("full", dtype=torch.float32, position_bias_rank=1)
+    with torch.no_grad():
+        case.k.copy_(4.0 * torch.arange(T)[None, :, None, None] + 0.1 * case.k)
+        case.params["pos_u"].fill_(10.0)
+        case.params["pos_v"].copy_(-10.0 * torch.arange(64, dtype=torch.float32)[:, None])
+    y, _ = case.run("torch", block_size=8)
+    twin = case.detached(F64)
+    ref, _ = twin.run("naive")
+    torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
+    grad_out = torch.randn_like(ref)
+    for a, b in zip(_grads(y, case.leaves[:2], grad_out), _grads(ref, twin.leaves[:2], grad_out), strict=True):
+        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def _largest_tensor(variant, length):
+    case = Case(variant, dtype=torch.float32, T=length, max_position_embeddings=length)
+    with _LargestTensor() as mode:
+        y, _ = case.run(b=length)
+        y.sum().backward()
+    return mode.largest
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if ops.AFT_VARIANTS[v].constant_state])
+def test_memory_is_linear_in_length(variant):
+    """No tensor of the forward or backward grows faster than T (no T x T tensor)."""
+    small, large = _largest_tensor(variant, 64), _largest_tensor(variant, 256)
+    assert large <= 4.5 * small, (small, large)
+
+
+def test_full_never_builds_batch_by_pairs_by_channels():
+    """AFT-full keeps one T x T bias (shared by batch and channels), never T x T x D."""
+    assert _largest_tensor("full", 64) < 64 * 64 * 8
 
 
 def test_conv_kernel_starts_at_zero():
     """gamma = beta = 0 gives a zero kernel: a fresh AFT-conv layer is per-head AFT-simple."""
     kernel = ops.conv_kernel(torch.randn(4, 5), torch.zeros(4), torch.zeros(4))
     assert torch.equal(kernel, torch.zeros(4, 5))
-    q, k, v = _inputs(4, 1, 3, torch.float64)
-    y_conv = ops.aft_conv(q, k, v, kernel, causal=True)[0]
-    y_simple = ops.aft_simple(q, k, v, causal=True)[0]
+    case = Case("conv")
+    y_conv, _ = ops.aft_conv_chunk(case.q, case.k, case.v, kernel.double())
+    y_simple, _ = ops.aft_simple_chunk(case.q, case.k, case.v)
     torch.testing.assert_close(y_conv, y_simple, atol=1e-12, rtol=1e-12)
+
+
+def test_registry_lists_and_refuses_clearly():
+    assert {"torch", "exact", "naive"} <= set(ops.implementations("local"))
+    with pytest.raises(ValueError, match=r"No AFT implementation 'triton' for variant 'local': registered ones are"):
+        ops.get_operator("local", "triton")
+    with pytest.raises(ValueError, match="Unknown AFT variant 'sparse'"):
+        ops.register_operator("sparse", "torch", ops.get_operator("local"))

@@ -1,0 +1,194 @@
+"""The core every AFT form shares: numerics, range checks, the decoding state and how a state joins a sequence.
+
+Layout (every tensor has the batch first and the sequence second):
+
+    q, v: (B, T, H, Dv)      k: (B, T, H, Dk) with Dk == Dv (one key per channel) or Dk == 1 (one per head)
+
+`q` is the already-activated query gate sigma_q(Q). `mask` (B, T) marks real tokens (1) and padding (0); padding
+contributes to neither sum of Eq. 2, and a row that has seen only padding is 0.
+
+Numerics: everything is computed in float32 (float64 stays float64). Every exponential is taken against a
+reference that is at least the largest logit it scales, so nothing overflows, and references are per position or
+per chunk of positions, never one global max, so nothing underflows to 0/0. Padding keys are the finite `NEG`
+rather than -inf, so that NEG - NEG == 0 instead of NaN.
+"""
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+NEG = -1e30
+# A fast form scales keys by exp(k - reference) with a reference from earlier positions: it represents keys up to
+# this far above it (e^60 ~ 1e26 < float32's largest e^88), and hands anything else to its exact twin.
+KEY_RANGE = 60.0
+# ... and it trusts a sum only while it is this far above float32's smallest normal number: below, the terms it
+# dropped (each < tiny) could exceed 2^-40 of it.
+UNDERFLOW_MARGIN = 2.0**40
+
+
+def acc_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of every sum and exponential: float32, or float64 for float64 inputs."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def mask_keys(k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """k in the accumulation dtype, with padding keys set to NEG."""
+    k = k.to(acc_dtype(k))
+    if mask is None:
+        return k
+    return torch.where(mask.bool()[:, :, None, None], k, torch.full_like(k, NEG))
+
+
+def gate(q: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """sigma_q(Q) * y, returned in the dtype of q."""
+    return (q.to(y.dtype) * y).to(q.dtype)
+
+
+def is_real(keys: torch.Tensor) -> torch.Tensor:
+    """Whether a key belongs to a real position (padding and empty slots are NEG)."""
+    return keys > NEG / 2
+
+
+def keys_out_of_range(keys_max: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """A 0-d bool tensor: does any key lie more than KEY_RANGE above the reference that scales it?"""
+    return (keys_max - reference > KEY_RANGE).any()
+
+
+def sums_underflow(den: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
+    """A 0-d bool tensor: is any denominator of a row that has seen a real key too small to trust?"""
+    low = den < torch.finfo(den.dtype).tiny * UNDERFLOW_MARGIN
+    return (low & seen if seen is not None else low).any()
+
+
+def reference_or_first_key(ref: torch.Tensor, keys: torch.Tensor, dim: int) -> torch.Tensor:
+    """`ref` where it is a real key, else the first real key of `keys` along `dim` (the positions before that key
+    see only padding). `ref` has the shape of `keys` without `dim`."""
+    first = is_real(keys).to(torch.uint8).argmax(dim, keepdim=True)
+    return torch.where(is_real(ref), ref, keys.gather(dim, first).squeeze(dim))
+
+
+def combine(m1, n1, z1, m2, n2, z2):
+    """Merge two partial sums (n, z scaled by exp(-m)) into one, against the larger reference."""
+    m = torch.maximum(m1, m2)
+    a, b = torch.exp(m1 - m), torch.exp(m2 - m)
+    return m, n1 * a + n2 * b, z1 * a + z2 * b
+
+
+def prefix_pool(k, v):
+    """Causal pool over t' <= t, as a log-normaliser m_t = log sum e^k and the weighted mean n_t (so z_t = 1).
+
+    v = a - b with a = relu(v) + 1 >= 1 and b = a - v >= 1, so both weighted means come from a log-space cumulative
+    sum with finite logs, nothing in it looks past t, and d(a - b)/dv = 1 exactly. -> m (B, T, H, Dk), n (B, T, H, Dv).
+    """
+    m = torch.logcumsumexp(k, dim=1)
+    a = v.clamp(min=0) + 1
+    b = a - v
+    mean = lambda x: torch.exp(torch.logcumsumexp(k + torch.log(x), dim=1) - m)  # noqa: E731
+    return m, mean(a) - mean(b)
+
+
+def unfold(x, left: int, right: int, fill: float):
+    """(B, T, H, D) -> (B, T, H, D, W), W = left + right + 1: entry j is position t - left + j (a view)."""
+    xp = F.pad(x, (0, 0, 0, 0, left, right), value=fill)
+    return xp.unfold(1, left + right + 1, 1)
+
+
+class AFTState(NamedTuple):
+    """The decoding state of one layer after some positions, in float32 (float64 for float64 inputs).
+
+    The pool (m, n, z) sums the positions that no longer have a bias of their own (n and z scaled by exp(-m), the
+    (n, z, m) recurrence of AFT.md): m, z (B, H, Dk), n (B, H, Dv); empty: m = NEG, n = z = 0. The window holds the
+    last S positions that still do, oldest first: k (B, S, H, Dk), v (B, S, H, Dv) and their key-side position
+    factors pos (B, S, R) (R = 0 when the bias has none). Empty slots have the key NEG. S is 0 for `simple`, s - 1
+    for `local` and `conv`, and every past position for `full` (whose pool stays empty).
+    """
+
+    m: torch.Tensor
+    n: torch.Tensor
+    z: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    pos: torch.Tensor
+
+
+def empty_state(B, H, Dk, Dv, *, slots: int = 0, rank: int = 0, device=None, dtype=torch.float32) -> AFTState:
+    """The state before any position: an empty pool and `slots` empty window slots."""
+    kw = {"device": device, "dtype": dtype}
+    return AFTState(
+        m=torch.full((B, H, Dk), NEG, **kw),
+        n=torch.zeros(B, H, Dv, **kw),
+        z=torch.zeros(B, H, Dk, **kw),
+        k=torch.full((B, slots, H, Dk), NEG, **kw),
+        v=torch.zeros(B, slots, H, Dv, **kw),
+        pos=torch.zeros(B, slots, rank, **kw),
+    )
+
+
+def check_state(state: AFTState, k: torch.Tensor, v: torch.Tensor):
+    """A clear error when a state does not belong to these inputs (another batch, heads or width)."""
+    B, _, H, Dk = k.shape
+    expected = {"m": (B, H, Dk), "n": (B, H, v.shape[3]), "z": (B, H, Dk)}
+    for name, shape in expected.items():
+        got = tuple(getattr(state, name).shape)
+        if got != shape:
+            raise ValueError(
+                f"initial_state.{name} has shape {got}, but these inputs need {shape} (batch {B}, {H} heads): the "
+                "state belongs to another batch or model."
+            )
+
+
+def prepend_state(state: AFTState, k, v, mask, pos_v=None):
+    """A state as positions before the sequence: the pool as one position with key m + log z and value n / z, then
+    the window slots. Every later position is at least S + 1 = s positions past the pool, so it is outside every
+    window and keeps bias 0, as the pool's positions would. Exact: AFT's sums over the pool's positions factor
+    through (m, n, z).
+
+    k (masked), v: (B, T, H, D); mask (B, T) or None; pos_v (B|1, T, R) or None. Returns k, v, mask over 1 + S + T
+    positions, pos_v (B, 1 + S + T, R) or None, and the number 1 + S of positions put before the sequence.
+    """
+    check_state(state, k, v)
+    B, T = k.shape[:2]
+    real_pool = state.z > 0
+    pool_k = torch.where(real_pool, state.m + torch.log(torch.where(real_pool, state.z, 1.0)), NEG)
+    pool_v = state.n / torch.where(real_pool, state.z, 1.0)  # (B, H, Dv); z (B, H, Dk) broadcasts when Dk == 1
+    k = torch.cat([pool_k[:, None].to(k.dtype), state.k.to(k.dtype), k], 1)
+    v = torch.cat([pool_v[:, None].to(v.dtype), state.v.to(v.dtype), v], 1)
+    before = is_real(k[:, : 1 + state.k.shape[1], 0, 0])
+    mask = torch.ones(B, T, dtype=torch.bool, device=k.device) if mask is None else mask.bool()
+    mask = torch.cat([before, mask], 1)
+    if pos_v is not None:
+        zero = pos_v.new_zeros(B, 1, pos_v.shape[-1])
+        pos_v = torch.cat([zero, state.pos.to(pos_v.dtype), pos_v.expand(B, -1, -1)], 1)
+    return k, v, mask, pos_v, 1 + state.k.shape[1]
+
+
+def causal_state(k, v, slots: int, pos_v=None) -> AFTState:
+    """The state after the last position: the pool of positions 0 .. T - 1 - slots (one sum, against its own
+    largest key) and the last `slots` positions as the window (empty slots where the sequence is shorter).
+
+    k (masked), v: (B, T, H, D); pos_v (B|1, T, R) or None.
+    """
+    B, T, H, Dk = k.shape
+    Dv = v.shape[3]
+    rank = pos_v.shape[-1] if pos_v is not None else 0
+    state = empty_state(B, H, Dk, Dv, slots=slots, rank=rank, device=k.device, dtype=k.dtype)
+    if slots < T:
+        kk = k[:, : T - slots]
+        m = kk.detach().amax(1)
+        e = torch.exp(kk - m[:, None])
+        z = e.sum(1)
+        real = is_real(m)
+        state = state._replace(
+            m=torch.where(real, m + torch.log(z), NEG),
+            n=torch.where(real[..., :1] if Dk < Dv else real, (e * v[:, : T - slots]).sum(1) / z, 0.0),
+            z=real.to(k.dtype),
+        )
+    if slots:
+        keep = min(slots, T)
+        state = state._replace(
+            k=torch.cat([state.k[:, keep:], k[:, T - keep :]], 1),
+            v=torch.cat([state.v[:, keep:], v[:, T - keep :]], 1),
+            pos=torch.cat([state.pos[:, keep:], pos_v.expand(B, -1, -1)[:, T - keep :]], 1) if rank else state.pos,
+        )
+    return state

@@ -1,0 +1,266 @@
+"""AFT-full: the factorised bias w = u v^T over every pair of positions. One T x T bias, shared by the batch and
+every channel; never B x T x T x D.
+
+Three forms with the signature of every AFT form,
+
+    (q, k, v, pos_u, pos_v, *, causal=True, mask=None, initial_state=None, output_final_state=False)
+        -> (y, final_state)
+
+`aft_full_chunk` (causal: one matrix product per block of query rows over every key up to the block's end; it
+checks its own range and hands the rare input it cannot represent to the tree), `aft_full_exact` (causal: a
+binary tree of key blocks whose references are always attained: the twin the tests hold the blocked form to) and
+`aft_full_recurrent` (one step per token: decoding). The state keeps every past position (an `AFTState` whose pool
+stays empty and whose window is the whole past), like a KV cache of half the size: k, v and the key-side factors.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from .ops_aft_core import (
+    NEG,
+    AFTState,
+    check_state,
+    combine,
+    gate,
+    is_real,
+    keys_out_of_range,
+    mask_keys,
+    reference_or_first_key,
+    sums_underflow,
+)
+
+# Query rows per block of the blocked form: each block is one (Bs, s + Bs) x (s + Bs, 2 B D) matrix product, so a
+# larger block means fewer passes over the keys before it, at the price of a larger masked triangle.
+FULL_BLOCK = 512
+
+
+def aft_full_chunk(
+    q, k, v, pos_u, pos_v, *, causal=True, mask=None, initial_state=None, output_final_state=False,
+    block_size=FULL_BLOCK,
+):  # fmt: skip
+    """AFT-full with w_{t,t'} = pos_u[t] . pos_v[t']; pos_u, pos_v: (B|1, T, R). Causal: blocks of `block_size` rows;
+    non-causal: one matrix product (every row sees the largest key and its own row max, so nothing underflows)."""
+    k, v, pos_u, pos_v, keys_pos, before = _inputs(k, v, pos_u, pos_v, mask, initial_state, causal, output_final_state)
+    if k.shape[1] == before or k.shape[0] == 0:  # nothing to compute
+        y = v.new_zeros(v[:, before:].shape)
+    elif not causal:
+        y = _noncausal(k, v, pos_u, pos_v)
+    else:
+        y = _full_blocked(k, v, pos_u, keys_pos, before, block_size)
+        if y is None:  # a key far above those before it, or w and the keys both spread far: the tree
+            y = _full_tree(k, v, pos_u, keys_pos, before)
+    return _finish(q, y, k, v, keys_pos, before, output_final_state, causal)
+
+
+def aft_full_exact(q, k, v, pos_u, pos_v, *, causal=True, mask=None, initial_state=None, output_final_state=False):
+    k, v, pos_u, pos_v, keys_pos, before = _inputs(k, v, pos_u, pos_v, mask, initial_state, causal, output_final_state)
+    if k.shape[1] == before or k.shape[0] == 0:  # nothing to compute
+        y = v.new_zeros(v[:, before:].shape)
+    else:
+        y = _full_tree(k, v, pos_u, keys_pos, before) if causal else _noncausal(k, v, pos_u, pos_v)
+    return _finish(q, y, k, v, keys_pos, before, output_final_state, causal)
+
+
+def aft_full_recurrent(q, k, v, pos_u, pos_v, *, causal=True, mask=None, initial_state=None, output_final_state=False):
+    """One token at a time: token t sees the state's positions and the tokens before it. The state is never
+    concatenated to compute y (a KV-cache-like layer appends the new positions in place instead); with
+    `output_final_state` the new positions are appended to it."""
+    if not causal:
+        raise ValueError("The recurrent form is causal: pass causal=True.")
+    k = mask_keys(k, mask)
+    v = v.to(k.dtype)
+    B, T = k.shape[:2]
+    pos_u, pos_v = pos_u.to(k.dtype).expand(B, -1, -1), pos_v.to(k.dtype).expand(B, -1, -1)
+    if initial_state is not None:
+        check_state(initial_state, k, v)
+    past = initial_state if initial_state is not None else full_state(k[:, :0], v[:, :0], pos_v[:, :0])
+    ys = []
+    for t in range(T):
+        # the past positions (one pass over S), then the tokens of this call up to t
+        m, n, z = _pool_against(past.k.to(k.dtype), past.v.to(k.dtype), past.pos.to(k.dtype), pos_u[:, t])
+        m2, n2, z2 = _pool_against(k[:, : t + 1], v[:, : t + 1], pos_v[:, : t + 1], pos_u[:, t])
+        m, n, z = combine(m, n, z, m2, n2, z2)
+        seen = is_real(m)
+        ys.append(torch.where(seen, n / torch.where(seen, z, 1.0), 0.0))
+    y = torch.stack(ys, 1) if ys else v.new_zeros(v.shape)
+    state = None
+    if output_final_state:
+        state = full_state(torch.cat([past.k, k], 1), torch.cat([past.v, v], 1), torch.cat([past.pos, pos_v], 1))
+    return gate(q, y), state
+
+
+def full_state(k, v, pos_v) -> AFTState:
+    """The state of AFT-full after positions with (masked) keys k, values v (B, S, H, D) and key-side factors
+    pos_v (B, S, R): an empty pool and every position in the window."""
+    B, _, H, D = k.shape
+    m = torch.full((B, H, D), NEG, dtype=k.dtype, device=k.device)
+    return AFTState(
+        m, torch.zeros_like(v[:, 0]) if v.shape[1] else v.new_zeros(B, H, v.shape[3]), torch.zeros_like(m), k, v, pos_v
+    )
+
+
+def full_bias(pos_u, pos_v):
+    """w = u v^T: (B|1, T, R) x (B|1, T', R) -> (B|1, T, T')."""
+    return pos_u @ pos_v.transpose(-1, -2)
+
+
+def _pool_against(k, v, keys_pos, u):
+    """sum_s exp(k_s + u . v_s) [v_s, 1] for one query row u (B, R) over keys (B, S, H, D): (m, n, z) (B, H, D)."""
+    if k.shape[1] == 0:
+        B, _, H, D = k.shape
+        return k.new_full((B, H, D), NEG), v.new_zeros(B, H, v.shape[3]), k.new_zeros(B, H, D)
+    logits = k + torch.einsum("br,bsr->bs", u, keys_pos)[:, :, None, None]
+    m = logits.amax(1)  # (B, H, D); NEG (about) when every key is padding
+    e = torch.exp(logits - m[:, None])
+    return m, (e * v).sum(1), e.sum(1)
+
+
+def _inputs(k, v, pos_u, pos_v, mask, initial_state, causal, output_final_state):
+    """Mask the keys and put the state's positions before the sequence. Returns k, v over S + T positions, the
+    rows' pos_u (B|1, T, R), pos_v of the sequence, the keys' pos_v (B|1, S + T, R) and S."""
+    if output_final_state and not causal:
+        raise ValueError("output_final_state is the state after a causal sequence: pass causal=True.")
+    k = mask_keys(k, mask)
+    v = v.to(k.dtype)
+    pos_u, pos_v = pos_u.to(k.dtype), pos_v.to(k.dtype)
+    keys_pos, before = pos_v, 0
+    if initial_state is not None:
+        if not causal:
+            raise ValueError("initial_state continues a causal sequence: pass causal=True.")
+        check_state(initial_state, k, v)
+        before = initial_state.k.shape[1]
+        k = torch.cat([initial_state.k.to(k.dtype), k], 1)
+        v = torch.cat([initial_state.v.to(v.dtype), v], 1)
+        keys_pos = torch.cat([initial_state.pos.to(k.dtype), pos_v.expand(k.shape[0], -1, -1)], 1)
+    return k, v, pos_u, pos_v, keys_pos, before
+
+
+def _finish(q, y, k, v, keys_pos, before, output_final_state, causal=True):
+    """Causal rows that have seen only padding are 0; the state is every position."""
+    if causal:
+        seen = is_real(torch.cummax(k[..., :1, :1], 1).values[:, before:])  # (B, T, 1, 1)
+        y = torch.where(seen, y, torch.zeros_like(y))
+    state = full_state(k, v, keys_pos.expand(k.shape[0], -1, -1)) if output_final_state else None
+    return gate(q, y), state
+
+
+def _noncausal(k, v, pos_u, pos_v):
+    w = full_bias(pos_u, pos_v)
+    kmax = k.amax(1, keepdim=True)  # every row sees this key, so the reference is attained
+    ek = torch.exp(k - kmax).permute(0, 2, 1, 3)  # (B, H, T, Dk)
+    wmax = w.amax(-1, keepdim=True)
+    ew = torch.exp(w - wmax)[:, None]  # (B|1, 1, T, T)
+    num = ew @ (ek * v.permute(0, 2, 1, 3))
+    den = ew @ ek
+    return (num / den).permute(0, 2, 1, 3)
+
+
+def _full_blocked(k, v, pos_u, keys_pos, before: int, Bs: int):
+    """Causal AFT-full by blocks of Bs query rows, one matrix product per block over every key up to its end.
+
+    The rows are positions before .. S + T - 1 of the keys k, v (B, S + T, H, D) (masked keys NEG); pos_u (B|1, T, R)
+    are the rows' factors, keys_pos (B|1, S + T, R) the keys'. Block i computes E @ [e^{k - c} v, e^{k - c}] with
+    E[t, t'] = e^{w[t, t'] - a_t} for t' <= t and 0 above the diagonal, a_t = max_{t' <= t} w[t, t'] and c the
+    largest key at positions <= the block's first row (the block's first real key when there is none before),
+    which every row of the block sees. So no output depends on a later token, not even in its last bit, and the
+    row's terms include one of at least e^{-spread of w}. Two things can go wrong, and both are detected after all
+    the work: a key more than KEY_RANGE above c inside the block (e^{k - c} could overflow), and a denominator too
+    close to underflow on a row that has seen a real key (w and the keys both spread over more than ~60). Then this
+    returns None and the caller uses the tree. Returns y (B, T, H, D) or None.
+    """
+    B, N, H, D = k.shape
+    T = N - before
+    Bs = min(Bs, T)
+    nb = -(-T // Bs)
+    pad = nb * Bs - T
+    k = F.pad(k, (0, 0, 0, 0, 0, pad), value=NEG)
+    v = F.pad(v, (0, 0, 0, 0, 0, pad))
+    pos_u, keys_pos = F.pad(pos_u, (0, 0, 0, pad)), F.pad(keys_pos, (0, 0, 0, pad))
+    # 1. column references c (B, nb, H, D) and the two checks' inputs
+    kd = k.detach()
+    running = torch.cummax(kd, dim=1).values  # (B, S + nb * Bs, H, D)
+    seen = is_real(running[:, before:])  # a real key at or before each row
+    kb = kd[:, before:].unflatten(1, (nb, Bs))
+    c = reference_or_first_key(running[:, before::Bs], kb, 2)  # only padding so far: the block's first real key
+    overflow = keys_out_of_range(kb.amax(2), c)
+    # 2. one product per block: E (B|1, Bs, s) @ x (s, B * H * 2D) when w is shared (time first, the batch in the
+    # columns), else batched (B, s, H * 2D)
+    shared = pos_u.shape[0] == 1 and keys_pos.shape[0] == 1
+    kt, vt = (k.transpose(0, 1), v.transpose(0, 1)) if shared else (k, v)
+    tdim = 0 if shared else 1
+    diag = torch.ones(Bs, Bs, dtype=torch.bool, device=k.device).triu(1)  # t' > t inside the block
+    out = []
+    for i in range(nb):
+        s = before + (i + 1) * Bs  # keys 0 .. s - 1
+        ci = c[:, i] if shared else c[:, i, None]  # (B, H, D) or (B, 1, H, D)
+        ek = torch.exp(kt.narrow(tdim, 0, s) - ci)
+        x = torch.cat([ek * vt.narrow(tdim, 0, s), ek], -1)  # (s, B, H, 2D) or (B, s, H, 2D)
+        w = pos_u[:, i * Bs : (i + 1) * Bs] @ keys_pos[:, :s].transpose(-1, -2)  # (B|1, Bs, s)
+        w = torch.cat([w[..., : s - Bs], w[..., s - Bs :].masked_fill(diag, -torch.inf)], -1)
+        e = torch.exp(w - w.detach().amax(-1, keepdim=True))
+        if shared:
+            out.append((e[0] @ x.flatten(1)).view(Bs, B, H, 2 * D))
+        else:
+            out.append((e @ x.flatten(2)).view(B, Bs, H, 2 * D))
+    out = torch.cat(out, tdim)
+    num, den = (out.transpose(0, 1) if shared else out).split(D, -1)  # (B, nb * Bs, H, D)
+    # 3. the checks, then n / z (rows that have seen only padding have z = 0 and n = 0)
+    if bool(overflow | sums_underflow(den, seen)):  # one data-dependent branch, after all the work
+        return None
+    y = num / torch.where(seen, den, torch.ones_like(den))
+    return y[:, :T]
+
+
+def _full_tree(k, v, pos_u, keys_pos, before: int):
+    """The tree over the whole sequence (the state's positions as rows too), padded to a power of two with NEG
+    keys; returns the rows of the sequence."""
+    N = k.shape[1]
+    pos_u = F.pad(pos_u.expand(keys_pos.shape[0], -1, -1) if before else pos_u, (0, 0, before, 0))
+    w = full_bias(pos_u, keys_pos)
+    pad = (1 << max(N - 1, 0).bit_length()) - N
+    kp = F.pad(k, (0, 0, 0, 0, 0, pad), value=NEG)
+    vp = F.pad(v, (0, 0, 0, 0, 0, pad))
+    return _full_causal(kp, vp, F.pad(w, (0, pad, 0, pad)))[:, before:N]
+
+
+def _full_causal(k, v, w):
+    """Causal AFT-full by a binary tree of key blocks: the twin of `_full_blocked`, and its fallback.
+
+    At level b (block size 2^l) each odd block of rows takes the even block of keys just before it: every key
+    in it is visible to every row, so the reference rowmax(w) + blockmax(k) is attained up to the spread of w
+    over that block of keys: a block's sum underflows only if w spreads over more than ~80 inside one row of it
+    (a single column max over the sequence would underflow far sooner). The diagonal t' = t starts the sum.
+    k: (B, T, H, Dk), v: (B, T, H, Dv), w: (B|1, T, T) with T a power of two.
+    """
+    B, T, H, Dk = k.shape
+    Bw = w.shape[0]
+    idx = torch.arange(T, device=k.device)
+    # References carry no gradient (the result does not depend on them): the diagonal term e^{logit - M} = 1 is
+    # written out so that its gradient flows, and no max of a reference is differentiated.
+    logit = k + w[:, idx, idx][:, :, None, None]
+    M = logit.detach()
+    Z = torch.exp(logit - M)
+    N = v * Z
+    b = 1
+    while b < T:
+        P = T // (2 * b)
+        kb = k.view(B, P, 2, b, H, Dk)[:, :, 0]  # keys: even blocks (B, P, b, H, Dk)
+        vb = v.view(B, P, 2, b, H, -1)[:, :, 0]
+        kmax = kb.detach().amax(2, keepdim=True)
+        ek = torch.exp(kb - kmax)
+        wb = w.view(Bw, P, 2, b, P, 2, b).diagonal(dim1=1, dim2=4)[:, 1, :, 0]  # rows odd, keys even (Bw, b, b, P)
+        wb = wb.permute(0, 3, 1, 2)  # (Bw, P, b_rows, b_keys)
+        wmax = wb.detach().amax(-1, keepdim=True)
+        ew = torch.exp(wb - wmax)[:, :, None]  # (Bw, P, 1, b, b)
+        num = ew @ (ek * vb).permute(0, 1, 3, 2, 4)  # (B, P, H, b, Dv)
+        den = ew @ ek.permute(0, 1, 3, 2, 4)  # (B, P, H, b, Dk)
+        ref = wmax[:, :, None] + kmax.permute(0, 1, 3, 2, 4)  # (B, P, H, b, Dk)
+
+        # Scatter onto the odd row blocks; even rows get an empty part (NEG, 0, 0).
+        def rows(x, fill):  # noqa: E306
+            x = x.permute(0, 1, 3, 2, 4)  # (B, P, b, H, D)
+            return torch.stack([torch.full_like(x, fill), x], dim=2).reshape(B, T, H, -1)
+
+        M, N, Z = combine(M, N, Z, rows(ref, NEG), rows(num, 0.0), rows(den, 0.0))
+        b *= 2
+    return N / Z

@@ -29,9 +29,8 @@ from .ops_aft import (
     INIT_ZEROS,
     NEG,
     AFTState,
-    full_state,
+    FullState,
     get_operator,
-    mask_keys,
 )
 
 logger = logging.get_logger(__name__)
@@ -135,10 +134,11 @@ class AFTCacheLayer(LinearAttentionCacheLayerMixin):
 
 
 class AFTFullCacheLayer:
-    """AFT-full's decoding state: every past position (masked key, value and key-side position factors), like a KV
-    cache of half the size. The buffers grow geometrically, so a token costs a copy of its own entries and not of
-    the whole past; with `max_cache_len` they have that fixed size (empty slots have the key NEG and count for
-    nothing), so that a compiled decoding step sees the same shapes and addresses at every token."""
+    """AFT-full's decoding state: every past position (`ops_aft.FullState`: each key as exp(k - r) with e v, and the
+    key-side position factors), like a KV cache of half the size. The buffers grow geometrically, so a token costs
+    a copy of its own entries and not of the whole past; with `max_cache_len` they have that fixed size (empty
+    slots have r = NEG and e = 0, and count for nothing), so that a compiled decoding step sees the same shapes
+    and addresses at every token."""
 
     is_sliding = False
     is_croppable = False
@@ -148,20 +148,21 @@ class AFTFullCacheLayer:
     def __init__(self, max_cache_len: int | None = None):
         self.max_cache_len = max_cache_len
         self.is_compileable = max_cache_len is not None
-        self.keys = self.values = self.positions = None
+        self.buffers: FullState | None = None
         self.length = 0  # filled slots (growing buffers)
         self.filled = None  # the same as a tensor (fixed buffers: written at a position known only on the device)
 
-    def read(self) -> AFTState | None:
-        if self.keys is None:
+    def read(self) -> FullState | None:
+        if self.buffers is None:
             return None
-        end = None if self.max_cache_len is not None else self.length
-        return full_state(self.keys[:, :end], self.values[:, :end], self.positions[:, :end])
+        if self.max_cache_len is not None:
+            return self.buffers
+        return FullState(*(x[:, : self.length] for x in self.buffers))
 
-    def append(self, new: AFTState):
+    def append(self, new: FullState):
         """Add the positions of `new` (an `ops_aft.full_state`) after the filled slots."""
-        B, T = new.k.shape[:2]
-        if self.keys is None or self.keys.shape[0] != B:
+        B, T = new.r.shape[:2]
+        if self.buffers is None or self.buffers.r.shape[0] != B:
             self._allocate(new, self.max_cache_len or max(T, 64))
         if self.max_cache_len is not None:  # fixed buffers: the filled count lives on the device only
             if not torch.compiler.is_compiling() and int(self.filled) + T > self.max_cache_len:
@@ -170,37 +171,39 @@ class AFTFullCacheLayer:
                     f"filled and {T} more do not fit. Create the AFTCache with a larger max_cache_len."
                 )
             index = torch.arange(T, device=self.filled.device) + self.filled
-            for buffer, x in zip((self.keys, self.values, self.positions), new[3:], strict=True):
+            for buffer, x in zip(self.buffers, new, strict=True):
                 buffer.index_copy_(1, index, x.to(buffer.dtype))
             self.filled.add_(T)
         else:
-            if self.length + T > self.keys.shape[1]:
-                self._allocate(new, max(2 * self.keys.shape[1], self.length + T))
-            for buffer, x in zip((self.keys, self.values, self.positions), new[3:], strict=True):
+            if self.length + T > self.buffers.r.shape[1]:
+                self._allocate(new, max(2 * self.buffers.r.shape[1], self.length + T))
+            for buffer, x in zip(self.buffers, new, strict=True):
                 buffer[:, self.length : self.length + T] = x
             self.length += T
 
-    def _allocate(self, new: AFTState, capacity: int):
+    def _allocate(self, new: FullState, capacity: int):
         """Buffers of `capacity` slots, with what is filled copied over."""
-        B, _, H, D = new.k.shape
-        kw = {"dtype": new.k.dtype, "device": new.k.device}
-        old = (self.keys, self.values, self.positions) if self.keys is not None and self.keys.shape[0] == B else None
-        self.keys = torch.full((B, capacity, H, D), NEG, **kw)
-        self.values = torch.zeros(B, capacity, H, new.v.shape[3], **kw)
-        self.positions = torch.zeros(B, capacity, new.pos.shape[2], **kw)
+        B = new.r.shape[0]
+        kw = {"dtype": new.r.dtype, "device": new.r.device}
+        old = self.buffers if self.buffers is not None and self.buffers.r.shape[0] == B else None
+        self.buffers = FullState(
+            torch.full((B, capacity, *new.r.shape[2:]), NEG, **kw),
+            torch.zeros(B, capacity, *new.ev.shape[2:], **kw),
+            torch.zeros(B, capacity, *new.pos.shape[2:], **kw),
+        )
         if old is not None:
-            for buffer, x in zip((self.keys, self.values, self.positions), old, strict=True):
+            for buffer, x in zip(self.buffers, old, strict=True):
                 buffer[:, : self.length] = x[:, : self.length]
         else:
             self.length = 0
-        self.filled = torch.tensor(self.length, device=new.k.device)
+        self.filled = torch.tensor(self.length, device=new.r.device)
         if self.max_cache_len is not None and not torch.compiler.is_compiling():
-            for buffer in (self.keys, self.values, self.positions, self.filled):
+            for buffer in (*self.buffers, self.filled):
                 torch._dynamo.mark_static_address(buffer)
 
     def _map(self, fn):
-        if self.keys is not None:
-            self.keys, self.values, self.positions = fn(self.keys), fn(self.values), fn(self.positions)
+        if self.buffers is not None:
+            self.buffers = FullState(*(fn(x) for x in self.buffers))
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         self._map(lambda x: x.index_select(0, beam_idx.to(x.device)))
@@ -212,7 +215,7 @@ class AFTFullCacheLayer:
         self._map(lambda x: x[indices])
 
     def reset(self):
-        self.keys = self.values = self.positions = self.filled = None
+        self.buffers = self.filled = None
         self.length = 0
 
     crop = AFTCacheLayer.crop
@@ -226,14 +229,14 @@ class AFTFullCacheLayer:
 
     @property
     def batch_size(self) -> int:
-        return -1 if self.keys is None else self.keys.shape[0]
+        return -1 if self.buffers is None else self.buffers.r.shape[0]
 
     def nbytes(self) -> int:
         """Bytes of the filled slots (what the state holds, not the spare capacity)."""
-        if self.keys is None:
+        if self.buffers is None:
             return 0
         filled = self.length if self.max_cache_len is None else int(self.filled)
-        return sum(x[:, :filled].numel() * x.element_size() for x in (self.keys, self.values, self.positions))
+        return sum(x[:, :filled].numel() * x.element_size() for x in self.buffers)
 
 
 class AFTCache(Cache):
@@ -246,7 +249,7 @@ class AFTCache(Cache):
     """
 
     def __init__(self, config: AFTConfig, max_cache_len: int | None = None):
-        appends = not AFT_VARIANTS[config.aft_variant].constant_state
+        appends = AFT_VARIANTS[config.aft_variant].appended_state is not None
         layers = [
             AFTFullCacheLayer(max_cache_len) if appends else AFTCacheLayer() for _ in range(config.num_hidden_layers)
         ]
@@ -365,9 +368,8 @@ class AFTMixer(nn.Module):
                 q, k, v, *args, causal=self.causal, mask=attention_mask, initial_state=state, output_final_state=keep
             )
             if cache_layer is not None and update:
-                if cache_layer.appends:  # every past position: add this call's (masked, accumulation dtype)
-                    keys = mask_keys(k, attention_mask)
-                    cache_layer.append(full_state(keys, v.to(keys.dtype), args[1].to(keys.dtype).expand(B, -1, -1)))
+                if cache_layer.appends:  # the state is every past position: add this call's in place
+                    cache_layer.append(self.variant.appended_state(k, v, args, attention_mask))
                 else:
                     cache_layer.write(final)
         # 4. output projection

@@ -33,7 +33,15 @@ from dataclasses import dataclass
 
 from .ops_aft_2d import aft_conv_2d, aft_local_2d, conv_kernel_2d
 from .ops_aft_core import NEG, AFTState, empty_state, mask_keys
-from .ops_aft_full import aft_full_chunk, aft_full_exact, aft_full_recurrent, full_bias, full_state
+from .ops_aft_full import (
+    FullState,
+    aft_full_chunk,
+    aft_full_exact,
+    aft_full_recurrent,
+    full_bias,
+    full_state,
+    keys_and_values,
+)
 from .ops_aft_reference import (
     aft_conv_naive,
     aft_conv_naive_2d,
@@ -84,6 +92,9 @@ class AFTVariant:
     parameters: Callable
     operator_args: Callable
     checks: Callable
+    # The state of a call's positions, for a variant whose state is every past position (a cache appends it in
+    # place rather than replacing the state): (k, v, variant_args, mask) -> state. None: the forms' final state.
+    appended_state: Callable | None = None
 
 
 @dataclass(frozen=True)
@@ -185,8 +196,15 @@ AFT_VARIANTS = {
         parameters=_factors,
         operator_args=lambda params, positions, config, ndim: _factor_args(params, positions),
         checks=_rank_check,
+        appended_state=lambda k, v, args, mask: _appended_full_state(k, v, args[1], mask),
     ),
 }
+
+
+def _appended_full_state(k, v, pos_v, mask):
+    k = mask_keys(k, mask)
+    return full_state(k, v.to(k.dtype), pos_v.to(k.dtype).expand(k.shape[0], -1, -1))
+
 
 _OPERATORS: dict[tuple[str, str], AFTOperator] = {}
 
@@ -248,6 +266,8 @@ __all__ = [
     "AFTOperator",
     "AFTState",
     "AFTVariant",
+    "FullState",
+    "keys_and_values",
     "aft_conv_2d",
     "aft_conv_chunk",
     "aft_conv_exact",

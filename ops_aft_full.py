@@ -9,17 +9,18 @@ Three forms with the signature of every AFT form,
 `aft_full_chunk` (causal: one matrix product per block of query rows over every key up to the block's end; it
 checks its own range and hands the rare input it cannot represent to the tree), `aft_full_exact` (causal: a
 binary tree of key blocks whose references are always attained: the twin the tests hold the blocked form to) and
-`aft_full_recurrent` (one step per token: decoding). The state keeps every past position (an `AFTState` whose pool
-stays empty and whose window is the whole past), like a KV cache of half the size: k, v and the key-side factors.
+`aft_full_recurrent` (one step per token: decoding). The state keeps every past position, like a KV cache of half
+the size (`FullState`): each key as e = exp(k - r) against its own position's largest key r, stored with e v, so
+that a decoding step takes no exponential per channel (one product of the S bias weights with [e v, e]).
 """
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from .ops_aft_core import (
     NEG,
-    AFTState,
-    check_state,
     combine,
     gate,
     is_real,
@@ -62,41 +63,61 @@ def aft_full_exact(q, k, v, pos_u, pos_v, *, causal=True, mask=None, initial_sta
 
 
 def aft_full_recurrent(q, k, v, pos_u, pos_v, *, causal=True, mask=None, initial_state=None, output_final_state=False):
-    """One token at a time: token t sees the state's positions and the tokens before it. The state is never
-    concatenated to compute y (a KV-cache-like layer appends the new positions in place instead); with
-    `output_final_state` the new positions are appended to it."""
+    """One token at a time: token t sees the state's positions and the tokens of this call up to t. The state is
+    not concatenated to compute y (a cache appends the new positions in place: `full_state` of them); with
+    `output_final_state` the new positions are appended to it.
+
+    Per step: w_s = u_t . pos_s + r_s over the S past positions, p = exp(w - max w) (S exponentials, the largest
+    is 1), and [sum p e v, sum p e] in one product: no exponent is positive, and a denominator is at least the e
+    of the dominant position. Exact while every key lies within ~87 of its own position's largest key (float32's
+    normal range of e); a key further below counts as 0, where in the parallel forms it is still exact.
+    """
     if not causal:
         raise ValueError("The recurrent form is causal: pass causal=True.")
     k = mask_keys(k, mask)
     v = v.to(k.dtype)
     B, T = k.shape[:2]
     pos_u, pos_v = pos_u.to(k.dtype).expand(B, -1, -1), pos_v.to(k.dtype).expand(B, -1, -1)
-    if initial_state is not None:
-        check_state(initial_state, k, v)
-    past = initial_state if initial_state is not None else full_state(k[:, :0], v[:, :0], pos_v[:, :0])
+    past = full_state(k[:, :0], v[:, :0], pos_v[:, :0]) if initial_state is None else initial_state
+    _check_state(past, k, v)
+    past = FullState(*(x.to(k.dtype) for x in past))
+    new = full_state(k, v, pos_v)
     ys = []
     for t in range(T):
-        # the past positions (one pass over S), then the tokens of this call up to t
-        m, n, z = _pool_against(past.k.to(k.dtype), past.v.to(k.dtype), past.pos.to(k.dtype), pos_u[:, t])
-        m2, n2, z2 = _pool_against(k[:, : t + 1], v[:, : t + 1], pos_v[:, : t + 1], pos_u[:, t])
-        m, n, z = combine(m, n, z, m2, n2, z2)
-        seen = is_real(m)
+        parts = [_pool(past, pos_u[:, t]), _pool(FullState(*(x[:, : t + 1] for x in new)), pos_u[:, t])]
+        m, n, z = combine(*parts[0], *parts[1])
+        seen = is_real(m) & (z > 0)  # z = 0: only padding so far (or a channel too far below: it counts as 0)
         ys.append(torch.where(seen, n / torch.where(seen, z, 1.0), 0.0))
     y = torch.stack(ys, 1) if ys else v.new_zeros(v.shape)
-    state = None
-    if output_final_state:
-        state = full_state(torch.cat([past.k, k], 1), torch.cat([past.v, v], 1), torch.cat([past.pos, pos_v], 1))
+    state = FullState(*(torch.cat([a, b], 1) for a, b in zip(past, new, strict=True))) if output_final_state else None
     return gate(q, y), state
 
 
-def full_state(k, v, pos_v) -> AFTState:
-    """The state of AFT-full after positions with (masked) keys k, values v (B, S, H, D) and key-side factors
-    pos_v (B, S, R): an empty pool and every position in the window."""
-    B, _, H, D = k.shape
-    m = torch.full((B, H, D), NEG, dtype=k.dtype, device=k.device)
-    return AFTState(
-        m, torch.zeros_like(v[:, 0]) if v.shape[1] else v.new_zeros(B, H, v.shape[3]), torch.zeros_like(m), k, v, pos_v
-    )
+class FullState(NamedTuple):
+    """AFT-full's decoding state: every past position, oldest first. r (B, S, H, 1): each position's largest key
+    (NEG for padding and empty slots); ev (B, S, H, Dv + Dk): [e v, e] with e = exp(k - r) <= 1 (0 for padding);
+    pos (B, S, R): the key-side position factors."""
+
+    r: torch.Tensor
+    ev: torch.Tensor
+    pos: torch.Tensor
+
+
+def full_state(k, v, pos_v) -> FullState:
+    """The state of positions with (masked) keys k (B, S, H, Dk), values v (B, S, H, Dv), factors pos_v (B, S, R)."""
+    r = k.detach().amax(-1, keepdim=True)
+    real = is_real(r)
+    e = torch.where(real, torch.exp(k - torch.where(real, r, 0.0)), 0.0)
+    return FullState(r, torch.cat([e * v, e], -1), pos_v)
+
+
+def keys_and_values(state: FullState):
+    """The state's masked keys and values (B, S, H, D), back from [e v, e] and r (padding: NEG and 0)."""
+    Dk = state.ev.shape[-1] // 2
+    ev, e = state.ev[..., :Dk], state.ev[..., Dk:]
+    kept = e > 0
+    k = torch.where(kept, state.r + torch.log(torch.where(kept, e, 1.0)), NEG)
+    return k, ev / torch.where(kept, e, 1.0)
 
 
 def full_bias(pos_u, pos_v):
@@ -104,15 +125,32 @@ def full_bias(pos_u, pos_v):
     return pos_u @ pos_v.transpose(-1, -2)
 
 
-def _pool_against(k, v, keys_pos, u):
-    """sum_s exp(k_s + u . v_s) [v_s, 1] for one query row u (B, R) over keys (B, S, H, D): (m, n, z) (B, H, D)."""
-    if k.shape[1] == 0:
-        B, _, H, D = k.shape
-        return k.new_full((B, H, D), NEG), v.new_zeros(B, H, v.shape[3]), k.new_zeros(B, H, D)
-    logits = k + torch.einsum("br,bsr->bs", u, keys_pos)[:, :, None, None]
-    m = logits.amax(1)  # (B, H, D); NEG (about) when every key is padding
-    e = torch.exp(logits - m[:, None])
-    return m, (e * v).sum(1), e.sum(1)
+def _check_state(state, k, v):
+    B, _, H, Dk = k.shape
+    if (
+        not isinstance(state, FullState)
+        or tuple(state.ev.shape[::2]) != (B, H)
+        or state.ev.shape[-1] != Dk + v.shape[3]
+    ):
+        shape = tuple(state.ev.shape) if isinstance(state, FullState) else type(state).__name__
+        raise ValueError(
+            f"initial_state.ev has shape {shape}, but these inputs need (batch {B}, positions, heads {H}, "
+            f"{Dk + v.shape[3]}): the state belongs to another batch or model."
+        )
+
+
+def _pool(state: FullState, u):
+    """sum_s exp(k_s + u . pos_s) [v_s, 1] for one query row u (B, R): (m (B, H, 1), n (B, H, Dv), z (B, H, Dk)),
+    n and z scaled by exp(-m). One pass over the S positions: S exponentials and one product."""
+    B, S, H, _ = state.r.shape
+    Dk = state.ev.shape[-1] // 2
+    if S == 0:
+        return state.r.new_full((B, H, 1), NEG), state.ev.new_zeros(B, H, Dk), state.ev.new_zeros(B, H, Dk)
+    w = torch.einsum("br,bsr->bs", u, state.pos)[:, :, None] + state.r[..., 0]  # (B, S, H)
+    m = w.amax(1)  # (B, H)
+    p = torch.exp(w - m[:, None])
+    out = torch.einsum("bsh,bshd->bhd", p, state.ev)  # (B, H, Dv + Dk)
+    return m[..., None], out[..., :Dk], out[..., Dk:]
 
 
 def _inputs(k, v, pos_u, pos_v, mask, initial_state, causal, output_final_state):
@@ -127,10 +165,10 @@ def _inputs(k, v, pos_u, pos_v, mask, initial_state, causal, output_final_state)
     if initial_state is not None:
         if not causal:
             raise ValueError("initial_state continues a causal sequence: pass causal=True.")
-        check_state(initial_state, k, v)
-        before = initial_state.k.shape[1]
-        k = torch.cat([initial_state.k.to(k.dtype), k], 1)
-        v = torch.cat([initial_state.v.to(v.dtype), v], 1)
+        _check_state(initial_state, k, v)
+        past_k, past_v = keys_and_values(FullState(*(x.to(k.dtype) for x in initial_state)))
+        before = past_k.shape[1]
+        k, v = torch.cat([past_k, k], 1), torch.cat([past_v, v], 1)
         keys_pos = torch.cat([initial_state.pos.to(k.dtype), pos_v.expand(k.shape[0], -1, -1)], 1)
     return k, v, pos_u, pos_v, keys_pos, before
 

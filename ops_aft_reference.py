@@ -10,8 +10,8 @@ and the `*_naive_2d` forms are the image forms over a patch grid.
 import torch
 
 from .ops_aft_2d import grid_window_index
-from .ops_aft_core import acc_dtype, causal_state, mask_keys, prepend_state
-from .ops_aft_full import full_bias, full_state
+from .ops_aft_core import NEG, acc_dtype, causal_state, mask_keys, prepend_state
+from .ops_aft_full import full_bias, full_state, keys_and_values
 
 
 def aft_reference(q, k, v, w=None, *, causal: bool, mask=None):
@@ -114,17 +114,23 @@ def _naive(q, k, v, bias, slots, pos_u, pos_v, causal, mask, initial_state, outp
     if pos_u is not None:
         pos_u, pos_v = pos_u.to(k.dtype), pos_v.to(k.dtype)
     before = 0
-    if initial_state is not None:
+    if initial_state is not None and slots is None:  # full: the past positions themselves
+        past_k, past_v = keys_and_values(initial_state)
+        before = past_k.shape[1]
+        real = torch.ones(k.shape[:2], dtype=torch.bool) if mask is None else mask.bool()
+        mask = torch.cat([past_k[:, :, 0, 0] > NEG / 2, real], 1)
+        k, v = torch.cat([past_k.to(k.dtype), k], 1), torch.cat([past_v.to(v.dtype), v], 1)
+        pos_v = torch.cat([initial_state.pos.to(pos_v.dtype), pos_v.expand(k.shape[0], -1, -1)], 1)
+    elif initial_state is not None:
         k, v, mask, pos_v, before = prepend_state(initial_state, k, v, mask, pos_v)
-        if pos_u is not None:
-            pos_u = torch.nn.functional.pad(pos_u.expand(k.shape[0], -1, -1), (0, 0, before, 0))
+    if before and pos_u is not None:
+        pos_u = torch.nn.functional.pad(pos_u.expand(k.shape[0], -1, -1), (0, 0, before, 0))
     q = torch.nn.functional.pad(q, (0, 0, 0, 0, before, 0))
     y = aft_reference(q, k, v, bias(pos_u, pos_v, k.shape[1]), causal=causal, mask=mask)[:, before:]
     state = None
     if output_final_state:
-        if slots is None:  # full: every real position, without the pool's (empty) one
-            drop = 1 if initial_state is not None else 0
-            state = full_state(k[:, drop:], v[:, drop:], pos_v.expand(k.shape[0], -1, -1)[:, drop:])
+        if slots is None:  # full: every position
+            state = full_state(k, v, pos_v.expand(k.shape[0], -1, -1))
         else:
             state = causal_state(k, v, slots, pos_v)
     return y, state

@@ -255,18 +255,18 @@ def test_full_decoding_appends_in_place():
     ids = torch.randint(1, 37, (1, 3))
     out = _greedy(model, ids, 40, return_dict_in_generate=True)
     cache = getattr(out, CACHE_NAME)
-    assert cache.layers[0].keys.shape[1] >= 43 and cache.layers[0].length == 42
+    assert cache.layers[0].buffers.r.shape[1] >= 43 and cache.layers[0].length == 42
     addresses = set()
     with torch.no_grad():
         cache = getattr(model(ids), CACHE_NAME)
         for _ in range(40):
             model(torch.randint(1, 37, (1, 1)), **{CACHE_NAME: cache})
-            addresses.add(cache.layers[0].keys.data_ptr())
+            addresses.add(cache.layers[0].buffers.ev.data_ptr())
     assert len(addresses) <= 2  # 64 slots, then 128
     fixed = AFTCache(model.config, max_cache_len=50)
     greedy_fixed = _greedy(model, ids, 40, **{CACHE_NAME: fixed})
     assert torch.equal(greedy_fixed, out.sequences)
-    assert fixed.layers[0].keys.shape[1] == 50 and fixed.nbytes() == getattr(out, CACHE_NAME).nbytes()
+    assert fixed.layers[0].buffers.r.shape[1] == 50 and fixed.nbytes() == getattr(out, CACHE_NAME).nbytes()
     too_many = r"max_cache_len=50 positions; 42 are filled and 9 more do not fit"
     with pytest.raises(ValueError, match=too_many), torch.no_grad():
         model(torch.randint(1, 37, (1, 9)), **{CACHE_NAME: fixed})

@@ -137,7 +137,12 @@ def test_continuing_from_a_state_equals_one_pass(variant, config, split, impleme
 
 
 def _assert_same_state(a, b):
-    """Same pool whatever its scaling (log-normaliser m + log z, mean n / z), same window slots."""
+    """Same pool whatever its scaling (log-normaliser m + log z, mean n / z), same window slots; for AFT-full, the
+    same positions."""
+    if isinstance(a, ops.FullState):
+        for x, y in zip((*ops.keys_and_values(a), a.pos), (*ops.keys_and_values(b), b.pos), strict=True):
+            torch.testing.assert_close(x, y, atol=1e-10, rtol=1e-10)
+        return
     real = a.z > 0
     assert torch.equal(real, b.z > 0)
     log_a, log_b = a.m + torch.log(torch.where(real, a.z, 1)), b.m + torch.log(torch.where(real, b.z, 1))
@@ -154,7 +159,8 @@ def test_states_have_the_documented_size(variant):
     case = Case(variant)
     _, state = case.run(mask=_mask(), output_final_state=True)
     slots = {"simple": 0, "local": case.config.local_window_size - 1, "conv": case.config.conv_kernel_size - 1}
-    assert state.k.shape[1] == slots.get(variant, T)
+    positions = state.r.shape[1] if isinstance(state, ops.FullState) else state.k.shape[1]
+    assert positions == slots.get(variant, T)
     y, again = case.run(a=T, b=T, initial_state=state, output_final_state=True)
     assert y.shape[1] == 0
     _assert_same_state(state, again)
@@ -299,3 +305,19 @@ def test_registry_lists_and_refuses_clearly():
         ops.get_operator("local", "triton")
     with pytest.raises(ValueError, match="Unknown AFT variant 'sparse'"):
         ops.register_operator("sparse", "torch", ops.get_operator("local"))
+
+
+def test_full_decoding_keys_far_below_their_position_stay_finite():
+    """AFT-full's decoding state scales each key by its own position's largest key: exact while the channels of a
+    position lie within ~87 of each other (80 here), and finite beyond (120: that channel counts as 0)."""
+    for spread, exact in ((80.0, True), (120.0, False)):
+        case = Case("full", dtype=torch.float32)
+        with torch.no_grad():
+            case.k.copy_(case.k.clamp(-1, 1))
+            case.k[..., 0] -= spread  # channel 0 lies `spread` below every position's largest key
+        _, state = case.run(b=T - 1, output_final_state=True)
+        y, _ = case.run(a=T - 1, initial_state=state, form="recurrent")
+        assert torch.isfinite(y).all()
+        if exact:
+            ref, _ = case.detached(F64).run("naive")
+            torch.testing.assert_close(y[:, 0].double(), ref[:, -1], atol=1e-5, rtol=1e-5)

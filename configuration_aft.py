@@ -17,7 +17,8 @@ _MIXER_ARGS = r"""
         layer_norm_eps (`float`, defaults to 1e-5), initializer_range (`float`, defaults to 0.02): the standard
             deviation of the normal initialisation of the linear and embedding weights (>= 0).
         hidden_dropout_prob (`float`, defaults to 0.0): dropout on embeddings and on each residual branch.
-        aft_variant (`str`): the token mixer, one of `"full"`, `"local"`, `"simple"`, `"conv"`.
+        aft_variant (`str`): the token mixer, a name of `ops_aft.AFT_VARIANTS`: `"simple"`, `"local"`, `"conv"` or
+            `"full"`.
         local_window_size (`int`, defaults to 32): window s of `local`: the bias is learned for |t - t'| < s and
             exactly 0 outside.
         position_bias_rank (`int`, defaults to 128): rank d' of the factorised bias w = u v^T (`full`, `local`).

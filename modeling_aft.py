@@ -751,7 +751,7 @@ class AFTVisionModel(AFTPreTrainedModel):
                 f"The image is {height}x{width} pixels; height and width must be positive multiples of "
                 f"config.patch_size={config.patch_size}."
             )
-        if config.aft_variant in ("full", "local") and not height == width == config.image_size:
+        if AFT_VARIANTS[config.aft_variant].position_bias and not height == width == config.image_size:
             raise ValueError(
                 f"The image is {height}x{width} pixels, but aft_variant={config.aft_variant!r} learns a position "
                 f"bias for config.image_size={config.image_size} ({config.image_size}x{config.image_size}) only. "

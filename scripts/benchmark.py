@@ -46,9 +46,9 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 from aft import AFTConfig, AFTForCausalLM  # noqa: E402
 from aft.modeling_aft import CACHE_NAME  # noqa: E402
-from aft.ops_aft import aft_simple_chunk  # noqa: E402
+from aft.ops_aft import AFT_VARIANTS, aft_simple_chunk  # noqa: E402
 
-VARIANTS = ("simple", "local", "conv", "full")
+VARIANTS = tuple(AFT_VARIANTS)
 MODELS = (*VARIANTS, "gpt2")
 
 
@@ -175,7 +175,7 @@ def projected(history, length, power):
 def bench_training(model, name, lengths, args, bar):
     rows, history = [], []
     gen = torch.Generator().manual_seed(args.seed)
-    power = 2.0 if name in ("gpt2", "full") else 1.0
+    power = 2.0 if name == "gpt2" or not AFT_VARIANTS[name].constant_state else 1.0  # cost growth with length
     model.train()
     for T in lengths:
         bar.set_postfix_str(f"train {name} T={T}")
@@ -233,7 +233,7 @@ def bench_inference(model, name, lengths, args, bar, keep_caches=None):
     `keep_caches` (a dict) are stored there for `interleaved_decode`."""
     rows, history = [], []
     gen = torch.Generator().manual_seed(args.seed + 1)
-    power = 2.0 if name in ("gpt2", "full") else 1.0
+    power = 2.0 if name == "gpt2" or not AFT_VARIANTS[name].constant_state else 1.0  # cost growth with length
     model.eval()
     for L in lengths:
         bar.set_postfix_str(f"prefill/decode {name} L={L}")

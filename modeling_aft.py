@@ -126,7 +126,8 @@ class AFTCacheLayer(LinearAttentionCacheLayerMixin):
 
     @property
     def batch_size(self) -> int:
-        return self.recurrent_states[0].shape[0] if self.is_recurrent_states_initialized[0] else -1
+        """The batch of the state held, -1 when none is (before the first write, after `reset`)."""
+        return self.recurrent_states[0].shape[0] if all(self.has_previous_state.values()) else -1
 
     def nbytes(self) -> int:
         tensors = [*self.conv_states.values(), *self.recurrent_states.values()]

@@ -270,3 +270,14 @@ def test_full_decoding_appends_in_place():
     too_many = r"max_cache_len=50 positions; 42 are filled and 9 more do not fit"
     with pytest.raises(ValueError, match=too_many), torch.no_grad():
         model(torch.randint(1, 37, (1, 9)), **{CACHE_NAME: fixed})
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_reset_cache_serves_a_new_batch(variant):
+    model = _model(variant)
+    with torch.no_grad():
+        cache = getattr(model(torch.randint(1, 37, (3, 5))), CACHE_NAME)
+        cache.reset()
+        assert cache.get_seq_length() == 0 and cache.batch_size == -1
+        ids = torch.randint(1, 37, (2, 4))
+        torch.testing.assert_close(model(ids, **{CACHE_NAME: cache}).logits, model(ids).logits)

@@ -14,8 +14,12 @@ import argparse
 import logging
 
 import torch
-import training_utils as tu
+import training_args
+import training_data
+import training_model
 from datasets import ClassLabel
+from training_loop import Run, create_accelerator
+from training_publish import CardInfo, save_outputs
 
 from aft import AFTForImageClassification, aft_image_processor
 
@@ -24,18 +28,20 @@ logger = logging.getLogger(__name__)
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    tu.add_image_data_args(parser)
+    training_args.add_image_data_args(parser)
     parser.add_argument("--image_size", type=int, default=None, help="square side (default: the first image's).")
     parser.add_argument("--patch_size", type=int, default=None, help="default: image_size / 4, at least 1.")
-    tu.add_model_args(parser, default_preset="small")
-    tu.add_training_args(parser, learning_rate=1e-3, batch_size=32, epochs=10)
-    tu.add_output_args(parser)
+    training_args.add_model_args(parser, default_preset="small")
+    training_args.add_training_args(parser, learning_rate=1e-3, batch_size=32, epochs=10)
+    training_args.add_output_args(parser)
     return parser.parse_args(argv)
 
 
 def label_names(dataset, label_column: str) -> list[str]:
     if label_column not in dataset.column_names:
-        raise tu.InputError(f"no label column {label_column!r} (columns: {dataset.column_names}); use --label_column.")
+        raise training_args.InputError(
+            f"no label column {label_column!r} (columns: {dataset.column_names}); use --label_column."
+        )
     feature = dataset.features[label_column]
     if isinstance(feature, ClassLabel):
         return feature.names
@@ -59,17 +65,29 @@ def evaluate(model, dataloader, accelerator) -> dict:
     return {"eval_loss": torch.cat(losses).mean().item(), "eval_accuracy": torch.cat(correct).float().mean().item()}
 
 
+CLASSIFICATION_USAGE = """from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+processor = AutoImageProcessor.from_pretrained("{model_id}")
+model = AutoModelForImageClassification.from_pretrained("{model_id}")
+image = Image.open("digit.png")  # any image; it is resized and converted like the training images
+inputs = processor(image.convert("L" if len(processor.image_mean) == 1 else "RGB"), return_tensors="pt")
+print(model.config.id2label[model(**inputs).logits.argmax(-1).item()])"""
+
+
 def main(argv=None):
     args = parse_args(argv)
-    tu.check_args(args)
-    accelerator = tu.create_accelerator(args)
+    training_args.check_args(args)
+    accelerator = create_accelerator(args)
 
-    # 1. data and model
-    raw, image_column = tu.load_image_datasets(args)
+    # 1. data
+    raw, image_column = training_data.image_datasets(args)
     names = label_names(raw["train"], args.label_column)
     first = raw["train"][0][image_column]
     image_size = args.image_size or first.size[0]
-    mode = tu.image_mode(first)
+    mode = training_data.image_mode(first)
+
+    # 2. model and its image processor
     task_fields = {
         "image_size": image_size,
         "patch_size": args.patch_size or max(1, image_size // 4),
@@ -80,7 +98,7 @@ def main(argv=None):
     }
     if args.model_name_or_path and args.patch_size is None:
         del task_fields["patch_size"]  # the checkpoint's own
-    model = tu.load_model(AFTForImageClassification, args, **task_fields)
+    model = training_model.load_model(AFTForImageClassification, args, **task_fields)
     patch_size = model.config.patch_size
     processor = aft_image_processor(model.config)
     if mode == "L":  # one grey channel: one mean and std
@@ -96,50 +114,42 @@ def main(argv=None):
             "labels": torch.tensor(labels),
         }
 
-    train_dataset, eval_dataset = raw["train"], raw["validation"]
-    if args.max_train_samples:
-        train_dataset = train_dataset.select(range(min(args.max_train_samples, len(train_dataset))))
-    if args.max_eval_samples:
-        eval_dataset = eval_dataset.select(range(min(args.max_eval_samples, len(eval_dataset))))
-
     def collate(examples):
         return {
             "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
             "labels": torch.stack([e["labels"] for e in examples]),
         }
 
-    train_dataloader, eval_dataloader = tu.make_dataloaders(
+    train_dataset = training_data.take(raw["train"], args.max_train_samples)
+    eval_dataset = training_data.take(raw["validation"], args.max_eval_samples)
+
+    # 3. data loaders, optimizer, schedule, accelerate, and the state of a resumed run
+    train_dataloader, eval_dataloader = training_data.make_dataloaders(
         args, train_dataset.with_transform(transform), eval_dataset.with_transform(transform), collate
     )
-
-    # 2. training
-    model, optimizer, train_dataloader, eval_dataloader, lr_scheduler, run_state, steps_per_epoch = (
-        tu.prepare_training(accelerator, args, model, train_dataloader, eval_dataloader, "aft_image_classification")
+    run = Run.prepare(
+        accelerator, args, model, train_dataloader, eval_dataloader, project_name="aft_image_classification"
     )
     logger.info(
         f"{len(train_dataset)} training and {len(eval_dataset)} validation images, {len(names)} classes, "
         f"{image_size}x{image_size} in patches of {patch_size}; "
-        f"{tu.count_parameters(model):,} parameters; {args.max_train_steps} steps"
-    )
-    tu.train(
-        accelerator,
-        args,
-        model,
-        optimizer,
-        lr_scheduler,
-        train_dataloader,
-        run_state,
-        steps_per_epoch,
-        compute_loss=lambda model, batch: model(**batch).loss,
-        evaluate=lambda: evaluate(model, eval_dataloader, accelerator),
+        f"{training_model.count_parameters(model):,} parameters; {args.max_train_steps} steps"
     )
 
-    # 3. final evaluation and the output folder
-    results = evaluate(model, eval_dataloader, accelerator)
-    run_state.log(accelerator, results.copy())
-    results |= tu.train_results(run_state, model, len(train_dataset), len(eval_dataset))
+    # 4. training
+    run.train(
+        compute_loss=lambda model, batch: model(**batch).loss,
+        evaluate=lambda: evaluate(run.model, run.eval_dataloader, accelerator),
+    )
+
+    # 5. final evaluation
+    results = evaluate(run.model, run.eval_dataloader, accelerator)
+    run.log(results.copy())
+    results |= run.results(len(train_dataset), len(eval_dataset))
+
+    # 6. the output folder: model, processor, results, model card
     dataset_id = args.dataset_name or ("local-images" if args.train_dir else "sklearn-digits")
-    card = tu.CardInfo(
+    card = CardInfo(
         task_type="image-classification",
         task_name="Image classification",
         pipeline_tag="image-classification",
@@ -155,18 +165,8 @@ def main(argv=None):
         usage=CLASSIFICATION_USAGE,
         tags=["image-classification", "vision"],
     )
-    tu.save_outputs(accelerator, args, model, processor, run_state, results, card)
-
-
-CLASSIFICATION_USAGE = """from PIL import Image
-from transformers import AutoImageProcessor, AutoModelForImageClassification
-
-processor = AutoImageProcessor.from_pretrained("{model_id}")
-model = AutoModelForImageClassification.from_pretrained("{model_id}")
-image = Image.open("digit.png")  # any image; it is resized and converted like the training images
-inputs = processor(image.convert("L" if len(processor.image_mean) == 1 else "RGB"), return_tensors="pt")
-print(model.config.id2label[model(**inputs).logits.argmax(-1).item()])"""
+    save_outputs(run, processor, results, card)
 
 
 if __name__ == "__main__":
-    tu.run_main(main)
+    training_args.run_main(main)

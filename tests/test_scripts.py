@@ -217,9 +217,11 @@ def test_resume_after_checkpoint_repeats_the_uninterrupted_run(env, clm_folder, 
 
 @pytest.fixture
 def utils():
+    """The scripts' shared modules by job, imported as the scripts import them (scripts/ first on sys.path)."""
     sys.path.insert(0, str(SCRIPTS))
     try:
-        yield importlib.import_module("training_utils")
+        names = ("args", "model", "data", "loop", "checkpoints", "publish")
+        yield Namespace(**{name: importlib.import_module(f"training_{name}") for name in names})
     finally:
         sys.path.remove(str(SCRIPTS))
 
@@ -233,7 +235,7 @@ def test_latest_checkpoint_skips_one_killed_while_saving(utils, tmp_path):
     (root / ".tmp-step_15" / "model.safetensors").write_bytes(b"partial")
     (root / "step_20").mkdir()  # no run_state.json: not a complete checkpoint
     args = Namespace(output_dir=str(tmp_path), resume_from_checkpoint="latest")
-    assert utils.find_checkpoint(args) == root / "step_10"
+    assert utils.checkpoints.find_checkpoint(args) == root / "step_10"
 
 
 def test_checkpoints_are_written_by_rename(utils, clm_folder):
@@ -262,7 +264,7 @@ def scripts(utils):
 def fails_before_training(utils, main, tmp_path, *args, out=None):
     """Run a script's main() in this process; return the InputError message (and check nothing was trained)."""
     out = out or tmp_path / "out"
-    with pytest.raises(utils.InputError) as error:
+    with pytest.raises(utils.args.InputError) as error:
         main([*map(str, args), "--output_dir", str(out)])
     assert not (out / "model.safetensors").exists() and not (out / "checkpoints").exists()
     return str(error.value)
@@ -328,16 +330,15 @@ def test_two_processes_reach_the_eval_loss_of_one(env, clm_folder, tmp_path):
 
 def test_scripts_import_no_model_code():
     """Scripts hold no model logic: every nn.Module they use comes from `aft`."""
-    names = ["run_clm.py", "run_pixel_modeling.py", "run_image_classification.py", "training_utils.py"]
-    for script in (SCRIPTS / name for name in names):
+    for script in [*SCRIPTS.glob("run_*.py"), *SCRIPTS.glob("training_*.py")]:
         source = script.read_text()
         assert "nn.Module" not in source and "class AFT" not in source, script.name
 
 
-def test_byte_tokenizer_round_trips_bytes(scripts, tmp_path):
+def test_byte_tokenizer_round_trips_bytes(utils, tmp_path):
     from transformers import AutoTokenizer
 
-    tokenizer = scripts["run_clm"].byte_tokenizer()
+    tokenizer = utils.data.byte_tokenizer()
     text = "héllo\n\twörld ✓ \x00\x7f end"
     assert tokenizer(text)["input_ids"] == list(text.encode("utf-8"))  # id = byte value
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
@@ -363,11 +364,11 @@ def test_local_text_with_a_trained_bpe_tokenizer(utils, scripts, tmp_path):
     assert results["eval_bits_per_byte"] < bits_per_token / 2  # BPE tokens span several bytes each
 
 
-def test_enwik8_split_from_a_local_file(scripts, tmp_path):
+def test_enwik8_split_from_a_local_file(utils, scripts, tmp_path):
     data = tmp_path / "enwik8"
     data.write_bytes(("<page><title>AFT</title><text>attention free</text></page>\n" * 400).encode())
     n = data.stat().st_size
-    splits = scripts["run_clm"].enwik8_datasets(str(data), block_size=32)
+    splits = utils.data.enwik8_datasets(str(data), block_size=32)
     assert [len(splits[s]) for s in ("train", "validation", "test")] == [
         int(n * 0.9) // 32,
         int(n * 0.05) // 32,
@@ -406,7 +407,7 @@ def test_fine_tune_from_a_saved_folder(utils, scripts, clm_folder, tmp_path):
     text.write_text("def add(a, b):\n    return a + b\n" * 200)
     out = tmp_path / "fine-tuned"
     base = ["--train_file", str(text), "--block_size", "32", "--max_train_steps", "2", "--seed", "0"]
-    with pytest.raises(utils.InputError, match="drop them with --model_name_or_path"):
+    with pytest.raises(utils.args.InputError, match="drop them with --model_name_or_path"):
         scripts["run_clm"].main([*base, "--model_name_or_path", str(clm_folder), "--preset", "tiny",
                                  "--output_dir", str(out)])  # fmt: skip
     scripts["run_clm"].main(

@@ -34,11 +34,13 @@ setup(
         "pillow>=13,<14",
     ],
     extras_require={
-        # training scripts: accelerate + datasets; scikit-learn ships the embedded image data (digits);
-        # matplotlib draws the loss curves and benchmark plots
+        # training scripts: accelerate + datasets; evaluate computes their metrics (with the modules shipped in
+        # scripts/metrics, offline); scikit-learn ships the embedded image data (digits); matplotlib draws the loss
+        # curves and benchmark plots
         "train": [
             "accelerate>=1.15,<1.16",
             "datasets>=5.2,<5.3",
+            "evaluate>=0.4.6,<0.5",
             "scikit-learn>=1.9,<1.10",
             "matplotlib>=3.11,<3.12",
         ],

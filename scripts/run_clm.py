@@ -3,28 +3,27 @@
 Data, in order of precedence: `--enwik8_file` (the standard 90M/5M/5M split), `--dataset_name` (Hub),
 `--train_file`/`--validation_file` (local text), and by default an embedded corpus that needs no download:
 the Python standard library's own top-level modules (every 10th file, in name order, is the validation set).
-Tokenization is byte level by default (256 ids, so bits per byte compare with the paper's enwik8 numbers).
+Tokenization is byte level by default (ids 0-255 are the bytes, so bits per byte compare with the paper's enwik8
+numbers; then <|endoftext|>, which ends every document and is bos and eos, and <|pad|>).
 
     python scripts/run_clm.py --preset tiny --block_size 128 --per_device_train_batch_size 16 \
         --learning_rate 3e-3 --max_train_steps 300 --eval_steps 100 --max_eval_samples 256 --eval_at_start \
         --output_dir outputs/aft-stdlib
-    accelerate launch scripts/run_clm.py --enwik8_file enwik8 --preset enwik8-paper --block_size 1024 \
-        --output_dir outputs/aft-enwik8
+    accelerate launch --config_file scripts/accelerate_configs/ddp.yaml --num_processes 2 scripts/run_clm.py \
+        --enwik8_file enwik8 --preset enwik8-paper --block_size 1024 --output_dir outputs/aft-enwik8
 """
 
 import argparse
 import logging
-import math
 import sysconfig
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
 import training_args
 import training_data
 import training_model
 from torch.utils.data import DataLoader
 from training_loop import Run, create_accelerator
+from training_metrics import load_metric, next_token_cross_entropy
 from training_publish import CardInfo, save_outputs
 from transformers import default_data_collator
 
@@ -34,11 +33,14 @@ logger = logging.getLogger(__name__)
 
 
 def parse_args(argv=None):
+    """The command line, checked: bad input stops here with an InputError, before any work."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data (default: the Python standard library's sources)")
     data.add_argument("--dataset_name", default=None, help="a dataset of the Hub, e.g. 'wikitext'.")
     data.add_argument("--dataset_config_name", default=None, help="e.g. 'wikitext-2-raw-v1'.")
-    data.add_argument("--train_file", default=None, help="a local .txt (one document per line), .json or .csv.")
+    data.add_argument(
+        "--train_file", default=None, help="a local UTF-8 .txt (one document per line), .json, .jsonl or .csv."
+    )
     data.add_argument("--validation_file", default=None)
     data.add_argument("--text_column", default="text")
     data.add_argument(
@@ -49,7 +51,7 @@ def parse_args(argv=None):
     )
     data.add_argument("--enwik8_file", default=None, help="a local enwik8 file: 90%%/5%%/5%% byte split.")
     data.add_argument("--block_size", type=int, default=256, help="tokens per training sequence.")
-    tok = parser.add_argument_group("tokenizer (default: bytes, 256 ids)")
+    tok = parser.add_argument_group("tokenizer (default: bytes, 256 ids and 2 special tokens)")
     tok.add_argument("--tokenizer_name", default=None, help="load this tokenizer (a folder or a Hub id).")
     tok.add_argument("--train_tokenizer", action="store_true", help="train a byte-level BPE on the training data.")
     tok.add_argument("--tokenizer_vocab_size", type=int, default=4096)
@@ -57,39 +59,40 @@ def parse_args(argv=None):
     training_args.add_model_args(parser, default_preset="small")
     training_args.add_training_args(parser, learning_rate=1e-3, batch_size=16, epochs=1)
     training_args.add_output_args(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.block_size < 2:
+        raise training_args.InputError(f"--block_size={args.block_size}: a block needs at least 2 tokens.")
+    training_args.check_args(args)
+    training_data.check_text_files(args)
+    return args
 
 
-def evaluate(model, dataloader, accelerator) -> float:
-    """Mean next-token loss (nats) over every predicted position of every block, gathered over processes."""
-    model.eval()
-    losses = []
-    for batch in dataloader:
-        with torch.no_grad():
-            logits = model(input_ids=batch["input_ids"], use_cache=False).logits
-        token_nats = F.cross_entropy(
-            logits[:, :-1].float().transpose(1, 2), batch["input_ids"][:, 1:], reduction="none"
-        )  # (B, T-1)
-        losses.append(accelerator.gather_for_metrics(token_nats.mean(dim=1)))
-    model.train()
-    return torch.cat(losses).mean().item()
+def evaluate(model, dataloader, accelerator, metric, ratio: dict | None, prefix: str) -> dict:
+    """Loss (nats per token), perplexity, bits per byte (and per character) of the next-token predictions."""
+    # enwik8's tokens are its bytes: "bits per character" there are bits per byte
+    values = next_token_cross_entropy(
+        model,
+        dataloader,
+        accelerator,
+        metric,
+        tokens_per_byte=ratio["bytes"] if ratio else 1.0,
+        tokens_per_char=ratio["chars"] if ratio else None,
+    )
+    names = ("loss", "perplexity", "bits_per_byte", "bits_per_char")
+    return {f"{prefix}_{name}": values[name] for name in names if name in values}
 
 
-def text_metrics(loss: float, ratio: dict | None, prefix: str) -> dict:
-    metrics = {f"{prefix}_loss": loss, f"{prefix}_perplexity": math.exp(min(loss, 50.0))}
-    metrics[f"{prefix}_bits_per_byte"] = loss / math.log(2) * (ratio["bytes"] if ratio else 1.0)
-    if ratio:
-        metrics[f"{prefix}_bits_per_char"] = loss / math.log(2) * ratio["chars"]
-    return metrics
-
-
-CLM_USAGE = """from transformers import AutoModelForCausalLM, AutoTokenizer
+CLM_USAGE = """from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 tokenizer = AutoTokenizer.from_pretrained("{model_id}")
 model = AutoModelForCausalLM.from_pretrained("{model_id}")
-inputs = tokenizer("def fibonacci(n):", return_tensors="pt")
-output = model.generate(**inputs, max_new_tokens=200, do_sample=True, top_k=20)
-print(tokenizer.decode(output[0]))"""
+inputs = tokenizer({prompt}, return_tensors="pt")
+output = model.generate(**inputs, max_new_tokens=200, do_sample=True, top_k=20)  # or until <|endoftext|>
+print(tokenizer.decode(output[0], skip_special_tokens=True))
+
+# several prompts at once: the tokenizer pads them on the left, as generate() needs
+generator = pipeline("text-generation", model="{model_id}", batch_size=2)
+print(generator({prompts}, max_new_tokens=50, do_sample=False))"""
 
 
 def dataset_names(args) -> tuple[str, str]:
@@ -108,17 +111,25 @@ def dataset_names(args) -> tuple[str, str]:
 
 def main(argv=None):
     args = parse_args(argv)
-    training_args.check_args(args)
     accelerator = create_accelerator(args)
+    with accelerator.main_process_first():
+        metric = load_metric("cross_entropy")
 
-    # 1. data: tokenized documents, concatenated and cut into blocks of --block_size
+    # 1. data: tokenized documents, each ended by eos, concatenated and cut into blocks of --block_size
     tokenizer, datasets, ratios = training_data.text_datasets(args, accelerator)
     train_dataset = training_data.take(datasets["train"], args.max_train_samples)
     eval_dataset = training_data.take(datasets["validation"], args.max_eval_samples)
 
-    # 2. model
-    model = training_model.load_model(AFTForCausalLM, args, vocab_size=len(tokenizer))
+    # 2. model, with the tokenizer's special tokens; the tokenizer gets the model's length
+    special_tokens = {
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    model = training_model.load_model(AFTForCausalLM, args, vocab_size=len(tokenizer), **special_tokens)
     training_model.check_sequence_length(model.config, args.block_size, "--block_size")
+    if model.config.has_position_limit:
+        tokenizer.model_max_length = model.config.max_position_embeddings
     for name, dataset in (("training", train_dataset), ("validation", eval_dataset)):
         if len(dataset) == 0:
             raise training_args.InputError(f"the {name} data holds fewer than --block_size={args.block_size} tokens.")
@@ -136,7 +147,7 @@ def main(argv=None):
 
     # 4. training
     def validation_metrics():
-        return text_metrics(evaluate(run.model, run.eval_dataloader, accelerator), ratios.get("validation"), "eval")
+        return evaluate(run.model, run.eval_dataloader, accelerator, metric, ratios.get("validation"), "eval")
 
     if args.eval_at_start and run.state.completed_steps == 0:
         run.log(validation_metrics())
@@ -157,13 +168,16 @@ def main(argv=None):
                 collate_fn=default_data_collator,
             )
         )
-        results |= text_metrics(evaluate(run.model, test_dataloader, accelerator), ratios.get("test"), "test")
+        results |= evaluate(run.model, test_dataloader, accelerator, metric, ratios.get("test"), "test")
     run.log(results.copy())
     results |= run.results(len(train_dataset), len(eval_dataset))
 
     # 6. the output folder: model, tokenizer, results, model card
     dataset_id, dataset_name = dataset_names(args)
     metrics = {k: k.split("_", 1)[1] for k in results if k.startswith(("eval_", "test_")) and "samples" not in k}
+    vocabulary = {258: "byte-level tokens (256 bytes, <|endoftext|> and <|pad|>)", 256: "byte-level tokens"}.get(
+        len(tokenizer), f"a {len(tokenizer)}-token vocabulary"
+    )
     card = CardInfo(
         task_type="text-generation",
         task_name="Causal language modelling",
@@ -174,12 +188,12 @@ def main(argv=None):
         dataset_split="validation",
         metrics=metrics,
         description=(
-            f"causal language modelling, trained on {dataset_name} with "
-            f"{'byte-level tokens (256 ids)' if len(tokenizer) == 256 else f'a {len(tokenizer)}-token vocabulary'} "
-            f"in blocks of {args.block_size} tokens."
+            f"causal language modelling, trained on {dataset_name} with {vocabulary} in blocks of "
+            f"{args.block_size} tokens."
         ),
         usage=CLM_USAGE,
         tags=["text-generation", "causal-lm"],
+        example_prompts=training_data.example_prompts(tokenizer, eval_dataset),
     )
     save_outputs(run, tokenizer, results, card)
 

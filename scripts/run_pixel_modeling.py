@@ -8,22 +8,22 @@ Data: `--dataset_name` (e.g. cifar10 from the Hub), `--train_dir`/`--validation_
 default scikit-learn's digits, which needs no download (8x8 grey, 17 levels mapped to round(v * 255 / 16)).
 
     python scripts/run_pixel_modeling.py --preset tiny --output_dir outputs/aft-pixels-digits
-    accelerate launch scripts/run_pixel_modeling.py --dataset_name cifar10 --preset cifar10-paper --output_dir ...
+    accelerate launch --config_file scripts/accelerate_configs/ddp.yaml --num_processes 2 \
+        scripts/run_pixel_modeling.py --dataset_name cifar10 --preset cifar10-paper --output_dir outputs/aft-cifar10
 """
 
 import argparse
 import logging
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import training_args
 import training_data
 import training_model
 from PIL import Image
 from training_loop import Run, create_accelerator
+from training_metrics import load_metric, next_token_cross_entropy
 from training_publish import CardInfo, save_outputs
 from transformers import ViTImageProcessorPil
 
@@ -35,6 +35,7 @@ START = 256  # the start token; sub-pixel values are 0..255
 
 
 def parse_args(argv=None):
+    """The command line, checked: bad input stops here with an InputError, before any work."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     training_args.add_image_data_args(parser)
     parser.add_argument("--image_size", type=int, default=None, help="resize to this square side (default: as is).")
@@ -42,7 +43,10 @@ def parse_args(argv=None):
     training_args.add_model_args(parser, default_preset="small")
     training_args.add_training_args(parser, learning_rate=1e-3, batch_size=32, epochs=10)
     training_args.add_output_args(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    training_args.check_args(args)
+    training_data.check_image_folders(args)
+    return args
 
 
 def image_processor(images, image_size: int | None) -> ViTImageProcessorPil:
@@ -68,22 +72,15 @@ def to_sequences(images, processor) -> np.ndarray:
     return np.concatenate([np.full((len(images), 1), START), pixels], axis=1)
 
 
-def evaluate(model, dataloader, accelerator) -> dict:
-    """Bits per dimension: mean negative log2-likelihood of every sub-pixel, gathered over processes."""
-    model.eval()
-    losses = []
-    for batch in dataloader:
-        with torch.no_grad():
-            logits = model(input_ids=batch["input_ids"], use_cache=False).logits
-        nats = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), batch["input_ids"][:, 1:], reduction="none")
-        losses.append(accelerator.gather_for_metrics(nats.mean(dim=1)))  # (B,): every image has H*W*C targets
-    model.train()
-    loss = torch.cat(losses).mean().item()
-    return {"eval_loss": loss, "eval_bits_per_dim": loss / math.log(2)}
+def evaluate(model, dataloader, accelerator, metric) -> dict:
+    """Bits per dimension: the mean negative log2-likelihood of every sub-pixel (each image has H*W*C)."""
+    values = next_token_cross_entropy(model, dataloader, accelerator, metric)
+    return {"eval_loss": values["loss"], "eval_bits_per_dim": values["bits_per_token"]}
 
 
-def save_samples(model, processor, path: Path, num_samples: int, seed: int):
-    """Sample `num_samples` images from the start token (recurrent decoding) and save them as one grid PNG."""
+def sample_grid(model, processor, num_samples: int, seed: int) -> Image.Image:
+    """Sample `num_samples` images from the start token (recurrent decoding), as one grid. Every process samples
+    (the same images: under FSDP each forward pass needs all processes)."""
     height, width = processor.size["height"], processor.size["width"]
     channels = len(processor.image_mean)
     torch.manual_seed(seed)
@@ -99,7 +96,7 @@ def save_samples(model, processor, path: Path, num_samples: int, seed: int):
         grid[r * (height + 1) : r * (height + 1) + height, c * (width + 1) : c * (width + 1) + width] = image
     scale = max(1, 256 // max(grid.shape[:2]))  # small images: enlarge for viewing
     grid = grid.repeat(scale, 0).repeat(scale, 1)
-    Image.fromarray(grid[..., 0] if channels == 1 else grid).save(path)
+    return Image.fromarray(grid[..., 0] if channels == 1 else grid)
 
 
 PIXEL_USAGE = """import torch
@@ -113,8 +110,9 @@ images = ids[:, 1:].view(4, {shape}).to(torch.uint8)  # (N, H, W, C) sub-pixel v
 
 def main(argv=None):
     args = parse_args(argv)
-    training_args.check_args(args)
     accelerator = create_accelerator(args)
+    with accelerator.main_process_first():
+        metric = load_metric("cross_entropy")
 
     # 1. data: images -> sequences of sub-pixel classes
     raw, image_column = training_data.image_datasets(args)
@@ -156,17 +154,14 @@ def main(argv=None):
         compute_loss=lambda model, batch: (
             model(input_ids=batch["input_ids"], labels=batch["input_ids"], use_cache=False).loss
         ),
-        evaluate=lambda: evaluate(run.model, run.eval_dataloader, accelerator),
+        evaluate=lambda: evaluate(run.model, run.eval_dataloader, accelerator, metric),
     )
 
     # 5. final evaluation and samples
-    results = evaluate(run.model, run.eval_dataloader, accelerator)
+    results = evaluate(run.model, run.eval_dataloader, accelerator, metric)
     run.log(results.copy())
     results |= run.results(len(train_dataset), len(eval_dataset))
-    if accelerator.is_main_process and args.num_samples:
-        save_samples(
-            run.unwrapped_model, processor, Path(args.output_dir) / "samples.png", args.num_samples, args.seed
-        )
+    samples = sample_grid(run.unwrapped_model, processor, args.num_samples, args.seed) if args.num_samples else None
 
     # 6. the output folder: model, processor, results, model card
     dataset_id = args.dataset_name or ("local-images" if args.train_dir else "sklearn-digits")
@@ -189,7 +184,7 @@ def main(argv=None):
         ),
         tags=["image-generation", "pixel-modeling"],
     )
-    save_outputs(run, processor, results, card)
+    save_outputs(run, processor, results, card, images={"samples.png": samples} if samples else None)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ one-line error for bad input.
 """
 
 import argparse
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 from transformers import SchedulerType
@@ -20,13 +22,22 @@ class InputError(ValueError):
     """Bad input found before training: the message says what is wrong and what to do."""
 
 
+class RunError(RuntimeError):
+    """A run that cannot go on (a checkpoint or the output folder could not be written): the message says what was
+    kept and how to continue."""
+
+
 def run_main(main):
-    """Entry point: report an `InputError` as a one-line error (exit code 2) instead of a traceback."""
+    """Entry point: report an `InputError` (exit code 2) or a `RunError` (exit code 1) as one line instead of a
+    traceback."""
     try:
         main()
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except RunError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
 
 
 def add_model_args(parser: argparse.ArgumentParser, default_preset: str = "small"):
@@ -65,7 +76,7 @@ def add_training_args(parser: argparse.ArgumentParser, *, learning_rate: float, 
     )
     group.add_argument("--gradient_accumulation_steps", type=int, default=1)
     group.add_argument("--max_grad_norm", type=float, default=1.0)
-    group.add_argument("--lr_scheduler_type", type=SchedulerType, default="cosine", choices=list(SchedulerType))
+    group.add_argument("--lr_scheduler_type", default="cosine", choices=[s.value for s in SchedulerType])
     group.add_argument("--num_warmup_steps", type=int, default=None, help="default: 5%% of the training steps.")
     group.add_argument("--seed", type=int, default=42)
     group.add_argument("--logging_steps", type=int, default=10, help="log the mean train loss every N steps.")
@@ -122,23 +133,41 @@ def add_image_data_args(parser: argparse.ArgumentParser):
     )
 
 
-def check_args(args):
-    """Checks that need no data: output folder, checkpointing value, preset, checkpoint, Hub access (raises
-    InputError). Sets `args.hub_repo_id` (None without --push_to_hub)."""
-    from training_checkpoints import find_checkpoint
-    from training_model import PRESETS
-    from training_publish import check_hub
+POSITIVE = (
+    "per_device_train_batch_size",
+    "per_device_eval_batch_size",
+    "gradient_accumulation_steps",
+    "num_train_epochs",
+    "max_train_steps",
+    "logging_steps",
+    "eval_steps",
+    "max_train_samples",
+    "max_eval_samples",
+)
 
-    steps = args.checkpointing_steps
-    if steps not in (None, "epoch") and not (str(steps).isdigit() and int(steps) > 0):
-        raise InputError(f"--checkpointing_steps={args.checkpointing_steps!r}: use a positive integer or 'epoch'.")
-    if args.model_name_or_path and (args.preset or args.config_overrides):
-        raise InputError("--preset and --config_overrides build a new model: drop them with --model_name_or_path.")
-    if args.preset is not None and args.preset not in PRESETS:
-        raise InputError(f"unknown --preset {args.preset!r}: use one of {sorted(PRESETS)}.")
-    if args.gradient_accumulation_steps < 1 or args.per_device_train_batch_size < 1:
-        raise InputError("--gradient_accumulation_steps and --per_device_train_batch_size must be >= 1.")
+
+def check_output_dir(args):
+    """The output folder must be a folder (or not exist yet) that this process can write to, and hold no files
+    this run would overwrite unless --overwrite_output_dir or --resume_from_checkpoint says so."""
     output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise InputError(f"--output_dir {output_dir} is a file, not a folder: choose a folder.")
+    existing = output_dir
+    while not existing.exists():  # the nearest folder that exists: the output folder is created in it
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"--output_dir {output_dir}: {existing} is a file, not a folder.")
+    if existing == output_dir:
+        try:  # a probe, not os.access: root passes os.access on a read-only mount's folders
+            with tempfile.TemporaryFile(dir=output_dir, prefix=".write-test-"):
+                pass
+            writable = True
+        except OSError as error:
+            writable, reason = False, error.strerror
+    else:
+        writable, reason = os.access(existing, os.W_OK | os.X_OK), "Permission denied"
+    if not writable:
+        raise InputError(f"--output_dir {output_dir}: cannot write in {existing} ({reason}): choose another folder.")
     if (
         output_dir.is_dir()
         and any(output_dir.iterdir())
@@ -149,6 +178,27 @@ def check_args(args):
             f"--output_dir {output_dir} already holds files that this run would overwrite: choose another folder, "
             "pass --overwrite_output_dir, or --resume_from_checkpoint to continue a run saved there."
         )
-    if args.resume_from_checkpoint:
-        find_checkpoint(args)
+
+
+def check_args(args):
+    """Checks that need no data: numbers, output folder, checkpointing value, preset, the checkpoint to resume
+    from, Hub access (raises InputError). Sets `args.checkpoint` (the checkpoint folder to resume from, or None)
+    and `args.hub_repo_id` (None without --push_to_hub)."""
+    from training_checkpoints import find_checkpoint
+    from training_model import PRESETS
+    from training_publish import check_hub
+
+    for name in POSITIVE:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise InputError(f"--{name}={value}: it must be a positive integer.")
+    steps = args.checkpointing_steps
+    if steps not in (None, "epoch") and not (str(steps).isdigit() and int(steps) > 0):
+        raise InputError(f"--checkpointing_steps={args.checkpointing_steps!r}: use a positive integer or 'epoch'.")
+    if args.model_name_or_path and (args.preset or args.config_overrides):
+        raise InputError("--preset and --config_overrides build a new model: drop them with --model_name_or_path.")
+    if args.preset is not None and args.preset not in PRESETS:
+        raise InputError(f"unknown --preset {args.preset!r}: use one of {sorted(PRESETS)}.")
+    check_output_dir(args)
+    args.checkpoint = find_checkpoint(args) if args.resume_from_checkpoint else None
     args.hub_repo_id = check_hub(args) if args.push_to_hub else None

@@ -13,7 +13,6 @@ import json
 import logging
 import math
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,14 +27,24 @@ from transformers import get_scheduler
 logger = logging.getLogger(__name__)
 
 
+def is_tied_weight_notice(record: logging.LogRecord) -> bool:
+    """accelerate's "Removed shared tensor {'lm_head.weight'} while saving ... check by verifying that you don't
+    receive any warning while reloading": lm_head is tied to embed_tokens, so saving it once is right, and the
+    resume tests check the reload."""
+    return "Removed shared tensor" in record.getMessage()
+
+
 def setup_logging(accelerator):
+    """INFO from the scripts on the main process; warnings only from datasets, transformers and accelerate (whose
+    INFO lines name every file of every checkpoint)."""
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         level=logging.INFO if accelerator.is_main_process else logging.ERROR,
     )
-    for name in ("datasets", "transformers"):
+    for name in ("datasets", "transformers", "accelerate"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("accelerate.utils.other").addFilter(lambda record: not is_tied_weight_notice(record))
 
 
 def create_accelerator(args) -> Accelerator:
@@ -48,8 +57,6 @@ def create_accelerator(args) -> Accelerator:
     )
     setup_logging(accelerator)
     set_seed(args.seed)
-    if accelerator.is_main_process:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     return accelerator
 
 
@@ -105,10 +112,29 @@ def resume_position(completed_steps: int, steps_per_epoch: int, gradient_accumul
     return epoch, steps_in_epoch * gradient_accumulation_steps
 
 
-def should_checkpoint(args, completed_steps: int, end_of_epoch: bool) -> bool:
+def checkpoint_name(args, step: int, epoch: int, end_of_epoch: bool) -> str | None:
+    """The checkpoint to write after optimizer step `step`, if any: `step_N` every --checkpointing_steps N, or
+    `epoch_K` at the end of each epoch with --checkpointing_steps epoch (never both, never a partial epoch)."""
     if args.checkpointing_steps == "epoch":
-        return end_of_epoch
-    return args.checkpointing_steps is not None and completed_steps % int(args.checkpointing_steps) == 0
+        return f"epoch_{epoch}" if end_of_epoch else None
+    if args.checkpointing_steps is not None and step % int(args.checkpointing_steps) == 0:
+        return f"step_{step}"
+    return None
+
+
+# The arguments a resumed run must share with the saved one (with the batch size, accumulation, processes and
+# the number of batches per epoch): together they fix the data order, the schedule and so the losses.
+PLAN_ARGS = (
+    "max_train_steps",
+    "num_warmup_steps",
+    "lr_scheduler_type",
+    "learning_rate",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "max_grad_norm",
+    "seed",
+)
 
 
 @dataclasses.dataclass
@@ -142,10 +168,17 @@ class Run:
         steps_per_epoch = plan_steps(args, len(train_dataloader))
         lr_scheduler = accelerator.prepare(create_scheduler(optimizer, args, accelerator.num_processes))
         init_tracking(accelerator, args, project_name)
-        state = RunState()
+        plan = {
+            "per_device_train_batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "num_processes": accelerator.num_processes,
+            "batches_per_epoch": len(train_dataloader),
+            **{name: getattr(args, name) for name in PLAN_ARGS},
+        }
+        state = RunState(plan=plan)
         if args.resume_from_checkpoint:
-            config = accelerator.unwrap_model(model).config
-            state = load_checkpoint(accelerator, find_checkpoint(args), config)
+            checkpoint = getattr(args, "checkpoint", None) or find_checkpoint(args)
+            state = load_checkpoint(accelerator, checkpoint, accelerator.unwrap_model(model).config, plan)
         return cls(
             accelerator,
             args,
@@ -180,7 +213,10 @@ class Run:
 
     def train(self, *, compute_loss: Callable, evaluate: Callable[[], dict]):
         """The training loop. `compute_loss(model, batch)` gives the mean loss of a batch; `evaluate()` a dict of
-        metrics, logged every --eval_steps or at the end of each epoch but the last (the script evaluates after)."""
+        metrics, logged every --eval_steps, or without it at the end of each epoch but the last (the script
+        evaluates after training). After each optimizer step, in this order: log the mean train loss of the
+        window every --logging_steps and at the last step, evaluate, checkpoint; so a checkpoint holds everything
+        logged up to its step, and the losses of the window not yet logged."""
         accelerator, args, model, state = self.accelerator, self.args, self.model, self.state
         optimizer, lr_scheduler = self.optimizer, self.lr_scheduler
         start_epoch, skip_batches = resume_position(
@@ -189,8 +225,9 @@ class Run:
         progress = tqdm(
             total=args.max_train_steps, initial=state.completed_steps, disable=not accelerator.is_local_main_process
         )
-        window_losses = []
         for epoch in range(start_epoch, args.num_train_epochs):
+            if state.completed_steps >= args.max_train_steps:
+                break
             model.train()
             self.train_dataloader.set_epoch(epoch)
             batches = self.train_dataloader
@@ -210,29 +247,27 @@ class Run:
                 if not accelerator.sync_gradients:
                     continue
                 state.completed_steps += 1
-                progress.update(1)
-                window_losses.append(accelerator.gather(step_loss).mean().item())
-                step_loss = 0.0
                 step = state.completed_steps
-                if step % args.logging_steps == 0:
+                progress.update(1)
+                state.window_losses.append(accelerator.gather(step_loss).mean().item())
+                step_loss = 0.0
+                end_of_epoch = step % self.steps_per_epoch == 0
+                finished = step >= args.max_train_steps
+                if step % args.logging_steps == 0 or finished:
+                    window = float(np.mean(state.window_losses))
                     lr = lr_scheduler.get_last_lr()[0]
-                    self.log({"loss": float(np.mean(window_losses)), "learning_rate": lr, "epoch": epoch})
-                    progress.set_postfix(loss=f"{np.mean(window_losses):.3f}")
-                    window_losses = []
-                if args.eval_steps and step % args.eval_steps == 0 and step < args.max_train_steps:
+                    self.log({"loss": window, "learning_rate": lr, "epoch": epoch})
+                    progress.set_postfix(loss=f"{window:.3f}")
+                    state.window_losses = []
+                due = step % args.eval_steps == 0 if args.eval_steps else end_of_epoch
+                if due and not finished:
                     self.log(evaluate())
                     model.train()
-                if should_checkpoint(args, step, end_of_epoch=False):
-                    self.save_checkpoint(f"step_{step}")
-                if step >= args.max_train_steps:
+                name = checkpoint_name(args, step, epoch, end_of_epoch)
+                if name:
+                    self.save_checkpoint(name)
+                if finished:
                     break
-            if not args.eval_steps and state.completed_steps < args.max_train_steps:
-                self.log(evaluate())
-                model.train()
-            if should_checkpoint(args, state.completed_steps, end_of_epoch=True):
-                self.save_checkpoint(f"epoch_{epoch}")
-            if state.completed_steps >= args.max_train_steps:
-                break
         progress.close()
 
     def results(self, num_train: int, num_eval: int) -> dict:

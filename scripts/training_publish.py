@@ -8,15 +8,17 @@ loss curve), the model card, and the Hub.
 import dataclasses
 import json
 import logging
+import os
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
+from accelerate.utils import DistributedType
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
-from training_args import InputError
+from training_args import InputError, RunError
 from training_checkpoints import CHECKPOINTS_DIR
 from training_model import count_parameters
-from transformers import SchedulerType
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +44,10 @@ class CardInfo:
     dataset_split: str
     metrics: dict  # all_results.json key -> metric type, e.g. {"eval_bits_per_byte": "bits_per_byte"}
     description: str
-    usage: str  # Python code using the saved folder; "{model_id}" is replaced
+    usage: str  # Python code using the saved folder; "{model_id}", "{prompt}" and "{prompts}" are replaced
     tags: list = dataclasses.field(default_factory=list)
     dataset_config: str | None = None
+    example_prompts: list = dataclasses.field(default_factory=list)  # from the model's own data
 
 
 def check_hub(args) -> str:
@@ -85,10 +88,10 @@ def hyperparameter_table(args, accelerator, num_parameters: int) -> str:
         "block_size",
     ]
     rows = [(k, getattr(args, k)) for k in keys if getattr(args, k, None) is not None]
-    rows = [(k, v.value if isinstance(v, SchedulerType) else v) for k, v in rows]
     global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     rows += [
         ("processes", accelerator.num_processes),
+        ("distributed", accelerator.distributed_type.value),
         ("global batch size", global_batch),
         ("mixed precision", accelerator.mixed_precision),
         ("parameters", f"{num_parameters:,}"),
@@ -96,19 +99,63 @@ def hyperparameter_table(args, accelerator, num_parameters: int) -> str:
     return "\n".join(["| hyper-parameter | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
 
 
+# The shipped Accelerate config of each distributed type (scripts/accelerate_configs/).
+ACCELERATE_CONFIGS = {
+    DistributedType.MULTI_GPU: "ddp.yaml",
+    DistributedType.MULTI_CPU: "ddp.yaml",
+    DistributedType.FSDP: "fsdp.yaml",
+    DistributedType.DEEPSPEED: "deepspeed_zero{stage}.yaml",
+}
+
+
 def training_command(accelerator) -> str:
-    """The command line of this run (launcher, script and arguments), with a Hub token masked."""
+    """The command line of this run (launcher, script and arguments), with a Hub token masked. Several processes
+    are started with the shipped Accelerate config of the run's distributed type (on CPU with
+    ACCELERATE_USE_CPU=true, which makes them gloo processes)."""
     argv = list(sys.argv)
     for i, arg in enumerate(argv[:-1]):
         if arg == "--hub_token":
             argv[i + 1] = "<token>"
     argv = [a if not a.startswith("--hub_token=") else "--hub_token=<token>" for a in argv]
     launcher = ["python"]
-    if accelerator.num_processes > 1 or accelerator.mixed_precision != "no":
-        launcher = ["accelerate", "launch", "--num_processes", str(accelerator.num_processes)]
-        if accelerator.mixed_precision != "no":
-            launcher += ["--mixed_precision", accelerator.mixed_precision]
+    if accelerator.num_processes > 1:
+        config = ACCELERATE_CONFIGS.get(accelerator.distributed_type, "ddp.yaml")
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+            config = config.format(stage=accelerator.state.deepspeed_plugin.zero_stage)
+        config_path = Path(argv[0]).parent / "accelerate_configs" / config
+        launcher = ["accelerate", "launch", "--config_file", str(config_path)]
+        launcher += ["--num_processes", str(accelerator.num_processes)]
+        if accelerator.device.type == "cpu":
+            launcher = ["ACCELERATE_USE_CPU=true", *launcher]
+    elif accelerator.mixed_precision != "no":
+        launcher = ["accelerate", "launch", "--num_processes", "1"]
+    if accelerator.mixed_precision != "no":
+        launcher += ["--mixed_precision", accelerator.mixed_precision]
     return shlex.join(launcher + argv)
+
+
+def card_model_id(args) -> str:
+    """What the card's usage code passes to from_pretrained: the Hub id when known, else the output folder as a
+    relative path (as given, or its name when given as an absolute path): never an absolute local path."""
+    if args.hub_repo_id or args.hub_model_id:
+        return args.hub_repo_id or args.hub_model_id
+    path = Path(args.output_dir)
+    return path.as_posix() if not path.is_absolute() and ".." not in path.parts else path.resolve().name
+
+
+def base_model_id(model_name_or_path: str | None) -> str | None:
+    """The `base_model` of a fine-tuned model's card: the Hub id it was loaded from, or for a local folder the Hub
+    id its own card names (`model_name` with an owner), else the folder's name."""
+    if not model_name_or_path:
+        return None
+    path = Path(model_name_or_path)
+    if not path.is_dir():
+        return model_name_or_path
+    if (path / "README.md").is_file():
+        name = ModelCard.load(path / "README.md").data.to_dict().get("model_name")
+        if name and "/" in name:
+            return name
+    return path.resolve().name
 
 
 def plot_losses(log_history: list, path: Path, eval_key: str = "eval_loss") -> bool:
@@ -138,12 +185,19 @@ def plot_losses(log_history: list, path: Path, eval_key: str = "eval_loss") -> b
     return True
 
 
+def usage_code(info: CardInfo, model_id: str) -> str:
+    """The card's usage code: the script's template with the model id and the example prompts filled in."""
+    prompts = info.example_prompts or [""]
+    code = info.usage.replace("{model_id}", model_id).replace("{prompts}", repr(prompts))
+    return code.replace("{prompt}", repr(prompts[0]))
+
+
 def write_model_card(output_dir: Path, args, accelerator, model, results: dict, info: CardInfo):
     """README.md from model_cards/aft_model_card.md.jinja: metadata with a model-index of `info.metrics`, usage,
     the training command, hyper-parameters, results, limitations and citation."""
     config = model.config
-    model_id = args.hub_repo_id or args.output_dir  # what from_pretrained takes: the Hub id or the folder
-    name = args.hub_repo_id or Path(args.output_dir).resolve().name
+    model_id = card_model_id(args)
+    name = args.hub_repo_id or args.hub_model_id or Path(args.output_dir).resolve().name
     eval_results = [
         EvalResult(
             task_type=info.task_type,
@@ -166,6 +220,7 @@ def write_model_card(output_dir: Path, args, accelerator, model, results: dict, 
         datasets=[info.dataset_id],
         metrics=sorted(set(info.metrics.values())),
         model_name=name,
+        base_model=base_model_id(args.model_name_or_path),
         eval_results=eval_results,
     )
     architecture = (
@@ -185,7 +240,7 @@ def write_model_card(output_dir: Path, args, accelerator, model, results: dict, 
         architecture=architecture,
         num_parameters=f"{count_parameters(model):,}",
         description=info.description,
-        usage=info.usage.replace("{model_id}", model_id),
+        usage=usage_code(info, model_id),
         training_command=training_command(accelerator),
         hyperparameters=hyperparameter_table(args, accelerator, count_parameters(model)),
         results_table=results_table,
@@ -194,29 +249,54 @@ def write_model_card(output_dir: Path, args, accelerator, model, results: dict, 
     card.save(output_dir / "README.md")
 
 
-def save_outputs(run, processor, results: dict, info: CardInfo):
-    """The upload-ready folder: weights, config and code, processor, generation config, results, plot, card; then
-    the upload with --push_to_hub, and the end of tracking and of the process group."""
+def save_outputs(run, processor, results: dict, info: CardInfo, images: dict | None = None):
+    """The upload-ready folder: weights, config and code, processor, generation config, results, plot, card, and
+    `images` ({file name: PIL image}, e.g. samples); then
+    the upload with --push_to_hub, and the end of tracking and of the process group. Everything is written to a
+    hidden folder inside OUTPUT_DIR first and moved into place file by file (os.replace) once all is written, so
+    a failed write (disk full) changes nothing a previous run saved there (RunError)."""
     accelerator, args = run.accelerator, run.args
-    accelerator.wait_for_everyone()
-    unwrapped = run.unwrapped_model
     output_dir = Path(args.output_dir)
+    staging = output_dir / ".tmp-output"
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(run.model)  # the full weights, also when FSDP shards them
+    unwrapped = run.unwrapped_model
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            processor.save_pretrained(staging)
+        accelerator.wait_for_everyone()
+        unwrapped.save_pretrained(
+            staging, is_main_process=accelerator.is_main_process, save_function=accelerator.save, state_dict=state_dict
+        )
+        if accelerator.is_main_process:
+            results = {k: round(v, 6) if isinstance(v, float) else v for k, v in results.items()}
+            (staging / "all_results.json").write_text(json.dumps(results, indent=2))
+            (staging / "log_history.json").write_text(json.dumps(run.state.log_history, indent=1))
+            plot_losses(run.state.log_history, staging / "loss_curve.png")
+            for name, image in (images or {}).items():
+                image.save(staging / name)
+            write_model_card(staging, args, accelerator, unwrapped, results, info)
+            for path in sorted(staging.iterdir()):
+                os.replace(path, output_dir / path.name)
+            staging.rmdir()
+    except Exception as error:
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        reason = " ".join(f"{type(error).__name__}: {error}".split())
+        raise RunError(
+            f"could not write the model folder {output_dir} ({reason}): the files of a previous run there are "
+            "unchanged; the checkpoints under it (--checkpointing_steps) can be resumed once the problem is fixed."
+        ) from error
     if accelerator.is_main_process:
-        processor.save_pretrained(output_dir)
-    unwrapped.save_pretrained(output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save)
-    if accelerator.is_main_process:
-        results = {k: round(v, 6) if isinstance(v, float) else v for k, v in results.items()}
-        (output_dir / "all_results.json").write_text(json.dumps(results, indent=2))
-        (output_dir / "log_history.json").write_text(json.dumps(run.state.log_history, indent=1))
-        plot_losses(run.state.log_history, output_dir / "loss_curve.png")
-        write_model_card(output_dir, args, accelerator, unwrapped, results, info)
         logger.info(f"saved the model folder {output_dir}: {json.dumps(results)}")
         if args.hub_repo_id:
             HfApi(token=args.hub_token).upload_folder(
                 repo_id=args.hub_repo_id,
                 folder_path=output_dir,
                 commit_message="Upload AFT model trained with the aft scripts",
-                ignore_patterns=[f"{CHECKPOINTS_DIR}/*", "runs/*"],
+                ignore_patterns=[f"{CHECKPOINTS_DIR}/*", "runs/*", ".tmp-*"],
             )
             logger.info(f"uploaded to https://huggingface.co/{args.hub_repo_id}")
     accelerator.wait_for_everyone()

@@ -344,7 +344,7 @@ def test_byte_tokenizer_round_trips_bytes(utils, tmp_path):
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
     tokenizer.save_pretrained(tmp_path)
     loaded = AutoTokenizer.from_pretrained(tmp_path)
-    assert len(loaded) == 256 and loaded(text)["input_ids"] == list(text.encode("utf-8"))
+    assert len(loaded) == 258 and loaded(text)["input_ids"] == list(text.encode("utf-8"))
 
 
 def test_local_text_with_a_trained_bpe_tokenizer(utils, scripts, tmp_path):

@@ -12,12 +12,13 @@ import dataclasses
 import json
 import logging
 import math
+import os
 from collections.abc import Callable
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
 from tqdm.auto import tqdm
 from training_args import InputError
 from training_checkpoints import RunState, find_checkpoint, load_checkpoint, save_checkpoint
@@ -56,6 +57,13 @@ def create_accelerator(args) -> Accelerator:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # one shuffle order per epoch
     )
     setup_logging(accelerator)
+    if (
+        os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+        and accelerator.distributed_type != DistributedType.FSDP
+    ):
+        logger.warning(
+            f"accelerate applies FSDP only on accelerators: these processes run {accelerator.distributed_type.value}."
+        )
     set_seed(args.seed)
     return accelerator
 

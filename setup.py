@@ -35,11 +35,13 @@ setup(
         "pillow>=13",
     ],
     extras_require={
-        # training scripts: accelerate + datasets; scikit-learn ships the embedded image data (digits);
-        # matplotlib draws the loss curves and benchmark plots
+        # training scripts: accelerate + datasets; evaluate computes their metrics (with the modules shipped in
+        # scripts/metrics, offline); scikit-learn ships the embedded image data (digits); matplotlib draws the loss
+        # curves and benchmark plots
         "train": [
             "accelerate>=1.15",
             "datasets>=5.2",
+            "evaluate>=0.4.6",
             "scikit-learn>=1.9",
             "matplotlib>=3.11",
         ],

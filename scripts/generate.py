@@ -52,8 +52,9 @@ def main():
     )
     seconds = time.perf_counter() - start
     new_tokens = out.sequences.shape[1] - inputs["input_ids"].shape[1]
-    print(tokenizer.decode(out.sequences[0], skip_special_tokens=True))
-    state_kib = out.past_key_values.nbytes() / 1024
+    print(tokenizer.decode(out.sequences[0], skip_special_tokens=True))  # generation stops early at eos
+    cache = next(v for v in out.values() if callable(getattr(v, "nbytes", None)))  # the AFTCache generate() gives
+    state_kib = cache.nbytes() / 1024
     print(
         f"\n[{model.config.aft_variant}, {model.num_parameters() / 1e6:.2f}M parameters] {new_tokens} tokens in "
         f"{seconds:.2f} s ({new_tokens / seconds:.0f} tokens/s); decoding state {state_kib:.1f} KiB"

@@ -1,21 +1,30 @@
-"""Image classification with an AFT image model (AFTForImageClassification), reported in accuracy.
+"""Image classification with an AFT image model (AFTForImageClassification), reported in accuracy and top-k
+accuracy (through evaluate modules: the shipped ones by default, `--metric` for another).
 
 Data: `--dataset_name` (e.g. cifar10 from the Hub), `--train_dir`/`--validation_dir` (image folders, one
 sub-folder per class), and by default scikit-learn's digits, which needs no download (8x8 grey images of the
-digits 0-9; the first 1,500 train, the last 297 validate). Images are resized to `image_size`, scaled to [0, 1]
-and normalised by the saved image processor (transformers' ViT processor, PIL based); no augmentation.
+digits 0-9; the first 1,500 train, the last 297 validate). Every image is converted to RGB (grey ones too, as
+the image-classification pipeline does), resized to `image_size`, scaled to [0, 1] and normalised by the saved
+image processor (transformers' ViT processor, PIL based); no augmentation.
 
     python scripts/run_image_classification.py --preset tiny --output_dir outputs/aft-digits
-    accelerate launch scripts/run_image_classification.py --dataset_name cifar10 --image_size 32 --patch_size 4 \
+    accelerate launch --config_file scripts/accelerate_configs/ddp.yaml --num_processes 2 \
+        scripts/run_image_classification.py --dataset_name cifar10 --image_size 32 --patch_size 4 \
         --preset small --config_overrides aft_variant=conv,num_heads=64 --output_dir outputs/aft-cifar10
 """
 
 import argparse
 import logging
 
+import numpy as np
 import torch
-import training_utils as tu
+import training_args
+import training_data
+import training_model
 from datasets import ClassLabel
+from training_loop import Run, create_accelerator
+from training_metrics import load_metric
+from training_publish import CardInfo, save_outputs
 
 from aft import AFTForImageClassification, aft_image_processor
 
@@ -23,84 +32,115 @@ logger = logging.getLogger(__name__)
 
 
 def parse_args(argv=None):
+    """The command line, checked: bad input stops here with an InputError, before any work."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    tu.add_image_data_args(parser)
+    training_args.add_image_data_args(parser)
     parser.add_argument("--image_size", type=int, default=None, help="square side (default: the first image's).")
     parser.add_argument("--patch_size", type=int, default=None, help="default: image_size / 4, at least 1.")
-    tu.add_model_args(parser, default_preset="small")
-    tu.add_training_args(parser, learning_rate=1e-3, batch_size=32, epochs=10)
-    tu.add_output_args(parser)
-    return parser.parse_args(argv)
+    training_args.add_model_args(parser, default_preset="small")
+    training_args.add_training_args(parser, learning_rate=1e-3, batch_size=32, epochs=10)
+    metrics = parser.add_argument_group("metrics")
+    metrics.add_argument(
+        "--metric",
+        default="accuracy",
+        help="an evaluate module given (predictions, references) label ids: a shipped one (default 'accuracy', "
+        "offline), a local module folder, or a Hub module such as 'evaluate-metric/accuracy' (online).",
+    )
+    metrics.add_argument(
+        "--top_k_accuracy", type=int, default=5, help="also report top-K accuracy when there are more classes (0: no)."
+    )
+    training_args.add_output_args(parser)
+    args = parser.parse_args(argv)
+    if args.top_k_accuracy < 0:
+        raise training_args.InputError(f"--top_k_accuracy={args.top_k_accuracy}: use 0 (none) or a positive K.")
+    training_args.check_args(args)
+    training_data.check_image_folders(args)
+    return args
 
 
 def label_names(dataset, label_column: str) -> list[str]:
     if label_column not in dataset.column_names:
-        raise tu.InputError(f"no label column {label_column!r} (columns: {dataset.column_names}); use --label_column.")
+        raise training_args.InputError(
+            f"no label column {label_column!r} (columns: {dataset.column_names}); use --label_column."
+        )
     feature = dataset.features[label_column]
     if isinstance(feature, ClassLabel):
         return feature.names
     return [str(label) for label in sorted(set(dataset[label_column]))]
 
 
-def evaluate(model, dataloader, accelerator) -> dict:
-    """Accuracy and mean cross-entropy over the whole evaluation set, gathered over processes."""
+def evaluate(model, dataloader, accelerator, metrics: dict, top_k: int) -> dict:
+    """Cross-entropy, --metric (accuracy) and top-k accuracy over the whole evaluation set, gathered over
+    processes, through evaluate modules."""
     model.eval()
-    correct, losses = [], []
     for batch in dataloader:
         with torch.no_grad():
-            logits = model(pixel_values=batch["pixel_values"]).logits
-        losses.append(
-            accelerator.gather_for_metrics(
-                torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="none")
-            )
-        )
-        correct.append(accelerator.gather_for_metrics(logits.argmax(-1) == batch["labels"]))
+            logits = model(pixel_values=batch["pixel_values"]).logits.float()  # (B, num_labels)
+        nats = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")  # (B,)
+        ranked = logits.topk(max(top_k, 1), dim=-1).indices  # (B, k), best first
+        nats, ranked, labels = accelerator.gather_for_metrics((nats, ranked, batch["labels"]))
+        metrics["loss"].add_batch(nats=nats.tolist(), tokens=[1] * len(nats))
+        metrics["metric"].add_batch(predictions=ranked[:, 0].tolist(), references=labels.tolist())
+        if top_k:
+            metrics["top_k"].add_batch(predictions=ranked.tolist(), references=labels.tolist())
     model.train()
-    return {"eval_loss": torch.cat(losses).mean().item(), "eval_accuracy": torch.cat(correct).float().mean().item()}
+    values = {"loss": metrics["loss"].compute()["loss"]} | metrics["metric"].compute()
+    if top_k:
+        values |= metrics["top_k"].compute(k=[top_k])
+    # the scalars (a Hub module may return numpy numbers, or lists such as per-class scores)
+    return {f"eval_{k}": float(v) for k, v in values.items() if isinstance(v, int | float | np.number)}
+
+
+CLASSIFICATION_USAGE = """from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
+
+classify = pipeline("image-classification", model="{model_id}")
+print(classify("digit.png"))  # a file, a URL or a PIL image, colour or grey: [{'label': ..., 'score': ...}, ...]
+
+processor = AutoImageProcessor.from_pretrained("{model_id}")
+model = AutoModelForImageClassification.from_pretrained("{model_id}")
+inputs = processor(Image.open("digit.png").convert("RGB"), return_tensors="pt")  # the model takes RGB
+print(model.config.id2label[model(**inputs).logits.argmax(-1).item()])"""
 
 
 def main(argv=None):
     args = parse_args(argv)
-    tu.check_args(args)
-    accelerator = tu.create_accelerator(args)
+    accelerator = create_accelerator(args)
 
-    # 1. data and model
-    raw, image_column = tu.load_image_datasets(args)
+    # 1. data
+    raw, image_column = training_data.image_datasets(args)
     names = label_names(raw["train"], args.label_column)
-    first = raw["train"][0][image_column]
-    image_size = args.image_size or first.size[0]
-    mode = tu.image_mode(first)
+    image_size = args.image_size or raw["train"][0][image_column].size[0]
+    top_k = args.top_k_accuracy if args.top_k_accuracy < len(names) else 0  # top-k of k classes is always 1
+    with accelerator.main_process_first():
+        metrics = {"loss": load_metric("cross_entropy"), "metric": load_metric(args.metric)}
+        if top_k:
+            metrics["top_k"] = load_metric("top_k_accuracy")
+
+    # 2. model and its image processor
     task_fields = {
         "image_size": image_size,
         "patch_size": args.patch_size or max(1, image_size // 4),
-        "num_channels": 1 if mode == "L" else 3,
+        "num_channels": 3,  # RGB, grey images too: the image-classification pipeline gives RGB
         "num_labels": len(names),
         "id2label": dict(enumerate(names)),
         "label2id": {name: i for i, name in enumerate(names)},
     }
     if args.model_name_or_path and args.patch_size is None:
         del task_fields["patch_size"]  # the checkpoint's own
-    model = tu.load_model(AFTForImageClassification, args, **task_fields)
+    model = training_model.load_model(AFTForImageClassification, args, **task_fields)
     patch_size = model.config.patch_size
     processor = aft_image_processor(model.config)
-    if mode == "L":  # one grey channel: one mean and std
-        processor.image_mean, processor.image_std = [0.5], [0.5]
     label_ids = {name: i for i, name in enumerate(names)}
     is_class_label = isinstance(raw["train"].features[args.label_column], ClassLabel)
 
     def transform(batch):
-        images = [image.convert(mode) for image in batch[image_column]]
+        images = [image.convert("RGB") for image in batch[image_column]]
         labels = batch[args.label_column] if is_class_label else [label_ids[str(x)] for x in batch[args.label_column]]
         return {
             "pixel_values": processor(images, return_tensors="pt")["pixel_values"],
             "labels": torch.tensor(labels),
         }
-
-    train_dataset, eval_dataset = raw["train"], raw["validation"]
-    if args.max_train_samples:
-        train_dataset = train_dataset.select(range(min(args.max_train_samples, len(train_dataset))))
-    if args.max_eval_samples:
-        eval_dataset = eval_dataset.select(range(min(args.max_eval_samples, len(eval_dataset))))
 
     def collate(examples):
         return {
@@ -108,38 +148,36 @@ def main(argv=None):
             "labels": torch.stack([e["labels"] for e in examples]),
         }
 
-    train_dataloader, eval_dataloader = tu.make_dataloaders(
+    train_dataset = training_data.take(raw["train"], args.max_train_samples)
+    eval_dataset = training_data.take(raw["validation"], args.max_eval_samples)
+
+    # 3. data loaders, optimizer, schedule, accelerate, and the state of a resumed run
+    train_dataloader, eval_dataloader = training_data.make_dataloaders(
         args, train_dataset.with_transform(transform), eval_dataset.with_transform(transform), collate
     )
-
-    # 2. training
-    model, optimizer, train_dataloader, eval_dataloader, lr_scheduler, run_state, steps_per_epoch = (
-        tu.prepare_training(accelerator, args, model, train_dataloader, eval_dataloader, "aft_image_classification")
+    run = Run.prepare(
+        accelerator, args, model, train_dataloader, eval_dataloader, project_name="aft_image_classification"
     )
     logger.info(
         f"{len(train_dataset)} training and {len(eval_dataset)} validation images, {len(names)} classes, "
         f"{image_size}x{image_size} in patches of {patch_size}; "
-        f"{tu.count_parameters(model):,} parameters; {args.max_train_steps} steps"
-    )
-    tu.train(
-        accelerator,
-        args,
-        model,
-        optimizer,
-        lr_scheduler,
-        train_dataloader,
-        run_state,
-        steps_per_epoch,
-        compute_loss=lambda model, batch: model(**batch).loss,
-        evaluate=lambda: evaluate(model, eval_dataloader, accelerator),
+        f"{training_model.count_parameters(model):,} parameters; {args.max_train_steps} steps"
     )
 
-    # 3. final evaluation and the output folder
-    results = evaluate(model, eval_dataloader, accelerator)
-    run_state.log(accelerator, results.copy())
-    results |= tu.train_results(run_state, model, len(train_dataset), len(eval_dataset))
+    # 4. training
+    run.train(
+        compute_loss=lambda model, batch: model(**batch).loss,
+        evaluate=lambda: evaluate(run.model, run.eval_dataloader, accelerator, metrics, top_k),
+    )
+
+    # 5. final evaluation
+    results = evaluate(run.model, run.eval_dataloader, accelerator, metrics, top_k)
+    run.log(results.copy())
+    results |= run.results(len(train_dataset), len(eval_dataset))
+
+    # 6. the output folder: model, processor, results, model card
     dataset_id = args.dataset_name or ("local-images" if args.train_dir else "sklearn-digits")
-    card = tu.CardInfo(
+    card = CardInfo(
         task_type="image-classification",
         task_name="Image classification",
         pipeline_tag="image-classification",
@@ -147,7 +185,7 @@ def main(argv=None):
         dataset_name=dataset_id if args.dataset_name or args.train_dir else "scikit-learn digits (8x8, 10 classes)",
         dataset_config=args.dataset_config_name,
         dataset_split=args.eval_split,
-        metrics={"eval_accuracy": "accuracy", "eval_loss": "loss"},
+        metrics={k: k.removeprefix("eval_") for k in results if k.startswith("eval_") and k != "eval_samples"},
         description=(
             f"image classification into {len(names)} classes, trained on {dataset_id} at "
             f"{image_size}x{image_size} in patches of {patch_size}."
@@ -155,18 +193,8 @@ def main(argv=None):
         usage=CLASSIFICATION_USAGE,
         tags=["image-classification", "vision"],
     )
-    tu.save_outputs(accelerator, args, model, processor, run_state, results, card)
-
-
-CLASSIFICATION_USAGE = """from PIL import Image
-from transformers import AutoImageProcessor, AutoModelForImageClassification
-
-processor = AutoImageProcessor.from_pretrained("{model_id}")
-model = AutoModelForImageClassification.from_pretrained("{model_id}")
-image = Image.open("digit.png")  # any image; it is resized and converted like the training images
-inputs = processor(image.convert("L" if len(processor.image_mean) == 1 else "RGB"), return_tensors="pt")
-print(model.config.id2label[model(**inputs).logits.argmax(-1).item()])"""
+    save_outputs(run, processor, results, card)
 
 
 if __name__ == "__main__":
-    tu.run_main(main)
+    training_args.run_main(main)

@@ -8,19 +8,23 @@ Data: `--dataset_name` (e.g. cifar10 from the Hub), `--train_dir`/`--validation_
 default scikit-learn's digits, which needs no download (8x8 grey, 17 levels mapped to round(v * 255 / 16)).
 
     python scripts/run_pixel_modeling.py --preset tiny --output_dir outputs/aft-pixels-digits
-    accelerate launch scripts/run_pixel_modeling.py --dataset_name cifar10 --preset cifar10-paper --output_dir ...
+    accelerate launch --config_file scripts/accelerate_configs/ddp.yaml --num_processes 2 \
+        scripts/run_pixel_modeling.py --dataset_name cifar10 --preset cifar10-paper --output_dir outputs/aft-cifar10
 """
 
 import argparse
 import logging
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-import training_utils as tu
+import training_args
+import training_data
+import training_model
 from PIL import Image
+from training_loop import Run, create_accelerator
+from training_metrics import load_metric, next_token_cross_entropy
+from training_publish import CardInfo, save_outputs
 from transformers import ViTImageProcessorPil
 
 from aft import AFTForCausalLM
@@ -31,20 +35,24 @@ START = 256  # the start token; sub-pixel values are 0..255
 
 
 def parse_args(argv=None):
+    """The command line, checked: bad input stops here with an InputError, before any work."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    tu.add_image_data_args(parser)
+    training_args.add_image_data_args(parser)
     parser.add_argument("--image_size", type=int, default=None, help="resize to this square side (default: as is).")
     parser.add_argument("--num_samples", type=int, default=16, help="images to generate into samples.png (0: none).")
-    tu.add_model_args(parser, default_preset="small")
-    tu.add_training_args(parser, learning_rate=1e-3, batch_size=32, epochs=10)
-    tu.add_output_args(parser)
-    return parser.parse_args(argv)
+    training_args.add_model_args(parser, default_preset="small")
+    training_args.add_training_args(parser, learning_rate=1e-3, batch_size=32, epochs=10)
+    training_args.add_output_args(parser)
+    args = parser.parse_args(argv)
+    training_args.check_args(args)
+    training_data.check_image_folders(args)
+    return args
 
 
 def image_processor(images, image_size: int | None) -> ViTImageProcessorPil:
     """Resize only: values stay 0..255 (no rescaling, no normalisation), so they are the 256 classes."""
     height, width = (image_size, image_size) if image_size else images[0].size[::-1]
-    channels = 1 if tu.image_mode(images[0]) == "L" else 3
+    channels = 1 if training_data.image_mode(images[0]) == "L" else 3
     return ViTImageProcessorPil(
         do_resize=True,
         size={"height": height, "width": width},
@@ -64,22 +72,15 @@ def to_sequences(images, processor) -> np.ndarray:
     return np.concatenate([np.full((len(images), 1), START), pixels], axis=1)
 
 
-def evaluate(model, dataloader, accelerator) -> dict:
-    """Bits per dimension: mean negative log2-likelihood of every sub-pixel, gathered over processes."""
-    model.eval()
-    losses = []
-    for batch in dataloader:
-        with torch.no_grad():
-            logits = model(input_ids=batch["input_ids"], use_cache=False).logits
-        nats = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), batch["input_ids"][:, 1:], reduction="none")
-        losses.append(accelerator.gather_for_metrics(nats.mean(dim=1)))  # (B,): every image has H*W*C targets
-    model.train()
-    loss = torch.cat(losses).mean().item()
-    return {"eval_loss": loss, "eval_bits_per_dim": loss / math.log(2)}
+def evaluate(model, dataloader, accelerator, metric) -> dict:
+    """Bits per dimension: the mean negative log2-likelihood of every sub-pixel (each image has H*W*C)."""
+    values = next_token_cross_entropy(model, dataloader, accelerator, metric)
+    return {"eval_loss": values["loss"], "eval_bits_per_dim": values["bits_per_token"]}
 
 
-def save_samples(model, processor, path: Path, num_samples: int, seed: int):
-    """Sample `num_samples` images from the start token (recurrent decoding) and save them as one grid PNG."""
+def sample_grid(model, processor, num_samples: int, seed: int) -> Image.Image:
+    """Sample `num_samples` images from the start token (recurrent decoding), as one grid. Every process samples
+    (the same images: under FSDP each forward pass needs all processes)."""
     height, width = processor.size["height"], processor.size["width"]
     channels = len(processor.image_mean)
     torch.manual_seed(seed)
@@ -95,16 +96,26 @@ def save_samples(model, processor, path: Path, num_samples: int, seed: int):
         grid[r * (height + 1) : r * (height + 1) + height, c * (width + 1) : c * (width + 1) + width] = image
     scale = max(1, 256 // max(grid.shape[:2]))  # small images: enlarge for viewing
     grid = grid.repeat(scale, 0).repeat(scale, 1)
-    Image.fromarray(grid[..., 0] if channels == 1 else grid).save(path)
+    return Image.fromarray(grid[..., 0] if channels == 1 else grid)
+
+
+PIXEL_USAGE = """import torch
+from transformers import AutoModelForCausalLM
+
+model = AutoModelForCausalLM.from_pretrained("{model_id}")
+start = torch.full((4, 1), model.config.bos_token_id)  # 4 images, each from the start token
+ids = model.generate(input_ids=start, max_new_tokens={length}, do_sample=True)
+images = ids[:, 1:].view(4, {shape}).to(torch.uint8)  # (N, H, W, C) sub-pixel values 0..255"""
 
 
 def main(argv=None):
     args = parse_args(argv)
-    tu.check_args(args)
-    accelerator = tu.create_accelerator(args)
+    accelerator = create_accelerator(args)
+    with accelerator.main_process_first():
+        metric = load_metric("cross_entropy")
 
     # 1. data: images -> sequences of sub-pixel classes
-    raw, image_column = tu.load_image_datasets(args)
+    raw, image_column = training_data.image_datasets(args)
     processor = image_processor(raw["train"][:1][image_column], args.image_size)
     with accelerator.main_process_first():
         sequences = raw.map(
@@ -113,63 +124,48 @@ def main(argv=None):
             remove_columns=raw["train"].column_names,
             desc="images to sequences",
         )
-    train_dataset, eval_dataset = sequences["train"], sequences["validation"]
-    if args.max_train_samples:
-        train_dataset = train_dataset.select(range(min(args.max_train_samples, len(train_dataset))))
-    if args.max_eval_samples:
-        eval_dataset = eval_dataset.select(range(min(args.max_eval_samples, len(eval_dataset))))
+    train_dataset = training_data.take(sequences["train"], args.max_train_samples)
+    eval_dataset = training_data.take(sequences["validation"], args.max_eval_samples)
     height, width, channels = processor.size["height"], processor.size["width"], len(processor.image_mean)
     sequence_length = 1 + height * width * channels
 
     # 2. model: 256 intensity classes + the start token
-    model = tu.load_model(AFTForCausalLM, args, vocab_size=START + 1, bos_token_id=START)
-    tu.check_sequence_length(model.config, sequence_length, f"the sequence length 1 + {height}x{width}x{channels}")
+    model = training_model.load_model(AFTForCausalLM, args, vocab_size=START + 1, bos_token_id=START)
+    training_model.check_sequence_length(
+        model.config, sequence_length, f"the sequence length 1 + {height}x{width}x{channels}"
+    )
     model.generation_config.bos_token_id = START
     model.generation_config.suppress_tokens = [START]  # the start token never appears inside an image
     model.generation_config.max_new_tokens = sequence_length - 1
     model.generation_config.do_sample = True
 
-    train_dataloader, eval_dataloader = tu.make_dataloaders(
+    # 3. data loaders, optimizer, schedule, accelerate, and the state of a resumed run
+    train_dataloader, eval_dataloader = training_data.make_dataloaders(
         args, train_dataset.with_format("torch"), eval_dataset.with_format("torch")
     )
-
-    # 3. training
-    model, optimizer, train_dataloader, eval_dataloader, lr_scheduler, run_state, steps_per_epoch = (
-        tu.prepare_training(accelerator, args, model, train_dataloader, eval_dataloader, "aft_pixel_modeling")
-    )
+    run = Run.prepare(accelerator, args, model, train_dataloader, eval_dataloader, project_name="aft_pixel_modeling")
     logger.info(
         f"{len(train_dataset)} training and {len(eval_dataset)} validation images of {height}x{width}x{channels} "
-        f"sub-pixels; {tu.count_parameters(model):,} parameters; {args.max_train_steps} steps"
+        f"sub-pixels; {training_model.count_parameters(model):,} parameters; {args.max_train_steps} steps"
     )
-    tu.train(
-        accelerator,
-        args,
-        model,
-        optimizer,
-        lr_scheduler,
-        train_dataloader,
-        run_state,
-        steps_per_epoch,
+
+    # 4. training
+    run.train(
         compute_loss=lambda model, batch: (
             model(input_ids=batch["input_ids"], labels=batch["input_ids"], use_cache=False).loss
         ),
-        evaluate=lambda: evaluate(model, eval_dataloader, accelerator),
+        evaluate=lambda: evaluate(run.model, run.eval_dataloader, accelerator, metric),
     )
 
-    # 4. final evaluation, samples and the output folder
-    results = evaluate(model, eval_dataloader, accelerator)
-    run_state.log(accelerator, results.copy())
-    results |= tu.train_results(run_state, model, len(train_dataset), len(eval_dataset))
-    if accelerator.is_main_process and args.num_samples:
-        save_samples(
-            accelerator.unwrap_model(model),
-            processor,
-            Path(args.output_dir) / "samples.png",
-            args.num_samples,
-            args.seed,
-        )
+    # 5. final evaluation and samples
+    results = evaluate(run.model, run.eval_dataloader, accelerator, metric)
+    run.log(results.copy())
+    results |= run.results(len(train_dataset), len(eval_dataset))
+    samples = sample_grid(run.unwrapped_model, processor, args.num_samples, args.seed) if args.num_samples else None
+
+    # 6. the output folder: model, processor, results, model card
     dataset_id = args.dataset_name or ("local-images" if args.train_dir else "sklearn-digits")
-    card = tu.CardInfo(
+    card = CardInfo(
         task_type="image-generation",
         task_name="Autoregressive image modelling",
         pipeline_tag="unconditional-image-generation",
@@ -188,17 +184,8 @@ def main(argv=None):
         ),
         tags=["image-generation", "pixel-modeling"],
     )
-    tu.save_outputs(accelerator, args, model, processor, run_state, results, card)
-
-
-PIXEL_USAGE = """import torch
-from transformers import AutoModelForCausalLM
-
-model = AutoModelForCausalLM.from_pretrained("{model_id}")
-start = torch.full((4, 1), model.config.bos_token_id)  # 4 images, each from the start token
-ids = model.generate(input_ids=start, max_new_tokens={length}, do_sample=True)
-images = ids[:, 1:].view(4, {shape}).to(torch.uint8)  # (N, H, W, C) sub-pixel values 0..255"""
+    save_outputs(run, processor, results, card, images={"samples.png": samples} if samples else None)
 
 
 if __name__ == "__main__":
-    tu.run_main(main)
+    training_args.run_main(main)

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from argparse import Namespace
@@ -77,10 +78,11 @@ def losses(folder: Path) -> dict:
 @pytest.fixture(scope="session")
 def clm_folder(env, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "clm"
-    run_script(
+    result = run_script(
         env, "run_clm.py", *CLM, "--per_device_train_batch_size", "4", "--checkpointing_steps", "5",
         "--eval_at_start", "--output_dir", out,
     )  # fmt: skip
+    (out.parent / "clm.stderr").write_text(result.stderr)
     return out
 
 
@@ -199,41 +201,15 @@ def test_folders_load_installed_and_as_remote_code(env, clm_folder, pixel_folder
     assert installed["logits"] == pytest.approx(remote["logits"], abs=1e-6)
 
 
-def test_resume_after_checkpoint_repeats_the_uninterrupted_run(env, clm_folder, tmp_path):
-    checkpoint = clm_folder / "checkpoints" / "step_5"
-    assert (checkpoint / "run_state.json").is_file()
-    out = tmp_path / "resumed"
-    run_script(
-        env, "run_clm.py", *CLM, "--per_device_train_batch_size", "4", "--resume_from_checkpoint", checkpoint,
-        "--output_dir", out,
-    )  # fmt: skip
-    uninterrupted, resumed = losses(clm_folder), losses(out)
-    assert sorted(resumed) == list(range(1, 8))  # the log up to step 5 comes from the checkpoint
-    for step in range(6, 8):
-        assert resumed[step] == uninterrupted[step]
-    eval_loss = [json.loads((d / "all_results.json").read_text())["eval_loss"] for d in (clm_folder, out)]
-    assert eval_loss[0] == eval_loss[1]
-
-
 @pytest.fixture
 def utils():
+    """The scripts' shared modules by job, imported as the scripts import them (scripts/ first on sys.path)."""
     sys.path.insert(0, str(SCRIPTS))
     try:
-        yield importlib.import_module("training_utils")
+        names = ("args", "model", "data", "loop", "checkpoints", "publish")
+        yield Namespace(**{name: importlib.import_module(f"training_{name}") for name in names})
     finally:
         sys.path.remove(str(SCRIPTS))
-
-
-def test_latest_checkpoint_skips_one_killed_while_saving(utils, tmp_path):
-    root = tmp_path / "checkpoints"
-    for name, steps in (("step_5", 5), ("step_10", 10)):
-        (root / name).mkdir(parents=True)
-        (root / name / "run_state.json").write_text(json.dumps({"completed_steps": steps}))
-    (root / ".tmp-step_15").mkdir()  # a save interrupted before the rename
-    (root / ".tmp-step_15" / "model.safetensors").write_bytes(b"partial")
-    (root / "step_20").mkdir()  # no run_state.json: not a complete checkpoint
-    args = Namespace(output_dir=str(tmp_path), resume_from_checkpoint="latest")
-    assert utils.find_checkpoint(args) == root / "step_10"
 
 
 def test_checkpoints_are_written_by_rename(utils, clm_folder):
@@ -262,7 +238,7 @@ def scripts(utils):
 def fails_before_training(utils, main, tmp_path, *args, out=None):
     """Run a script's main() in this process; return the InputError message (and check nothing was trained)."""
     out = out or tmp_path / "out"
-    with pytest.raises(utils.InputError) as error:
+    with pytest.raises(utils.args.InputError) as error:
         main([*map(str, args), "--output_dir", str(out)])
     assert not (out / "model.safetensors").exists() and not (out / "checkpoints").exists()
     return str(error.value)
@@ -310,40 +286,53 @@ def test_bad_inputs_fail_before_training(utils, scripts, tmp_path, clm_folder, m
     assert "the sequence length 1 + 8x8x1 is 65, larger than the model's max_position_embeddings=32" in message
 
 
-def test_two_processes_reach_the_eval_loss_of_one(env, clm_folder, tmp_path):
-    # accelerate 1.15's `--cpu --num_processes 2` starts one process (its CPU multi-process path wants MPI);
-    # torchrun through `--multi_gpu` with ACCELERATE_USE_CPU gives two gloo processes.
+def test_two_processes_with_the_shipped_ddp_config_reach_the_losses_of_one(env, clm_folder, tmp_path):
+    """The multi-process command of the README and of the model card: two gloo DDP processes through
+    scripts/accelerate_configs/ddp.yaml (accelerate 1.15's `--cpu --num_processes 2` starts one process)."""
     out = tmp_path / "two"
     two = dict(env, ACCELERATE_USE_CPU="true")
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launcher += ["--main_process_port", "29533"]
+    config = SCRIPTS / "accelerate_configs" / "ddp.yaml"
+    launch = ["--config_file", str(config), "--num_processes", "2"]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", *launch, "--main_process_port", "29533"]
     # the same global batch: 2 processes x 2 blocks x 2 accumulation steps = 1 process x 4 x 2
-    run_script(two, "run_clm.py", *CLM, "--per_device_train_batch_size", "2", "--output_dir", out, launcher=launcher)
+    args = [*CLM, "--per_device_train_batch_size", "2", "--output_dir", out]
+    run_script(two, "run_clm.py", *args, launcher=launcher)
     one, both = (json.loads((d / "all_results.json").read_text()) for d in (clm_folder, out))
-    assert "| processes | 2 |" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "| processes | 2 |" in card and "| distributed | MULTI_CPU |" in card
+    command = shlex.join(["ACCELERATE_USE_CPU=true", "accelerate", "launch", *launch, str(SCRIPTS / "run_clm.py")])
+    assert f"{command} {shlex.join(map(str, args))}" in card  # the card's command is the one run here
     assert both["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-5)
     for step, loss in losses(out).items():
         assert loss == pytest.approx(losses(clm_folder)[step], rel=1e-5)
 
 
+def test_logs_hold_no_noise(clm_folder):
+    """No accelerate INFO line per checkpoint file, no tied-weight warning, one tokenizing line."""
+    stderr = (clm_folder.parent / "clm.stderr").read_text()
+    assert "saved checkpoint" in stderr  # the scripts' own line
+    for noise in ("accelerate.checkpointing", "Saving current state", "Removed shared tensor", "Traceback"):
+        assert noise not in stderr
+    assert stderr.count("tokenizing") == 1
+
+
 def test_scripts_import_no_model_code():
     """Scripts hold no model logic: every nn.Module they use comes from `aft`."""
-    names = ["run_clm.py", "run_pixel_modeling.py", "run_image_classification.py", "training_utils.py"]
-    for script in (SCRIPTS / name for name in names):
+    for script in [*SCRIPTS.glob("run_*.py"), *SCRIPTS.glob("training_*.py")]:
         source = script.read_text()
         assert "nn.Module" not in source and "class AFT" not in source, script.name
 
 
-def test_byte_tokenizer_round_trips_bytes(scripts, tmp_path):
+def test_byte_tokenizer_round_trips_bytes(utils, tmp_path):
     from transformers import AutoTokenizer
 
-    tokenizer = scripts["run_clm"].byte_tokenizer()
+    tokenizer = utils.data.byte_tokenizer()
     text = "héllo\n\twörld ✓ \x00\x7f end"
     assert tokenizer(text)["input_ids"] == list(text.encode("utf-8"))  # id = byte value
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
     tokenizer.save_pretrained(tmp_path)
     loaded = AutoTokenizer.from_pretrained(tmp_path)
-    assert len(loaded) == 256 and loaded(text)["input_ids"] == list(text.encode("utf-8"))
+    assert len(loaded) == 258 and loaded(text)["input_ids"] == list(text.encode("utf-8"))
 
 
 def test_local_text_with_a_trained_bpe_tokenizer(utils, scripts, tmp_path):
@@ -363,11 +352,11 @@ def test_local_text_with_a_trained_bpe_tokenizer(utils, scripts, tmp_path):
     assert results["eval_bits_per_byte"] < bits_per_token / 2  # BPE tokens span several bytes each
 
 
-def test_enwik8_split_from_a_local_file(scripts, tmp_path):
+def test_enwik8_split_from_a_local_file(utils, scripts, tmp_path):
     data = tmp_path / "enwik8"
     data.write_bytes(("<page><title>AFT</title><text>attention free</text></page>\n" * 400).encode())
     n = data.stat().st_size
-    splits = scripts["run_clm"].enwik8_datasets(str(data), block_size=32)
+    splits = utils.data.enwik8_datasets(str(data), block_size=32)
     assert [len(splits[s]) for s in ("train", "validation", "test")] == [
         int(n * 0.9) // 32,
         int(n * 0.05) // 32,
@@ -406,7 +395,7 @@ def test_fine_tune_from_a_saved_folder(utils, scripts, clm_folder, tmp_path):
     text.write_text("def add(a, b):\n    return a + b\n" * 200)
     out = tmp_path / "fine-tuned"
     base = ["--train_file", str(text), "--block_size", "32", "--max_train_steps", "2", "--seed", "0"]
-    with pytest.raises(utils.InputError, match="drop them with --model_name_or_path"):
+    with pytest.raises(utils.args.InputError, match="drop them with --model_name_or_path"):
         scripts["run_clm"].main([*base, "--model_name_or_path", str(clm_folder), "--preset", "tiny",
                                  "--output_dir", str(out)])  # fmt: skip
     scripts["run_clm"].main(

@@ -1,0 +1,291 @@
+"""The training run: the Accelerator, AdamW and the schedule, and `Run`, which holds the prepared objects, trains,
+logs and checkpoints. Processes and mixed precision come from `accelerate launch` / `accelerate config`.
+
+    accelerator = create_accelerator(args)
+    ...                                                     # data, model, data loaders
+    run = Run.prepare(accelerator, args, model, train_dataloader, eval_dataloader, project_name="aft_clm")
+    run.train(compute_loss=lambda model, batch: model(**batch).loss, evaluate=validation_metrics)
+    results = validation_metrics() | run.results(len(train_dataset), len(eval_dataset))
+"""
+
+import dataclasses
+import json
+import logging
+import math
+import os
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
+from tqdm.auto import tqdm
+from training_args import InputError
+from training_checkpoints import RunState, find_checkpoint, load_checkpoint, save_checkpoint
+from training_model import count_parameters
+from transformers import get_scheduler
+
+logger = logging.getLogger(__name__)
+
+
+def is_tied_weight_notice(record: logging.LogRecord) -> bool:
+    """accelerate's "Removed shared tensor {'lm_head.weight'} while saving ... check by verifying that you don't
+    receive any warning while reloading": lm_head is tied to embed_tokens, so saving it once is right, and the
+    resume tests check the reload."""
+    return "Removed shared tensor" in record.getMessage()
+
+
+def setup_logging(accelerator):
+    """INFO from the scripts on the main process; warnings only from datasets, transformers and accelerate (whose
+    INFO lines name every file of every checkpoint)."""
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        level=logging.INFO if accelerator.is_main_process else logging.ERROR,
+    )
+    for name in ("datasets", "transformers", "accelerate"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("accelerate.utils.other").addFilter(lambda record: not is_tied_weight_notice(record))
+
+
+def create_accelerator(args) -> Accelerator:
+    """The Accelerator (processes and mixed precision come from `accelerate launch` / `accelerate config`)."""
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=args.report_to if args.with_tracking else None,
+        project_dir=args.output_dir,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # one shuffle order per epoch
+    )
+    setup_logging(accelerator)
+    if (
+        os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+        and accelerator.distributed_type != DistributedType.FSDP
+    ):
+        logger.warning(
+            f"accelerate applies FSDP only on accelerators: these processes run {accelerator.distributed_type.value}."
+        )
+    set_seed(args.seed)
+    return accelerator
+
+
+def create_optimizer(model, args) -> torch.optim.AdamW:
+    """AdamW; no weight decay on biases, norms, embeddings and position-bias factors (1-d or lookup tables)."""
+    no_decay_modules = (torch.nn.LayerNorm, torch.nn.Embedding)
+    no_decay = set()
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            if param.ndim < 2 or isinstance(module, no_decay_modules) or name.startswith("pos_"):
+                no_decay.add(f"{module_name}.{name}" if module_name else name)
+    decay_params, no_decay_params = [], []
+    for name, param in model.named_parameters():  # tied weights appear once
+        (no_decay_params if name in no_decay else decay_params).append(param)
+    groups = [
+        {"params": decay_params, "weight_decay": args.weight_decay},
+        {"params": no_decay_params, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2))
+
+
+def plan_steps(args, batches_per_epoch: int) -> int:
+    """Sets args.max_train_steps, args.num_train_epochs and args.num_warmup_steps; returns steps per epoch."""
+    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
+    args.num_train_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    if args.num_warmup_steps is None:
+        args.num_warmup_steps = math.ceil(0.05 * args.max_train_steps)
+    return steps_per_epoch
+
+
+def create_scheduler(optimizer, args, num_processes: int):
+    # Accelerate's prepared scheduler advances once per process at each optimizer step: scale the step counts.
+    return get_scheduler(
+        name=args.lr_scheduler_type,
+        optimizer=optimizer,
+        num_warmup_steps=args.num_warmup_steps * num_processes,
+        num_training_steps=args.max_train_steps * num_processes,
+    )
+
+
+def init_tracking(accelerator, args, project_name: str):
+    if args.with_tracking:
+        hyperparameters = {k: v for k, v in vars(args).items() if isinstance(v, int | float | str | bool)}
+        hyperparameters.pop("hub_token", None)
+        accelerator.init_trackers(project_name, hyperparameters)
+
+
+def resume_position(completed_steps: int, steps_per_epoch: int, gradient_accumulation_steps: int):
+    """(epoch, batches of that epoch already consumed) after `completed_steps` optimizer steps."""
+    epoch, steps_in_epoch = divmod(completed_steps, steps_per_epoch)
+    return epoch, steps_in_epoch * gradient_accumulation_steps
+
+
+def checkpoint_name(args, step: int, epoch: int, end_of_epoch: bool) -> str | None:
+    """The checkpoint to write after optimizer step `step`, if any: `step_N` every --checkpointing_steps N, or
+    `epoch_K` at the end of each epoch with --checkpointing_steps epoch (never both, never a partial epoch)."""
+    if args.checkpointing_steps == "epoch":
+        return f"epoch_{epoch}" if end_of_epoch else None
+    if args.checkpointing_steps is not None and step % int(args.checkpointing_steps) == 0:
+        return f"step_{step}"
+    return None
+
+
+# The arguments a resumed run must share with the saved one (with the batch size, accumulation, processes and
+# the number of batches per epoch): together they fix the data order, the schedule and so the losses.
+PLAN_ARGS = (
+    "max_train_steps",
+    "num_warmup_steps",
+    "lr_scheduler_type",
+    "learning_rate",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "max_grad_norm",
+    "seed",
+)
+
+
+@dataclasses.dataclass
+class Run:
+    """One training run: the prepared model, optimizer, schedule and data loaders, and its progress (`state`).
+    Build it with `Run.prepare`; `train` runs the loop, `log` records metrics, `results` sums the run up."""
+
+    accelerator: Accelerator
+    args: object
+    model: object  # the prepared (wrapped) model; `unwrapped_model` is the PreTrainedModel
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    train_dataloader: object
+    eval_dataloader: object
+    steps_per_epoch: int
+    state: RunState
+
+    @classmethod
+    def prepare(cls, accelerator, args, model, train_dataloader, eval_dataloader, project_name: str) -> "Run":
+        """Optimizer, scheduler, prepared objects, tracking, and the state of a resumed run
+        (--resume_from_checkpoint). Sets args.max_train_steps, num_train_epochs and num_warmup_steps."""
+        if len(train_dataloader) == 0:
+            raise InputError(
+                f"{len(train_dataloader.dataset)} training examples make no full batch of "
+                f"{args.per_device_train_batch_size}: lower --per_device_train_batch_size or add data."
+            )
+        optimizer = create_optimizer(model, args)
+        model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
+            model, optimizer, train_dataloader, eval_dataloader
+        )
+        steps_per_epoch = plan_steps(args, len(train_dataloader))
+        lr_scheduler = accelerator.prepare(create_scheduler(optimizer, args, accelerator.num_processes))
+        init_tracking(accelerator, args, project_name)
+        plan = {
+            "per_device_train_batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "num_processes": accelerator.num_processes,
+            "batches_per_epoch": len(train_dataloader),
+            **{name: getattr(args, name) for name in PLAN_ARGS},
+        }
+        state = RunState(plan=plan)
+        if args.resume_from_checkpoint:
+            checkpoint = getattr(args, "checkpoint", None) or find_checkpoint(args)
+            state = load_checkpoint(accelerator, checkpoint, accelerator.unwrap_model(model).config, plan)
+        return cls(
+            accelerator,
+            args,
+            model,
+            optimizer,
+            lr_scheduler,
+            train_dataloader,
+            eval_dataloader,
+            steps_per_epoch,
+            state,
+        )
+
+    @property
+    def unwrapped_model(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def global_batch_size(self) -> int:
+        args = self.args
+        return args.per_device_train_batch_size * args.gradient_accumulation_steps * self.accelerator.num_processes
+
+    def log(self, values: dict):
+        """Append `values` at the current step to the log history, the console and the trackers."""
+        values = {"step": self.state.completed_steps, **values}
+        self.state.log_history.append(values)
+        if self.accelerator.is_main_process:
+            logger.info(json.dumps(values))
+        self.accelerator.log({k: v for k, v in values.items() if k != "step"}, step=self.state.completed_steps)
+
+    def save_checkpoint(self, name: str):
+        save_checkpoint(self.accelerator, self.args.output_dir, name, self.state, self.unwrapped_model.config)
+
+    def train(self, *, compute_loss: Callable, evaluate: Callable[[], dict]):
+        """The training loop. `compute_loss(model, batch)` gives the mean loss of a batch; `evaluate()` a dict of
+        metrics, logged every --eval_steps, or without it at the end of each epoch but the last (the script
+        evaluates after training). After each optimizer step, in this order: log the mean train loss of the
+        window every --logging_steps and at the last step, evaluate, checkpoint; so a checkpoint holds everything
+        logged up to its step, and the losses of the window not yet logged."""
+        accelerator, args, model, state = self.accelerator, self.args, self.model, self.state
+        optimizer, lr_scheduler = self.optimizer, self.lr_scheduler
+        start_epoch, skip_batches = resume_position(
+            state.completed_steps, self.steps_per_epoch, args.gradient_accumulation_steps
+        )
+        progress = tqdm(
+            total=args.max_train_steps, initial=state.completed_steps, disable=not accelerator.is_local_main_process
+        )
+        for epoch in range(start_epoch, args.num_train_epochs):
+            if state.completed_steps >= args.max_train_steps:
+                break
+            model.train()
+            self.train_dataloader.set_epoch(epoch)
+            batches = self.train_dataloader
+            if epoch == start_epoch and skip_batches:  # a resumed run: the batches this epoch already used
+                batches = accelerator.skip_first_batches(self.train_dataloader, skip_batches)
+            step_loss = 0.0
+            for batch in batches:
+                with accelerator.accumulate(model):
+                    loss = compute_loss(model, batch)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad()
+                step_loss += loss.detach() / args.gradient_accumulation_steps
+                if not accelerator.sync_gradients:
+                    continue
+                state.completed_steps += 1
+                step = state.completed_steps
+                progress.update(1)
+                state.window_losses.append(accelerator.gather(step_loss).mean().item())
+                step_loss = 0.0
+                end_of_epoch = step % self.steps_per_epoch == 0
+                finished = step >= args.max_train_steps
+                if step % args.logging_steps == 0 or finished:
+                    window = float(np.mean(state.window_losses))
+                    lr = lr_scheduler.get_last_lr()[0]
+                    self.log({"loss": window, "learning_rate": lr, "epoch": epoch})
+                    progress.set_postfix(loss=f"{window:.3f}")
+                    state.window_losses = []
+                due = step % args.eval_steps == 0 if args.eval_steps else end_of_epoch
+                if due and not finished:
+                    self.log(evaluate())
+                    model.train()
+                name = checkpoint_name(args, step, epoch, end_of_epoch)
+                if name:
+                    self.save_checkpoint(name)
+                if finished:
+                    break
+        progress.close()
+
+    def results(self, num_train: int, num_eval: int) -> dict:
+        """The run's summary for all_results.json: last logged train loss, steps, runtime, sizes."""
+        train_losses = [e["loss"] for e in self.state.log_history if "loss" in e]
+        return {
+            "train_loss": train_losses[-1] if train_losses else float("nan"),
+            "train_steps": self.state.completed_steps,
+            "train_runtime": self.state.train_runtime(),
+            "train_samples": num_train,
+            "eval_samples": num_eval,
+            "num_parameters": count_parameters(self.model),
+        }

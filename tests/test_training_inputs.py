@@ -1,0 +1,292 @@
+"""What a user of the training scripts reaches for: one-line errors for bad input before any work, a tokenizer
+that batches and stops at eos, the image-classification pipeline on the default output, model cards without
+local paths, evaluate metrics offline. The runs are the scripts' main() in this process (tiny models, few steps).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("accelerate")
+pytest.importorskip("datasets")
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPTS = REPO / "scripts"
+TINY = ["--preset", "tiny", "--seed", "0", "--logging_steps", "1"]
+
+
+@pytest.fixture(scope="module")
+def scripts():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(SCRIPTS))
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        patch.setenv("HF_DATASETS_OFFLINE", "1")
+        import run_clm
+        import run_image_classification
+        import run_pixel_modeling
+        import training_args
+        import training_metrics
+
+        yield Namespace(
+            clm=run_clm,
+            classification=run_image_classification,
+            pixels=run_pixel_modeling,
+            args=training_args,
+            metrics=training_metrics,
+        )
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "code.txt"
+    path.write_text("".join(f"def add_{i}(a, b):  return a + b + {i}\n" for i in range(400)))
+    return path
+
+
+def run(module, argv, monkeypatch=None):
+    """main(argv) as `python scripts/<module>.py argv` would run it (sys.argv is what the model card records)."""
+    if monkeypatch:
+        monkeypatch.setattr(sys, "argv", [f"scripts/{module.__name__}.py", *argv])
+    module.main(argv)
+
+
+@pytest.fixture(scope="module")
+def folders(scripts, text_file, tmp_path_factory):
+    """A language model trained on code lines, one fine-tuned from it, and a digits classifier (default data)."""
+    root = tmp_path_factory.mktemp("runs")
+    clm = [*TINY, "--train_file", str(text_file), "--block_size", "32", "--max_train_steps", "3"]
+    with pytest.MonkeyPatch.context() as patch:
+        run(scripts.clm, [*clm, "--output_dir", str(root / "code-lm")], patch)
+        run(scripts.clm, [*clm[2:], "--model_name_or_path", str(root / "code-lm"), "--output_dir",
+                          str(root / "tuned")], patch)  # fmt: skip
+        pytest.importorskip("sklearn")
+        images = [*TINY, "--max_train_steps", "2", "--per_device_train_batch_size", "8", "--max_eval_samples", "40"]
+        run(scripts.classification, [*images, "--output_dir", str(root / "digits")], patch)
+    return Namespace(clm=root / "code-lm", tuned=root / "tuned", digits=root / "digits")
+
+
+# Bad input: one line on stderr, exit code 2, before any work
+
+
+def one_line_error(scripts, module, argv, capsys, monkeypatch) -> str:
+    def no_work(*args, **kwargs):
+        raise AssertionError("the run started before the input was checked")
+
+    monkeypatch.setattr(module, "create_accelerator", no_work)
+    with pytest.raises(SystemExit) as exit_code:
+        scripts.args.run_main(lambda: module.main([*map(str, argv)]))
+    assert exit_code.value.code == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
+    return stderr
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    # root writes through permission bits: a read-only mount
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True)
+    if mount.returncode != 0:
+        pytest.skip("root cannot mount a read-only tmpfs here")
+    yield folder
+    subprocess.run(["umount", "--lazy", str(folder)], check=True)
+
+
+def test_bad_files_and_folders_are_one_line_errors(
+    scripts, text_file, tmp_path, capsys, monkeypatch, read_only_folder
+):
+    from PIL import Image
+
+    clm = [*TINY, "--output_dir", tmp_path / "out"]
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    message = one_line_error(scripts, scripts.clm, [*TINY, "--output_dir", a_file], capsys, monkeypatch)
+    assert f"--output_dir {a_file} is a file, not a folder" in message
+    message = one_line_error(scripts, scripts.clm, [*TINY, "--output_dir", read_only_folder / "out"], capsys,
+                             monkeypatch)  # fmt: skip
+    assert f"cannot write in {read_only_folder}" in message
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("first line\ncaf\u00e9 au lait\n".encode("latin-1"))
+    message = one_line_error(scripts, scripts.clm, [*clm, "--train_file", latin1], capsys, monkeypatch)
+    assert f"--train_file {latin1} is not UTF-8 text: byte 0xe9 at offset 14 (line 2)" in message
+    binary = tmp_path / "data.txt"
+    binary.write_bytes(b"text\n\x00\x01\x02")
+    message = one_line_error(scripts, scripts.clm, [*clm, "--train_file", binary], capsys, monkeypatch)
+    assert "holds binary data, not text: a NUL byte at offset 5 (line 2)" in message
+    bin_file = tmp_path / "train.bin"
+    bin_file.write_bytes(b"\x00" * 64)
+    message = one_line_error(scripts, scripts.clm, [*clm, "--train_file", bin_file], capsys, monkeypatch)
+    assert "files ending in .bin are not supported" in message and "--enwik8_file" in message
+    message = one_line_error(scripts, scripts.clm, [*clm, "--logging_steps", "0"], capsys, monkeypatch)
+    assert "--logging_steps=0: it must be a positive integer" in message
+    # image folders: empty, with other files, with a file that is not the image its name says
+    images = [*TINY, "--output_dir", tmp_path / "out"]
+    empty = tmp_path / "empty"
+    (empty / "cat").mkdir(parents=True)
+    message = one_line_error(scripts, scripts.classification, [*images, "--train_dir", empty], capsys, monkeypatch)
+    assert f"--train_dir {empty} holds no images" in message
+    mixed = tmp_path / "mixed"
+    (mixed / "cat").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(mixed / "cat" / "0.png")
+    (mixed / "cat" / "notes.txt").write_text("not an image")
+    message = one_line_error(scripts, scripts.pixels, [*images, "--train_dir", mixed], capsys, monkeypatch)
+    assert f"holds 1 files that are not images, e.g. {mixed / 'cat' / 'notes.txt'}" in message
+    (mixed / "cat" / "notes.txt").unlink()
+    (mixed / "cat" / "1.png").write_text("not a png")
+    message = one_line_error(scripts, scripts.classification, [*images, "--train_dir", mixed], capsys, monkeypatch)
+    assert f"{mixed / 'cat' / '1.png'} is not a readable image" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_lists_the_scheduler_names_the_parser_accepts(scripts, capsys):
+    with pytest.raises(SystemExit):
+        scripts.clm.parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "SchedulerType." not in text and "cosine" in text and "constant_with_warmup" in text
+    assert scripts.clm.parse_args(["--lr_scheduler_type", "linear", "--output_dir", "x"]).lr_scheduler_type == "linear"
+
+
+# The tokenizer: special tokens, left padding, batched pipelines, generation that stops at eos
+
+
+def test_byte_tokenizer_batches_like_a_causal_lm_tokenizer(folders):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    tokenizer = AutoTokenizer.from_pretrained(folders.clm)
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == ("<|endoftext|>",) * 2 + ("<|pad|>",)
+    assert (tokenizer.eos_token_id, tokenizer.pad_token_id, len(tokenizer)) == (256, 257, 258)
+    assert tokenizer.model_max_length == 256  # the tiny preset's max_position_embeddings
+    batch = tokenizer(["ab", "abcd"], padding=True)
+    assert batch["input_ids"] == [[257, 257, 97, 98], [97, 98, 99, 100]]  # left padding, as generate() needs
+    assert batch["attention_mask"] == [[0, 0, 1, 1], [1, 1, 1, 1]]
+    generator = pipeline("text-generation", model=str(folders.clm), batch_size=2)
+    prompts = ["def add_", "def add_1(a, b):  return"]
+    batched = generator(prompts, max_new_tokens=6, do_sample=False)
+    assert batched == [generator(p, max_new_tokens=6, do_sample=False) for p in prompts]
+    model = AutoModelForCausalLM.from_pretrained(folders.clm)
+    assert (model.generation_config.eos_token_id, model.generation_config.pad_token_id) == (256, 257)
+    inputs = tokenizer("def ", return_tensors="pt")
+    # once eos is generated, generation stops (here it is made the most likely token)
+    out = model.generate(**inputs, max_new_tokens=20, do_sample=False, sequence_bias={(256,): 50.0})
+    assert out[0].tolist() == [*inputs["input_ids"][0].tolist(), 256]
+
+
+# The image-classification pipeline on the script's default output
+
+
+def test_image_classification_pipeline_on_the_default_digits_output(folders, tmp_path):
+    import numpy as np
+    from PIL import Image
+    from transformers import pipeline
+
+    classify = pipeline("image-classification", model=str(folders.digits))
+    grey = Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8) * 4, mode="L")
+    grey.save(tmp_path / "digit.png")
+    labels = {str(d) for d in range(10)}
+    by_input = [classify(grey.convert("RGB")), classify(grey), classify(str(tmp_path / "digit.png"))]
+    for result in by_input:
+        assert len(result) == 5 and {r["label"] for r in result} <= labels
+    assert by_input[0] == by_input[1] == by_input[2]  # grey images are converted to RGB, as in training
+    assert json.loads((folders.digits / "config.json").read_text())["num_channels"] == 3
+
+
+# Model cards
+
+
+def usage_section(folder: Path) -> str:
+    text = (folder / "README.md").read_text()
+    return text.split("## Usage", 1)[1].split("## Training", 1)[0]
+
+
+def test_model_cards_use_no_local_path_and_name_the_base_model(folders):
+    from huggingface_hub import ModelCard
+
+    for folder in (folders.clm, folders.tuned, folders.digits):
+        usage = usage_section(folder)
+        assert str(folder.parent) not in usage and f'from_pretrained("{folder.name}")' in usage
+    assert ModelCard.load(folders.tuned / "README.md").data.base_model == "code-lm"
+    assert ModelCard.load(folders.clm / "README.md").data.base_model is None
+    # the example prompts come from the model's own data, not a fixed "def fibonacci"
+    usage = usage_section(folders.clm)
+    assert "fibonacci" not in usage and "tokenizer('def add_" in usage and "batch_size=2" in usage
+
+
+def test_model_card_usage_takes_the_hub_id(scripts, text_file, tmp_path):
+    out = tmp_path / "local-name"
+    args = [*TINY, "--train_file", str(text_file), "--block_size", "32", "--max_train_steps", "1"]
+    scripts.clm.main([*args, "--hub_model_id", "someone/aft-code", "--output_dir", str(out)])
+    usage = usage_section(out)
+    assert 'from_pretrained("someone/aft-code")' in usage and "local-name" not in usage
+
+
+# Metrics through evaluate modules, offline
+
+
+def test_shipped_metric_modules_load_offline_and_agree_with_numpy(scripts):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(50, 7))
+    labels = rng.integers(0, 7, size=50)
+    ranked = np.argsort(-scores, axis=1)
+    accuracy = scripts.metrics.load_metric("accuracy").compute(predictions=ranked[:, 0], references=labels)
+    assert accuracy == {"accuracy": float((ranked[:, 0] == labels).mean())}
+    top = scripts.metrics.load_metric("top_k_accuracy").compute(predictions=ranked, references=labels, k=[1, 3])
+    expected = [float(np.mean([labels[i] in ranked[i, :k] for i in range(50)])) for k in (1, 3)]
+    assert [top["top_1_accuracy"], top["top_3_accuracy"]] == expected
+    nats, tokens = rng.uniform(1, 10, size=20), rng.integers(1, 5, size=20)
+    values = scripts.metrics.load_metric("cross_entropy").compute(nats=nats, tokens=tokens, tokens_per_byte=0.5)
+    loss = nats.sum() / tokens.sum()
+    assert values["loss"] == pytest.approx(loss) and values["perplexity"] == pytest.approx(np.exp(loss))
+    assert values["bits_per_byte"] == pytest.approx(loss / np.log(2) * 0.5)
+    with pytest.raises(scripts.args.InputError, match="cannot load this evaluate module"):
+        scripts.metrics.load_metric("no-such-metric-anywhere")
+
+
+ERROR_RATE = """
+import datasets
+import evaluate
+
+
+class ErrorRate(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(description="", citation="", features=datasets.Features(
+            {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}))
+
+    def _compute(self, predictions, references):
+        return {"error_rate": sum(p != r for p, r in zip(predictions, references)) / len(references)}
+"""
+
+
+def test_classification_reports_accuracy_top_k_and_a_metric_of_choice(scripts, folders, tmp_path):
+    results = json.loads((folders.digits / "all_results.json").read_text())
+    assert 0 <= results["eval_accuracy"] <= results["eval_top_5_accuracy"] <= 1
+    from huggingface_hub import ModelCard
+
+    metrics = {r.metric_name for r in ModelCard.load(folders.digits / "README.md").data.eval_results}
+    assert {"eval_accuracy", "eval_top_5_accuracy", "eval_loss"} <= metrics
+    module = tmp_path / "error_rate"
+    module.mkdir()
+    (module / "error_rate.py").write_text(ERROR_RATE)
+    out = tmp_path / "with-metric"
+    images = [*TINY, "--max_train_steps", "2", "--per_device_train_batch_size", "8", "--max_eval_samples", "40"]
+    scripts.classification.main([*images, "--metric", str(module), "--output_dir", str(out)])
+    mine = json.loads((out / "all_results.json").read_text())
+    assert mine["eval_error_rate"] == pytest.approx(1 - results["eval_accuracy"])  # the same run, another metric
+    assert mine["eval_top_5_accuracy"] == results["eval_top_5_accuracy"] and "eval_accuracy" not in mine

@@ -84,7 +84,9 @@ def parse_args(argv=None):
     )
     source.add_argument("--license", default=None, help="the card's license (default: the source card's, if any).")
     source.add_argument("--overwrite", action="store_true", help="replace DST when it already holds files.")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the card
+    return args
 
 
 # 1. checks that need no weights
@@ -101,6 +103,9 @@ def check_destination(src: str, dst: Path, overwrite: bool):
         raise tu.InputError(f"DST {dst} already holds files: choose another folder or pass --overwrite.")
     if Path(src).exists() and Path(src).resolve().is_relative_to(dst.resolve()):
         raise tu.InputError(f"DST {dst} holds SRC {src}: writing DST would delete the source; choose another DST.")
+    existing = next(folder for folder in (dst.resolve(), *dst.resolve().parents) if folder.exists())
+    if not os.access(existing, os.W_OK):
+        raise tu.InputError(f"DST {dst} cannot be written: {existing} is not writable.")
 
 
 def read_source_config(args) -> GPT2Config:
@@ -295,6 +300,7 @@ attention, so this checkpoint is a starting point for fine-tuning, not a finishe
 |---|---|
 | carried over exactly from GPT-2 | {{ carried }} |
 | new, initialised by `AFTForCausalLM` | {{ new }} |
+| not used | {{ dropped }} |
 
 GPT-2's Conv1D weights (`x @ W + b`) are stored transposed, in `nn.Linear` layout; `c_attn` is split into its
 query, key and value parts. {{ query_key_note }}
@@ -302,7 +308,7 @@ query, key and value parts. {{ query_key_note }}
 ## Fine-tuning and usage
 
 ```bash
-python scripts/run_clm.py --model_name_or_path {{ model_id }} --block_size 256 --output_dir aft-finetuned
+python scripts/run_clm.py --model_name_or_path {{ model_id }} --block_size {{ block_size }} --output_dir aft-finetuned
 ```
 
 ```python
@@ -345,15 +351,22 @@ def source_license(args) -> str | None:
 def model_card(args, model: AFTForCausalLM, new: list[str]) -> ModelCard:
     config = model.config
     base_model = args.base_model or args.src
-    carried_names = {"q_proj", "k_proj"} - {n.split(".")[-2] for n in new}
-    copied = ", ".join(f"`{n}`" for n in sorted(carried_names)) or "neither"
-    query_key_note = (
-        f"Query and key: {copied} copied from GPT-2 (`--query_key {args.query_key}`)."
-        if args.query_key == "copy"
-        else "The query and key projections are new (`--query_key fresh`): GPT-2's are trained for dot products "
-        "between positions, which AFT does not compute."
-    )
     new_kinds = sorted({n.split(".")[-2] if n.endswith((".weight", ".bias")) else n.split(".")[-1] for n in new})
+    copied_query_key = sorted({"q_proj", "k_proj"} - set(new_kinds))
+    carried = ["token embeddings"] + (["position embeddings"] if config.position_embedding_type == "absolute" else [])
+    carried += ["LayerNorms (ln_1, ln_2, ln_f)", "MLPs", "value and output projections"]
+    carried += [] if config.tie_word_embeddings else ["the (untied) LM head"]
+    carried += [f"`{name}`" for name in copied_query_key]
+    dropped = [] if config.position_embedding_type == "absolute" else ["position embeddings (`wpe`)"]
+    dropped += [f"the {part} part of `c_attn`" for part in ("query", "key") if f"{part[0]}_proj" in new_kinds]
+    dropped += ["the attention dropout"]
+    if args.query_key == "copy":
+        query_key_note = f"`--query_key copy`: {' and '.join(copied_query_key)} copied from GPT-2."
+    else:
+        query_key_note = (
+            "`--query_key fresh`: the query and key projections are new (GPT-2's are trained for dot products "
+            "between positions, which AFT does not compute)."
+        )
     card_data = ModelCardData(
         base_model=base_model,
         library_name="transformers",
@@ -370,13 +383,13 @@ def model_card(args, model: AFTForCausalLM, new: list[str]) -> ModelCard:
         base_model=base_model,
         architecture=f"{config.num_hidden_layers} layers x {config.hidden_size} wide, vocabulary {config.vocab_size}",
         num_parameters=f"{tu.count_parameters(model):,}",
-        command=shlex.join(["python", "scripts/convert_to_aft.py", *sys.argv[1:]]),
-        carried="token and position embeddings, LayerNorms (ln_1, ln_2, ln_f), MLPs, value and output projections"
-        + ("" if config.tie_word_embeddings else ", the (untied) LM head")
-        + (f", {copied}" if args.query_key == "copy" else ""),
+        command=shlex.join(["python", "scripts/convert_to_aft.py", *args.argv]),
+        carried=", ".join(carried),
         new=", ".join(f"`{kind}`" for kind in new_kinds) or "none",
+        dropped=", ".join(dropped),
         query_key_note=query_key_note,
         model_id=args.dst,
+        block_size=min(256, config.max_position_embeddings) if config.has_position_limit else 256,
         limitations=tu.LIMITATIONS,
     )
 
@@ -433,13 +446,15 @@ def main(argv=None):
         tokenizer.save_pretrained(folder)
         card.save(folder / "README.md")
 
-    write_folder(dst, write, args.overwrite)
+    write_folder(dst.resolve(), write, args.overwrite)
     carried = tu.count_parameters(model) - sum(p.numel() for n, p in model.named_parameters() if n in new)
     print(
         f"wrote {dst}: AFT-{config.aft_variant}, {config.num_hidden_layers} x {config.hidden_size}, "
         f"{carried:,} of {tu.count_parameters(model):,} parameters carried over from {args.src}; new: "
         f"{', '.join(sorted({n.split('.', 3)[-1] for n in new})) or 'none'}"
     )
+    if Path(args.src).exists() and not args.base_model:
+        print(f"note: the card's base_model is the local path {args.src}; pass --base_model with its Hub id.")
 
 
 if __name__ == "__main__":

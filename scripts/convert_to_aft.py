@@ -32,7 +32,7 @@ from aft.configuration_aft import AFT_VARIANTS, POSITION_EMBEDDING_TYPES, QUERY_
 
 SUPPORTED = "GPT-2 (model_type 'gpt2', GPT2LMHeadModel)"
 # Decoder families with RMSNorm, rotary positions and a gated (3-matrix) MLP: AFT has LayerNorm, learned absolute
-# positions and a 2-matrix MLP, so only the embeddings and the output projections would carry over exactly.
+# positions and a 2-matrix MLP, so only the embeddings and the value and output projections would carry over.
 LLAMA_FAMILY = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2"}
 LLAMA_FAMILY |= {"gemma3_text", "phi3", "olmo", "olmo2", "granite", "cohere", "starcoder2", "smollm3"}
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")  # a GPT-2 tokenizer has one of them (vocab.json with merges.txt)
@@ -228,32 +228,33 @@ def carried_weights(source: GPT2LMHeadModel, config: AFTConfig, query_key: str) 
     """AFT parameter name -> the GPT-2 tensor it takes, in AFT's layout. GPT-2's Conv1D computes x @ W + b with W
     (in, out): nn.Linear's weight is W transposed. c_attn is the fused [query | key | value] projection."""
     gpt2, D = source.transformer, config.hidden_size
-    linear = lambda weight: weight.t().contiguous()  # noqa: E731  (Conv1D (in, out) -> Linear (out, in))
     out = {"model.embed_tokens.weight": gpt2.wte.weight}
     if config.position_embedding_type == "absolute":
         out["model.embed_positions.weight"] = gpt2.wpe.weight[: config.max_position_embeddings]
     for i, block in enumerate(gpt2.h):
-        name = f"model.layers.{i}"
+        layer = f"model.layers.{i}"
         for norm in ("ln_1", "ln_2"):
-            out[f"{name}.{norm}.weight"] = getattr(block, norm).weight
-            out[f"{name}.{norm}.bias"] = getattr(block, norm).bias
-        W_q, W_k, W_v = block.attn.c_attn.weight.split(D, dim=1)  # each (D, D)
+            out[f"{layer}.{norm}.weight"] = getattr(block, norm).weight
+            out[f"{layer}.{norm}.bias"] = getattr(block, norm).bias
+        W_q, W_k, W_v = block.attn.c_attn.weight.split(D, dim=1)  # (D, 3D) -> 3 x (D, D)
         b_q, b_k, b_v = block.attn.c_attn.bias.split(D)
-        projections = {"v_proj": (W_v, b_v), "o_proj": (block.attn.c_proj.weight, block.attn.c_proj.bias)}
+        linears = {
+            "mixer.v_proj": (W_v, b_v),
+            "mixer.o_proj": (block.attn.c_proj.weight, block.attn.c_proj.bias),
+            "mlp.up_proj": (block.mlp.c_fc.weight, block.mlp.c_fc.bias),
+            "mlp.down_proj": (block.mlp.c_proj.weight, block.mlp.c_proj.bias),
+        }
         if query_key == "copy":
-            projections["q_proj"] = (W_q, b_q)
+            linears["mixer.q_proj"] = (W_q, b_q)
             if config.aft_variant != "conv":  # conv's key is one scalar per head: nothing of GPT-2's matches
-                projections["k_proj"] = (W_k, b_k)
-        projections["up_proj"] = (block.mlp.c_fc.weight, block.mlp.c_fc.bias)
-        projections["down_proj"] = (block.mlp.c_proj.weight, block.mlp.c_proj.bias)
-        for target, (weight, bias) in projections.items():
-            module = "mlp" if target.endswith(("up_proj", "down_proj")) else "mixer"
-            out[f"{name}.{module}.{target}.weight"] = linear(weight)
-            out[f"{name}.{module}.{target}.bias"] = bias
+                linears["mixer.k_proj"] = (W_k, b_k)
+        for target, (weight, bias) in linears.items():
+            out[f"{layer}.{target}.weight"] = weight.t()  # Conv1D (in, out) -> nn.Linear (out, in)
+            out[f"{layer}.{target}.bias"] = bias
     out["model.norm.weight"], out["model.norm.bias"] = gpt2.ln_f.weight, gpt2.ln_f.bias
     if not config.tie_word_embeddings:
         out["lm_head.weight"] = source.lm_head.weight
-    return {name: tensor.detach().clone() for name, tensor in out.items()}
+    return {name: tensor.detach().contiguous().clone() for name, tensor in out.items()}
 
 
 def convert(source: GPT2LMHeadModel, config: AFTConfig, query_key: str = "fresh"):
@@ -262,8 +263,8 @@ def convert(source: GPT2LMHeadModel, config: AFTConfig, query_key: str = "fresh"
     model = AFTForCausalLM(config)
     carried = carried_weights(source, config, query_key)
     missing, unexpected = model.load_state_dict(carried, strict=False)
-    if config.tie_word_embeddings:
-        missing.remove("lm_head.weight")  # the same tensor as model.embed_tokens.weight
+    if config.tie_word_embeddings:  # lm_head.weight is the same tensor as model.embed_tokens.weight
+        missing = [name for name in missing if name != "lm_head.weight"]
     # Every parameter of the AFT model is either carried or one of the AFT-only ones the model initialised.
     aft_only = ["pos_u", "pos_v", "conv_weight", "conv_gamma", "conv_beta"]
     if query_key == "fresh":
@@ -450,7 +451,8 @@ def main(argv=None):
     carried = tu.count_parameters(model) - sum(p.numel() for n, p in model.named_parameters() if n in new)
     print(
         f"wrote {dst}: AFT-{config.aft_variant}, {config.num_hidden_layers} x {config.hidden_size}, "
-        f"{carried:,} of {tu.count_parameters(model):,} parameters carried over from {args.src}; new: "
+        f"{'tied' if config.tie_word_embeddings else 'untied'} head, {carried:,} of {tu.count_parameters(model):,} "
+        f"parameters carried over from {args.src}; new: "
         f"{', '.join(sorted({n.split('.', 3)[-1] for n in new})) or 'none'}"
     )
     if Path(args.src).exists() and not args.base_model:

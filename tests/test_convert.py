@@ -187,10 +187,11 @@ def test_new_parameters_get_the_models_own_initialisation(convert_to_aft, gpt2, 
         assert model.config.num_heads == 4 and state["model.layers.0.mixer.k_proj.weight"].shape == (4, D)
 
 
-@pytest.mark.parametrize("variant", ["simple", "full"])
-def test_converted_model_runs_and_generates(convert_to_aft, capsys, gpt2, tmp_path, variant):
+@pytest.mark.parametrize("variant, query_key", [("simple", "fresh"), ("full", "fresh"), ("local", "copy")])
+def test_converted_model_runs_and_generates(convert_to_aft, capsys, gpt2, tmp_path, variant, query_key):
+    """simple and a fresh full start with no position bias; with fresh q/k the mixer is near a gated causal mean."""
     _, src = gpt2
-    model = convert(convert_to_aft, capsys, src, tmp_path / "aft", "--aft_variant", variant)
+    model = convert(convert_to_aft, capsys, src, tmp_path / "aft", "--aft_variant", variant, "--query_key", query_key)
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "aft")
     tokenizer.pad_token = tokenizer.eos_token  # GPT-2's tokenizer has none
     inputs = tokenizer(["the quick brown", "fox"], return_tensors="pt", padding=True, padding_side="left")

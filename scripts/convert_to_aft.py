@@ -5,12 +5,13 @@ fine-tuning with `run_clm.py --model_name_or_path DST`.
     python scripts/convert_to_aft.py outputs/gpt2-stdlib outputs/aft-conv --aft_variant conv --query_key fresh
 
 Carried over exactly: token and position embeddings, every LayerNorm, the MLPs, the value and output projections
-(GPT-2's Conv1D weights transposed into nn.Linear layout), the LM head (tied or not) and, with `--query_key copy`,
-the query and key projections. New, initialised by `AFTForCausalLM` itself as the paper does: the position-bias
-factors of `full`/`local` (N(0, 0.01^2): the bias starts near 0), the kernels of `conv` (gamma = beta = 0: the
-kernel term starts at exactly 0), and, with `--query_key fresh` (the default), the query and key projections. The
-README's "From a Transformer to AFT" says why. The output folder holds safetensors weights, the config with
-`auto_map` and the model code, the source's tokenizer and generation config, and a model card with `base_model`.
+(GPT-2's Conv1D weights transposed into nn.Linear layout), the LM head (tied or not) and, unless `--query_key
+fresh`, the query and key projections (`conv`: the query). New, initialised by `AFTForCausalLM` itself as the
+paper does: the position-bias factors of `full`/`local` (N(0, 0.01^2): the bias starts near 0), the kernels of
+`conv` (gamma = beta = 0: the kernel term starts at exactly 0), `conv`'s per-head key and, with `--query_key
+fresh`, the query and key projections. The README's "From a Transformer to AFT" says why. The output folder
+holds safetensors weights, the config with `auto_map` and the model code, the source's tokenizer and generation
+config, and a model card with `base_model`.
 """
 
 import argparse
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 import training_utils as tu
+import transformers
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedConfig
@@ -45,11 +47,11 @@ def parse_args(argv=None):
     parser.add_argument("--aft_variant", required=True, choices=AFT_VARIANTS, help="the AFT token mixer.")
     parser.add_argument(
         "--query_key",
-        choices=("fresh", "copy"),
-        default="fresh",
-        help="'fresh' (default): the query and key projections get AFT's own initialisation, as in the paper's "
-        "DeiT fine-tuning; 'copy': GPT-2's query and key weights become AFT's sigmoid gate and key (conv: the "
-        "query only, its key is one scalar per head).",
+        choices=("copy", "fresh"),
+        default="copy",
+        help="'copy' (default; measured better, see the README): GPT-2's query and key weights become AFT's "
+        "sigmoid gate and key (conv: the query only, its key is one scalar per head); 'fresh': AFT's own "
+        "initialisation, as in the paper's DeiT fine-tuning.",
     )
     new = parser.add_argument_group("AFT fields (default: AFTConfig's; num_heads: GPT-2's n_head)")
     new.add_argument("--local_window_size", type=int, default=None, help="window s of `local`.")
@@ -218,6 +220,10 @@ def load_source_model(args) -> GPT2LMHeadModel:
     if info["missing_keys"] or info["mismatched_keys"]:
         missing = sorted(info["missing_keys"]) + sorted(str(k) for k in info["mismatched_keys"])
         raise tu.InputError(f"SRC {args.src} lacks weights of a GPT2LMHeadModel: {', '.join(missing)[:300]}.")
+    if info["unexpected_keys"]:
+        print(
+            f"note: weights of SRC that a GPT2LMHeadModel does not use: {', '.join(sorted(info['unexpected_keys']))}"
+        )
     return source.eval()
 
 
@@ -257,7 +263,7 @@ def carried_weights(source: GPT2LMHeadModel, config: AFTConfig, query_key: str) 
     return {name: tensor.detach().contiguous().clone() for name, tensor in out.items()}
 
 
-def convert(source: GPT2LMHeadModel, config: AFTConfig, query_key: str = "fresh"):
+def convert(source: GPT2LMHeadModel, config: AFTConfig, query_key: str = "copy"):
     """(AFT model, names of its new parameters): a fresh `AFTForCausalLM` (its own initialisation for every
     AFT-only parameter) with every carried tensor loaded over it."""
     model = AFTForCausalLM(config)
@@ -425,6 +431,10 @@ def write_folder(dst: Path, write, overwrite: bool):
 def main(argv=None):
     args = parse_args(argv)
     dst = Path(args.dst)
+    # The script reports what it loads itself (missing weights are an error, unused ones a note): transformers'
+    # load report and weight-loading bar would only repeat it.
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
 
     # 1. everything that can be checked before loading weights or writing a file
     check_destination(args.src, dst, args.overwrite)

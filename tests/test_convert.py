@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig
 
@@ -30,6 +31,16 @@ def convert_to_aft():
         yield importlib.import_module("convert_to_aft")
     finally:
         sys.path.remove(str(SCRIPTS))
+
+
+@pytest.fixture(autouse=True)
+def _restore_transformers_logging():
+    """The script quiets transformers' logging and weight-loading bar; other tests' processes keep theirs."""
+    verbosity, bar = transformers.logging.get_verbosity(), transformers.utils.logging.is_progress_bar_enabled()
+    yield
+    transformers.logging.set_verbosity(verbosity)
+    if bar:
+        transformers.logging.enable_progress_bar()
 
 
 def byte_level_bpe():
@@ -306,6 +317,26 @@ def test_missing_tokenizer(convert_to_aft, capsys, gpt2, tmp_path):
         convert_to_aft, capsys, src, tmp_path / "out", "--aft_variant", "simple", "--tokenizer_name", with_tokenizer
     )
     assert (tmp_path / "out" / "tokenizer.json").is_file()
+
+
+def test_gpt2_folders_that_do_not_fit(convert_to_aft, capsys, gpt2, tmp_path):
+    _, src = gpt2
+    small = 50  # a vocabulary smaller than the tokenizer's 280 tokens
+    GPT2LMHeadModel(GPT2Config(vocab_size=small, n_positions=8, n_embd=8, n_layer=1, n_head=2)).save_pretrained(
+        tmp_path / "small-vocab"
+    )
+    err = one_line_error(convert_to_aft, capsys, tmp_path / "small-vocab", tmp_path / "out", "--tokenizer_name", src)
+    assert f"more than SRC's vocab_size={small}" in err
+    GPT2Config(add_cross_attention=True).save_pretrained(tmp_path / "cross")
+    assert "cross-attention" in one_line_error(convert_to_aft, capsys, tmp_path / "cross", tmp_path / "out")
+    # An untied config over a checkpoint that has no separate LM head.
+    untied = tmp_path / "no-head"
+    save_gpt2(untied)
+    config = json.loads((untied / "config.json").read_text())
+    (untied / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    err = one_line_error(convert_to_aft, capsys, untied, tmp_path / "out")
+    assert "lacks weights of a GPT2LMHeadModel: lm_head.weight" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_destination_is_never_lost_or_half_written(convert_to_aft, capsys, gpt2, tmp_path, monkeypatch):

@@ -99,6 +99,8 @@ def load_model(model_class, args, **task_fields):
     for name, value in task_fields.items():
         if name in ("id2label", "label2id", "max_position_embeddings"):
             continue
+        if name == "vocab_size" and model.config.vocab_size >= value:  # a vocabulary padded beyond the tokenizer
+            continue
         if getattr(model.config, name) != value:
             raise InputError(
                 f"--model_name_or_path {args.model_name_or_path} has {name}={getattr(model.config, name)!r}, "

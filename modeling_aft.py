@@ -569,10 +569,11 @@ class AFTModel(AFTPreTrainedModel):
     def _check_values(self, input_ids, attention_mask, position_ids, cache, B, T):
         """The checks that need values from the tensors, read with one host synchronisation."""
         config = self.config
-        probes = [cache.seen if cache is not None else torch.zeros((), dtype=torch.long)]
+        zero = torch.zeros((), dtype=torch.long, device=position_ids.device)
+        probes = [cache.seen if cache is not None else zero]
         for x in (input_ids, position_ids):
-            probes += [x.min(), x.max()] if x is not None and x.numel() else [torch.zeros((), dtype=torch.long)] * 2
-        past, id_min, id_max, pos_min, pos_max = torch.stack([p.long().cpu() for p in probes]).tolist()
+            probes += [x.min(), x.max()] if x is not None and x.numel() else [zero, zero]
+        past, id_min, id_max, pos_min, pos_max = torch.stack([p.long() for p in probes]).tolist()
         if input_ids is not None and input_ids.numel() and (id_min < 0 or id_max >= config.vocab_size):
             bad = id_max if id_max >= config.vocab_size else id_min
             raise ValueError(

@@ -15,7 +15,8 @@ the machine does slows both alike; each figure is a median.
      shapes;
   4. AFT-full's per-token decoding at `--full-context` tokens against GPT-2 with its KV cache (DynamicCache);
   5. the state of simple/local/conv after 256 and after `--long-context` tokens: bytes and per-token time.
-Writes results.json into --output and prints every target as met or not met.
+Per-token figures are medians of the individual steps (generate()'s from the intervals between the tokens it
+streams). Writes results.json into --output and prints every target as met or not met.
 """
 
 import argparse
@@ -29,7 +30,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import build_model, timed  # noqa: E402  (one definition of the compared models)
+from benchmark import build_model  # noqa: E402  (one definition of the compared models)
+from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
 from aft import AFTCache  # noqa: E402
 from aft.modeling_aft import CACHE_NAME  # noqa: E402
@@ -76,14 +78,17 @@ def ids(args, length, seed=0):
 
 
 def in_turn(fns, reps):
-    """Each function once per round, `reps` rounds (one warm-up round first): {name: median seconds}."""
+    """Each function once per round, `reps` rounds after a warm-up round. A function returns the seconds of each of
+    its steps (or None: its whole call is one sample). -> {name: median seconds per step}."""
     for fn in fns.values():
         fn()
-    times = {name: [] for name in fns}
+    samples = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
-            times[name].append(timed(fn))
-    return {name: statistics.median(t) for name, t in times.items()}
+            start = time.perf_counter()
+            steps = fn()
+            samples[name] += steps if steps is not None else [time.perf_counter() - start]
+    return {name: statistics.median(t) for name, t in samples.items()}
 
 
 def cache_of(model, prompt, **cache_kwargs):
@@ -93,56 +98,67 @@ def cache_of(model, prompt, **cache_kwargs):
 
 
 def decode(model, cache, first, steps, position):
-    """The model's own decoding loop: `steps` forward steps, each feeding the argmax of the last."""
-    token = first
+    """The model's own decoding loop: `steps` forward steps, each feeding the argmax of the last, as generate()
+    does. -> the seconds of each step."""
+    token, times = first, []
     for i in range(steps):
+        start = time.perf_counter()
         out = model(token, position_ids=torch.tensor([[position + i]]), use_cache=True, **{CACHE_NAME: cache})
         token = out.logits[:, -1:].argmax(-1)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+class _TokenClock(BaseStreamer):
+    """Records when generate() hands over each new token: the intervals are its per-token cost."""
+
+    def __init__(self):
+        self.stamps = []
+
+    def put(self, value):
+        self.stamps.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+    def intervals(self):
+        return [b - a for a, b in zip(self.stamps[1:], self.stamps[2:], strict=False)]  # [0]: the prompt
 
 
 @torch.no_grad()
 def bench_continuation(model, args):
     context, new = ids(args, args.context), ids(args, args.new, 1)
 
-    def continuation():
+    def continuation():  # the continuation alone is timed; its cache is rebuilt outside the timed part
         cache = cache_of(model, context)
         start = time.perf_counter()
         model(new, use_cache=True, **{CACHE_NAME: cache})
-        return time.perf_counter() - start
+        return [time.perf_counter() - start]
 
-    # the continuation alone is timed: its cache is rebuilt outside the timed part of each round
-    times = {"continuation_s": [], "prefill_s": []}
-    continuation()
-    for _ in range(args.reps):
-        times["continuation_s"].append(continuation())
-        times["prefill_s"].append(timed(lambda: model(new, use_cache=True)))
-    row = {k: statistics.median(v) for k, v in times.items()}
-    row["ratio"] = row["continuation_s"] / row["prefill_s"]
-    return row
+    def prefill():
+        model(new, use_cache=True)
+
+    t = in_turn({"continuation": continuation, "prefill": prefill}, args.reps)
+    return {"continuation_s": t["continuation"], "prefill_s": t["prefill"], "ratio": t["continuation"] / t["prefill"]}
 
 
 @torch.no_grad()
 def bench_generate(model, args):
+    """Per-token time of greedy generate() (the intervals between the tokens it streams) against the model's own
+    forward step in a loop, both after the same 16-token prompt."""
     prompt = ids(args, 16, 2)
-    short, long = args.tokens, 2 * args.tokens
     kw = {"do_sample": False, "pad_token_id": 0, "eos_token_id": None}
 
-    def generate(n):
-        return lambda: model.generate(prompt, max_new_tokens=n, min_new_tokens=n, **kw)
+    def generate():
+        clock = _TokenClock()
+        model.generate(prompt, max_new_tokens=args.tokens, min_new_tokens=args.tokens, streamer=clock, **kw)
+        return clock.intervals()
 
-    def step_loop(n):
-        def run():
-            cache = cache_of(model, prompt)
-            decode(model, cache, prompt[:, -1:], n, prompt.shape[1])
+    def forward_loop():
+        return decode(model, cache_of(model, prompt), prompt[:, -1:], args.tokens, prompt.shape[1])
 
-        return run
-
-    fns = {"gen_short": generate(short), "gen_long": generate(long)}
-    fns.update(fwd_short=step_loop(short), fwd_long=step_loop(long))
-    t = in_turn(fns, args.reps)
-    per_generate = (t["gen_long"] - t["gen_short"]) / (long - short)
-    per_forward = (t["fwd_long"] - t["fwd_short"]) / (long - short)
-    return {"generate_token_s": per_generate, "forward_token_s": per_forward, "ratio": per_generate / per_forward}
+    t = in_turn({"generate": generate, "forward": forward_loop}, args.reps)
+    return {"generate_token_s": t["generate"], "forward_token_s": t["forward"], "ratio": t["generate"] / t["forward"]}
 
 
 @torch.no_grad()
@@ -157,8 +173,9 @@ def bench_compiled(model, args):
 
     def steps(name, fn):
         def run():
-            decode(fn, caches[name], first, args.tokens, positions[name])
+            times = decode(fn, caches[name], first, args.tokens, positions[name])
             positions[name] += args.tokens
+            return times
 
         return run
 
@@ -167,8 +184,8 @@ def bench_compiled(model, args):
     compile_s = time.perf_counter() - start
     t = in_turn({"eager": steps("eager", model), "compiled": steps("compiled", compiled)}, args.reps)
     return {
-        "eager_token_s": t["eager"] / args.tokens,
-        "compiled_token_s": t["compiled"] / args.tokens,
+        "eager_token_s": t["eager"],
+        "compiled_token_s": t["compiled"],
         "speedup": t["eager"] / t["compiled"],
         "compile_s": compile_s,
     }
@@ -189,13 +206,14 @@ def bench_full_vs_gpt2(args):
 
     def steps(name):
         def run():
-            decode(models[name], caches[name], first, args.tokens, positions[name])
+            times = decode(models[name], caches[name], first, args.tokens, positions[name])
             positions[name] += args.tokens
+            return times
 
         return run
 
     t = in_turn({name: steps(name) for name in models}, args.reps)
-    row = {f"{name}_token_s": t[name] / args.tokens for name in models}
+    row = {f"{name}_token_s": t[name] for name in models}
     row.update(context=L, prefill_s=prefill_s, ratio=row["full_token_s"] / row["gpt2_token_s"])
     row["cache_bytes"] = {"full": caches["full"].nbytes(), "gpt2": _kv_bytes(caches["gpt2"])}
     return row
@@ -214,15 +232,16 @@ def bench_constant_state(model, args):
 
     def steps(L):
         def run():
-            decode(model, caches[L], first, args.tokens, positions[L])
+            times = decode(model, caches[L], first, args.tokens, positions[L])
             positions[L] += args.tokens
+            return times
 
         return run
 
     t = in_turn({L: steps(L) for L in caches}, args.reps)
     return {
         "bytes": {L: c.nbytes() for L, c in caches.items()},
-        "token_s": {L: t[L] / args.tokens for L in caches},
+        "token_s": {L: t[L] for L in caches},
         "time_ratio": t[long] / t[short],
         "same_bytes": caches[short].nbytes() == caches[long].nbytes(),
     }

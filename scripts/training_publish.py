@@ -20,6 +20,8 @@ from training_args import InputError, RunError
 from training_checkpoints import CHECKPOINTS_DIR
 from training_model import count_parameters
 
+from aft.ops_aft import AFT_VARIANTS
+
 logger = logging.getLogger(__name__)
 
 MODEL_CARDS_DIR = Path(__file__).resolve().parent.parent / "model_cards"
@@ -223,10 +225,12 @@ def write_model_card(output_dir: Path, args, accelerator, model, results: dict, 
         base_model=base_model_id(args.model_name_or_path),
         eval_results=eval_results,
     )
+    variant = AFT_VARIANTS[config.aft_variant]  # what the card says of the mixer comes from the variant table
+    window = f", {variant.window_field}={getattr(config, variant.window_field)}" if variant.window_field else ""
+    heads = f", {config.num_heads} heads" if variant.key_per_head else ""
     architecture = (
-        f"{config.num_hidden_layers} layers x {config.hidden_size} wide, AFT-{config.aft_variant}"
-        + (f" (window {config.local_window_size})" if config.aft_variant == "local" else "")
-        + (f" (kernel {config.conv_kernel_size}, {config.num_heads} heads)" if config.aft_variant == "conv" else "")
+        f"{config.num_hidden_layers} layers x {config.hidden_size} wide, AFT-{variant.name}{window}{heads}: "
+        f"{variant.summary}; decoding state {variant.decoding_state}"
     )
     results_table = "\n".join(
         ["| metric | split | value |", "|---|---|---|"]

@@ -113,8 +113,8 @@ class Size:
 
 SIZES = {
     "quick": Size(32, 2, 16, 8, 8, 5, 4, 64, 4, 16, 1e-3, 2, 8, 8, 16, max_eval_blocks=16, max_images=200),
-    "small": Size(128, 4, 32, 32, 32, 11, 8, 256, 8, 1500, 1e-3, 20, 128, 600, 32),
-    "medium": Size(256, 6, 64, 32, 64, 11, 8, 512, 16, 5000, 1e-3, 25, 256, 2000, 64),
+    "small": Size(64, 4, 16, 32, 16, 11, 4, 256, 8, 3000, 1e-3, 24, 128, 600, 32),
+    "medium": Size(256, 6, 64, 32, 64, 11, 8, 512, 16, 10000, 1e-3, 25, 256, 2000, 64),
     "large": Size(512, 12, 64, 32, 128, 11, 16, 1024, 16, 20000, 6e-4, 40, 512, 4000, 64),
 }
 
@@ -740,7 +740,7 @@ class Study:
 
     def write_cards(self):
         for name, run in self.main_runs.items():
-            write_card(self.output_dir / name, run, self.results)
+            write_card(self.output_dir / name, name, run.seed, self.results)
 
     def run(self):
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -954,8 +954,9 @@ def comparison_table(results: dict) -> str:
     return "\n".join(rows)
 
 
-def write_card(folder: Path, run: Run, results: dict):
-    row = next(r for r in results["equal_steps"]["runs"] if r["model"] == run.name and r["seed"] == run.seed)
+def write_card(folder: Path, name: str, seed: int, results: dict):
+    """The model card of a saved model of the equal-steps comparison, from the study's results alone."""
+    row = next(r for r in results["equal_steps"]["runs"] if r["model"] == name and r["seed"] == seed)
     time_table = ""
     if "equal_time" in results:
         timed = results["equal_time"]
@@ -963,8 +964,8 @@ def write_card(folder: Path, run: Run, results: dict):
             f"\nEqual wall-clock time ({timed['budget_seconds']:.4g} s of training per model, same machine, models "
             "trained in turn):\n\n" + "\n".join([TABLE_HEAD, *map(table_row, timed["runs"])]) + "\n"
         )
-    is_aft = run.name != "gpt2"
-    kind = f"An Attention Free Transformer (AFT-{run.name.removeprefix('aft-')})" if is_aft else "A GPT-2 (SDPA)"
+    is_aft = name != "gpt2"
+    kind = f"An Attention Free Transformer (AFT-{name.removeprefix('aft-')})" if is_aft else "A GPT-2 (SDPA)"
     others = "GPT-2 and the other AFT variants" if is_aft else "the four AFT variants (full, local, simple, conv)"
     data = results["data"]
     card_data = ModelCardData(
@@ -972,7 +973,7 @@ def write_card(folder: Path, run: Run, results: dict):
         pipeline_tag="text-generation",
         license="apache-2.0",
         tags=["aft", "attention-free-transformer", "evidence-study"] if is_aft else ["gpt2", "evidence-study"],
-        model_name=run.name,
+        model_name=name,
         eval_results=[
             EvalResult(
                 task_type="text-generation",
@@ -1000,7 +1001,7 @@ def write_card(folder: Path, run: Run, results: dict):
     card = ModelCard.from_template(
         card_data,
         template_str=CARD_TEMPLATE,
-        name=run.name,
+        name=name,
         kind=kind,
         others=others,
         corpus=data["corpus"],

@@ -128,6 +128,8 @@ def parse_args(argv=None):
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, help="default: all of them.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="the first seeds every part; the others "
                         f"retrain {' and '.join(SEED_MODELS)} (and the image models).")  # fmt: skip
+    parser.add_argument("--models", nargs="+", default=list(LM_MODELS), choices=LM_MODELS,
+                        help="the text models of steps, seeds and time (default: all five).")  # fmt: skip
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps of the text models (the size's).")
     parser.add_argument("--batch_size", type=int, default=None, help="blocks per optimizer step (the size's).")
     parser.add_argument("--block_size", type=int, default=None, help="tokens per block (the size's).")
@@ -152,8 +154,13 @@ def check_args(args) -> Size:
         args.size = "quick"
     if "time" in args.parts and "steps" not in args.parts:
         raise InputError("--parts time needs steps: its schedules are planned from the step times measured there.")
+    if "time" in args.parts and "gpt2" not in args.models and args.time_budget is None:
+        raise InputError("--parts time takes GPT-2's training time as its budget: add gpt2 to --models or pass "
+                         "--time_budget.")  # fmt: skip
     if len(set(args.seeds)) != len(args.seeds):
         raise InputError(f"--seeds {args.seeds}: give each seed once.")
+    if len(set(args.models)) != len(args.models):
+        raise InputError(f"--models {' '.join(args.models)}: give each model once.")
     for name in ("steps", "batch_size", "block_size", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -603,7 +610,7 @@ class Study:
 
     def part_steps(self):
         seed = self.args.seeds[0]
-        self.main_runs = self.text_comparison(LM_MODELS, seed, desc="equal steps")
+        self.main_runs = self.text_comparison(self.args.models, seed, desc="equal steps")
         self.results["equal_steps"] = {
             "steps": self.size.steps,
             "runs": [run_record(r, "validation_bits_per_byte") for r in self.main_runs.values()],
@@ -614,14 +621,15 @@ class Study:
         records = self.results.setdefault("equal_steps", {"steps": self.size.steps, "runs": []})["runs"]
         seeds = self.args.seeds if "steps" not in self.args.parts else self.args.seeds[1:]
         for seed in seeds:
-            runs = self.text_comparison(SEED_MODELS, seed, desc=f"equal steps, seed {seed}")
+            models = [m for m in SEED_MODELS if m in self.args.models]
+            runs = self.text_comparison(models, seed, desc=f"equal steps, seed {seed}")
             records += [run_record(r, "validation_bits_per_byte") for r in runs.values()]
 
     def part_time(self):
         main = self.main_runs
         step_times = {name: run.seconds / run.done for name, run in main.items()}
         budget = self.args.time_budget or main["gpt2"].seconds
-        runs = self.text_comparison(LM_MODELS, self.args.seeds[0], budget=budget, step_times=step_times,
+        runs = self.text_comparison(self.args.models, self.args.seeds[0], budget=budget, step_times=step_times,
                                     desc="equal time")  # fmt: skip
         self.results["equal_time"] = {
             "budget_seconds": budget,
@@ -859,8 +867,8 @@ def summarize(results: dict) -> dict:
                 "validation_gap_curve": gap_curves,
             }
     timed = results.get("equal_time")
-    if timed:
-        test = {r["model"]: r["test_bits_per_byte"] for r in timed["runs"]}
+    test = {r["model"]: r["test_bits_per_byte"] for r in timed["runs"]} if timed else {}
+    if "gpt2" in test and "aft-local" in test:
         best = min(test, key=test.get)
         gap = test["aft-local"] - test["gpt2"]
         summary["question_equal_time"] = {
@@ -1008,7 +1016,8 @@ def write_card(folder: Path, name: str, seed: int, results: dict):
         block=data["block_size"],
         steps=row["steps"],
         parameters=f"{row['parameters']:,}",
-        device=results["machine"].get("gpu") or f"{results['machine']['cpus']} CPU cores",
+        device=results["machine"].get("gpu")
+        or f"{results['machine']['cpus']} CPU cores ({results['machine']['torch_threads']} torch threads)",
         row="\n".join([TABLE_HEAD, table_row(row)]),
         table=comparison_table(results),
         time_table=time_table,
@@ -1083,7 +1092,7 @@ def plot_final(plt, results, path):
     summary = results["summary"]
     steps = summary["equal_steps"]["test_bits_per_byte"]
     models = list(steps)
-    timed = summary.get("question_equal_time", {}).get("test_bits_per_byte", {})
+    timed = {r["model"]: r["test_bits_per_byte"] for r in results.get("equal_time", {}).get("runs", [])}
     fig, ax = plt.subplots(figsize=(7.5, 4))
     width = 0.38 if timed else 0.6
     xs = np.arange(len(models))

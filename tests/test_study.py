@@ -185,6 +185,8 @@ def test_saved_models_load_and_carry_their_row(study):
         (["--parts", "time"], "--parts time needs steps"),
         (["--time_budget", "-5"], "--time_budget=-5.0"),
         (["--seeds", "1", "1"], "give each seed once"),
+        (["--models", "gpt2", "gpt2"], "give each model once"),
+        (["--models", "aft-local", "aft-conv"], "add gpt2 to --models or pass --time_budget"),
     ],
 )
 def test_bad_input_is_one_line_before_any_work(run_study, tmp_path, capsys, argv, message):

@@ -77,6 +77,8 @@ from training_utils import (
 logger = logging.getLogger("run_study")
 
 PARTS = ("steps", "seeds", "time", "ablation", "pixels", "classify")
+PART_KEYS = {"steps": "equal_steps", "seeds": "equal_steps", "time": "equal_time", "ablation": "window_ablation"}
+PART_KEYS |= {"pixels": "pixels", "classify": "classification"}
 LM_MODELS = ("gpt2", "aft-local", "aft-simple", "aft-conv", "aft-full")
 SEED_MODELS = ("gpt2", "aft-local")  # trained with every seed
 WINDOWS = (0, 1, 2, 4, 8, 16, 32, 64, 128)  # the ablation's s; 0 is AFT-simple
@@ -85,6 +87,7 @@ PAPER_WINDOWS = {0: 1.209, 1: 1.205, 2: 1.176, 4: 1.165, 8: 1.162, 32: 1.154, 64
 PAPER_WINDOWS |= {512: 1.171, 1024: 1.173}
 PAPER_TRANSFORMER = 1.130
 TOLERANCE = 0.03  # the study's question: is AFT-local within this many bits per byte of GPT-2 at equal steps?
+CALIBRATION_STEPS = 20  # steps per model, in turn, that measure the step times of the `time` part
 DIGITS_SIDE, DIGITS_PATCH = 8, 2  # scikit-learn's digits are 8 x 8; patches of 2 x 2 make a 4 x 4 grid
 
 
@@ -123,6 +126,12 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="outputs/study", help="results.json, the plots and the models.")
     parser.add_argument("--overwrite_output_dir", action="store_true", help="write into a folder that holds files.")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the study in --output_dir: the parts that "
+        "its results.json holds are kept, the others run (same size, recipe, seeds and models).",
+    )
     parser.add_argument("--size", default="small", choices=["small", "medium", "large"], help="default: small.")
     parser.add_argument("--quick", action="store_true", help="every part at a toy size: a smoke test (seconds).")
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, help="default: all of them.")
@@ -152,8 +161,6 @@ def check_args(args) -> Size:
     """Every check that needs no data, before any work; returns the study's size with the overrides applied."""
     if args.quick:
         args.size = "quick"
-    if "time" in args.parts and "steps" not in args.parts:
-        raise InputError("--parts time needs steps: its schedules are planned from the step times measured there.")
     if "time" in args.parts and "gpt2" not in args.models and args.time_budget is None:
         raise InputError("--parts time takes GPT-2's training time as its budget: add gpt2 to --models or pass "
                          "--time_budget.")  # fmt: skip
@@ -172,7 +179,9 @@ def check_args(args) -> Size:
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise InputError(f"--output_dir {output_dir} is a file: choose a folder.")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not args.overwrite_output_dir:
+    if args.resume and not (output_dir / "results.json").is_file():
+        raise InputError(f"--resume: {output_dir / 'results.json'} does not exist: there is no study to continue.")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not (args.overwrite_output_dir or args.resume):
         raise InputError(
             f"--output_dir {output_dir} already holds files that this study would overwrite: choose another "
             "folder or pass --overwrite_output_dir."
@@ -523,7 +532,8 @@ class Study:
             "machine": machine(self.device),
         }
         self.text = None
-        self.main_runs = {}
+        self.main_runs = {}  # the equal-steps runs of the first seed trained by this process
+        self.done = []  # the parts in results.json
 
     def recipe_record(self) -> dict:
         r = self.recipe
@@ -541,8 +551,48 @@ class Study:
             "dtype": "float32",
         }
 
+    def resume(self):
+        """Continue the study in --output_dir: keep its results and the parts they hold, if they are of this study."""
+        path = self.output_dir / "results.json"
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise InputError(f"--resume: {path} cannot be read ({error}).") from None
+        for key in ("size", "architecture", "recipe"):
+            if old.get(key) != self.results[key]:
+                raise InputError(
+                    f"--resume: {path} holds another study ({key} {old.get(key)!r}, this one's {self.results[key]!r})."
+                )
+        if old.get("models", list(LM_MODELS)) != self.args.models:
+            raise InputError(f"--resume: {path} was run with --models {' '.join(old.get('models', LM_MODELS))}.")
+        if "parts_done" in old:
+            self.done = list(old["parts_done"])
+        else:  # a file written before parts_done was recorded: the parts whose results it holds
+            self.done = [p for p in PARTS if p != "seeds" and PART_KEYS[p] in old]
+            seeds = {r["seed"] for r in old.get("equal_steps", {}).get("runs", [])}
+            if "steps" in self.done and set(self.args.seeds) <= seeds:
+                self.done.insert(1, "seeds")
+        runs = dict(old.get("resumed_runs", {}))
+        runs[str(len(runs))] = {
+            "command": old["command"],
+            "machine": old["machine"],
+            "parts": list(self.done),
+            "load_average": old.get("load_average"),
+            "wall_seconds": old.get("wall_seconds"),
+        }
+        self.results = {**old, **{k: self.results[k] for k in ("command", "machine")}, "resumed_runs": runs}
+        self.started -= old.get("wall_seconds", 0.0)
+        logger.info(f"resuming {path}: its parts {' '.join(self.done) or '(none)'} are kept")
+
+    def main_records(self) -> dict:
+        """{model: results.json record} of the equal-steps runs of the first seed."""
+        runs = self.results.get("equal_steps", {}).get("runs", [])
+        return {r["model"]: r for r in runs if r["seed"] == self.args.seeds[0]}
+
     def save_results(self):
         """results.json, written whole (a temporary file renamed into place) after every part."""
+        self.results["parts_done"] = self.done
+        self.results["models"] = self.args.models
         self.results["load_average"] = self.load.summary()
         self.results["wall_seconds"] = time.time() - self.started
         path = self.output_dir / "results.json"
@@ -625,35 +675,60 @@ class Study:
             runs = self.text_comparison(models, seed, desc=f"equal steps, seed {seed}")
             records += [run_record(r, "validation_bits_per_byte") for r in runs.values()]
 
+    def step_seconds(self, names, seed) -> dict:
+        """{model: median seconds of its optimizer steps}, measured now with the models stepping in turn (throwaway
+        models), so that the time budget and its schedules are of this machine as it is while the part runs."""
+        tokenizer, splits, _ = self.load_text()
+        size = self.size
+        batches = Batches({"input_ids": splits["train"]}, size.batch, seed, self.device)
+        runs = [
+            new_run(name, seed, build_lm(name, size, len(tokenizer), size.block, seed), size.steps,
+                    size.batch * size.block, self.recipe, batches.per_epoch, 1, self.device)
+            for name in names
+        ]  # fmt: skip
+        times = {name: [] for name in names}
+        for i in range(CALIBRATION_STEPS):
+            for run in runs:
+                before = run.seconds
+                train_step(run, batches(i), lm_loss, self.recipe.max_grad_norm, self.device)
+                if i >= CALIBRATION_STEPS // 4:  # the first steps warm the allocator and caches
+                    times[run.name].append(run.seconds - before)
+        return {name: statistics.median(t) for name, t in times.items()}
+
     def part_time(self):
-        main = self.main_runs
-        step_times = {name: run.seconds / run.done for name, run in main.items()}
-        budget = self.args.time_budget or main["gpt2"].seconds
-        runs = self.text_comparison(self.args.models, self.args.seeds[0], budget=budget, step_times=step_times,
+        seed = self.args.seeds[0]
+        step_times = self.step_seconds(self.args.models, seed)
+        budget = self.args.time_budget or step_times["gpt2"] * self.size.steps
+        runs = self.text_comparison(self.args.models, seed, budget=budget, step_times=step_times,
                                     desc="equal time")  # fmt: skip
         self.results["equal_time"] = {
             "budget_seconds": budget,
-            "budget_from": "--time_budget" if self.args.time_budget else "GPT-2's training seconds in equal_steps",
-            "planned_from": "each model's seconds per step in equal_steps",
+            "budget_from": "--time_budget"
+            if self.args.time_budget
+            else (f"GPT-2's median step time (measured at the start of this part) x {self.size.steps} steps"),
+            "planned_from": f"each model's median step time over {CALIBRATION_STEPS} steps in turn at the start",
+            "measured_step_seconds": step_times,
             "runs": [run_record(r, "validation_bits_per_byte") for r in runs.values()],
         }
 
     def part_ablation(self):
         seed, size = self.args.seeds[0], self.size
         names = {s: "aft-simple" if s == 0 else f"aft-local/s={s}" for s in WINDOWS}
-        reused = {}
+        reused, main = {}, self.main_records()
         for s in WINDOWS:  # the equal-steps runs that are points of the ablation (same recipe and seed)
             main_name = "aft-simple" if s == 0 else "aft-local" if s == size.window else None
-            if main_name in self.main_runs:
-                reused[s] = self.main_runs[main_name]
+            if main_name in main:
+                reused[s] = main[main_name]
         to_train = [names[s] for s in WINDOWS if s not in reused]
         windows = {names[s]: s for s in WINDOWS if s}
         runs = self.text_comparison(to_train, seed, windows=windows, desc="window ablation") if to_train else {}
         points = []
         for s in WINDOWS:
-            run = reused.get(s) or runs[names[s]]
-            record = run_record(run, "validation_bits_per_byte", window=s, reused_from_equal_steps=s in reused)
-            points.append(record)
+            if s in reused:
+                points.append({**reused[s], "window": s, "reused_from_equal_steps": True})
+            else:
+                run = runs[names[s]]
+                points.append(run_record(run, "validation_bits_per_byte", window=s, reused_from_equal_steps=False))
         self.results["window_ablation"] = {
             "steps": size.steps,
             "block_size": size.block,
@@ -747,15 +822,19 @@ class Study:
             tmp.rename(final)
 
     def write_cards(self):
-        for name, run in self.main_runs.items():
-            write_card(self.output_dir / name, name, run.seed, self.results)
+        for name, record in self.main_records().items():
+            if (self.output_dir / name / "config.json").is_file():
+                write_card(self.output_dir / name, name, record["seed"], self.results)
 
     def run(self):
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.args.resume:
+            self.resume()
         for part in PARTS:
-            if part in self.args.parts:
+            if part in self.args.parts and part not in self.done:
                 logger.info(f"part {part}")
                 getattr(self, f"part_{part}")()
+                self.done.append(part)
                 self.results["summary"] = summarize(self.results)
                 self.save_results()
         self.write_cards()

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -35,7 +36,8 @@ def run_study():
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
+def quick(tmp_path_factory):
+    """run(output_dir, *args) -> results.json of `run_study.py --quick` on small local text, in a fresh process."""
     root = tmp_path_factory.mktemp("study")
     package_root = root / "pkg"
     package_root.mkdir()
@@ -53,12 +55,21 @@ def study(tmp_path_factory):
         TOKENIZERS_PARALLELISM="false",
         OMP_NUM_THREADS="1",
     )
-    out = root / "out"
-    command = [sys.executable, str(SCRIPT), "--quick", "--output_dir", str(out)]
-    command += ["--train_file", str(root / "train.txt"), "--validation_file", str(root / "valid.txt")]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return out, json.loads((out / "results.json").read_text())
+
+    def run(out, *args):
+        command = [sys.executable, str(SCRIPT), "--quick", "--output_dir", str(out), *args]
+        command += ["--train_file", str(root / "train.txt"), "--validation_file", str(root / "valid.txt")]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-4000:]
+        return json.loads((Path(out) / "results.json").read_text())
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def study(quick, tmp_path_factory):
+    out = tmp_path_factory.mktemp("study-out") / "out"
+    return out, quick(out)
 
 
 def numbers(value):
@@ -114,8 +125,7 @@ def test_equal_steps_and_equal_time(study, run_study):
     assert all(r["steps"] == steps["steps"] for r in steps["runs"])
     timed = results["equal_time"]
     budget = timed["budget_seconds"]
-    gpt2 = next(r for r in steps["runs"] if r["model"] == "gpt2" and r["seed"] == seeds[0])
-    assert budget == pytest.approx(gpt2["train_seconds"])
+    assert budget == pytest.approx(timed["measured_step_seconds"]["gpt2"] * steps["steps"])
     for run in timed["runs"]:  # each stops at its planned steps or once its own clock reaches the budget
         assert run["steps"] == run["planned_steps"] or run["train_seconds"] >= budget
         assert run["steps"] <= run["planned_steps"]
@@ -182,7 +192,7 @@ def test_saved_models_load_and_carry_their_row(study):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--parts", "time"], "--parts time needs steps"),
+        (["--resume"], "there is no study to continue"),
         (["--time_budget", "-5"], "--time_budget=-5.0"),
         (["--seeds", "1", "1"], "give each seed once"),
         (["--models", "gpt2", "gpt2"], "give each model once"),
@@ -205,3 +215,28 @@ def test_a_folder_with_files_is_not_overwritten(run_study, tmp_path, capsys):
         run_study.run_main(lambda: run_study.main(["--quick", "--output_dir", str(tmp_path)]))
     assert "--overwrite_output_dir" in capsys.readouterr().err
     assert (tmp_path / "results.json").read_text() == "mine"
+
+
+def test_resume_keeps_the_parts_done_and_runs_the_others(study, quick, tmp_path):
+    out, results = study
+    kept = {k: v for k, v in results.items() if k not in ("equal_time", "window_ablation", "pixels", "classification")}
+    kept["parts_done"] = ["steps", "seeds"]
+    folder = tmp_path / "out"
+    shutil.copytree(out, folder)
+    (folder / "results.json").write_text(json.dumps(kept))
+    resumed = quick(folder, "--resume", "--parts", "steps", "seeds", "time", "ablation")
+    assert resumed["equal_steps"] == results["equal_steps"]  # kept as it was, not trained again
+    assert resumed["parts_done"] == ["steps", "seeds", "time", "ablation"]
+    assert {r["model"] for r in resumed["equal_time"]["runs"]} == {r["model"] for r in results["equal_time"]["runs"]}
+    assert sum(p["reused_from_equal_steps"] for p in resumed["window_ablation"]["points"]) == 2
+    assert resumed["resumed_runs"]["0"]["parts"] == ["steps", "seeds"]
+    assert "pixels" not in resumed
+    assert "| aft-local (seed 0) |" in (folder / "aft-local" / "README.md").read_text()
+
+
+def test_resume_refuses_another_study(study, run_study, tmp_path, capsys):
+    out, results = study
+    (tmp_path / "results.json").write_text(json.dumps({**results, "recipe": {**results["recipe"], "batch_size": 99}}))
+    with pytest.raises(SystemExit):
+        run_study.run_main(lambda: run_study.main(["--quick", "--output_dir", str(tmp_path), "--resume"]))
+    assert "holds another study (recipe" in capsys.readouterr().err

@@ -1,0 +1,242 @@
+"""The evidence study (scripts/run_study.py) end to end at its --quick size, as a user runs it, and its bad input.
+
+One `--quick` run (a fresh process, OMP_NUM_THREADS=1, on small local text files so that tokenizing takes no time):
+results.json holds every part, its numbers are finite and agree with each other, and the saved models load and
+carry their row in their cards.
+"""
+
+import importlib
+import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("accelerate")
+pytest.importorskip("datasets")
+pytest.importorskip("sklearn")
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "scripts" / "run_study.py"
+
+
+@pytest.fixture(scope="module")
+def run_study():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        yield importlib.import_module("run_study")
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """run(output_dir, *args) -> results.json of `run_study.py --quick` on small local text, in a fresh process."""
+    root = tmp_path_factory.mktemp("study")
+    package_root = root / "pkg"
+    package_root.mkdir()
+    (package_root / "aft").symlink_to(REPO, target_is_directory=True)
+    # Real Python source, a few hundred KB: the embedded corpus's kind of text without its tokenizing time.
+    sources = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    (root / "train.txt").write_text("".join(p.read_text(errors="replace") for p in sources[:20])[:200_000])
+    (root / "valid.txt").write_text("".join(p.read_text(errors="replace") for p in sources[-10:])[:40_000])
+    env = dict(os.environ)
+    env.update(
+        PYTHONPATH=os.pathsep.join([str(package_root), env.get("PYTHONPATH", "")]),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        HF_DATASETS_CACHE=str(root / "datasets-cache"),
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+    )
+
+    def run(out, *args):
+        command = [sys.executable, str(SCRIPT), "--quick", "--output_dir", str(out), *args]
+        command += ["--train_file", str(root / "train.txt"), "--validation_file", str(root / "valid.txt")]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-4000:]
+        return json.loads((Path(out) / "results.json").read_text())
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def study(quick, tmp_path_factory):
+    out = tmp_path_factory.mktemp("study-out") / "out"
+    return out, quick(out)
+
+
+def numbers(value):
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from numbers(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from numbers(v)
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        yield value
+
+
+def all_runs(results):
+    for part in ("equal_steps", "equal_time", "pixels", "classification"):
+        for run in results[part]["runs"]:
+            yield part, run
+    for point in results["window_ablation"]["points"]:
+        yield "window_ablation", point
+
+
+def test_every_part_with_finite_numbers(study):
+    _, results = study
+    assert results["complete"]
+    for part in ("equal_steps", "equal_time", "window_ablation", "pixels", "classification", "summary"):
+        assert part in results, part
+    assert all(math.isfinite(x) for x in numbers(results))
+    assert results["machine"]["cpus"] >= 1 and results["load_average"]["samples"] >= 1
+
+
+def test_tokens_steps_and_clocks_agree(study):
+    _, results = study
+    batch, block = results["recipe"]["batch_size"], results["recipe"]["block_size"]
+    for part, run in all_runs(results):
+        if part in ("equal_steps", "equal_time", "window_ablation"):
+            assert run["tokens_per_step"] == batch * block
+        assert run["tokens_seen"] == run["steps"] * run["tokens_per_step"], (part, run["model"])
+        assert run["tokens_per_second"] == pytest.approx(run["tokens_seen"] / run["train_seconds"])
+        assert run["peak_step_memory_bytes"] > 0
+        curve = run["curve"]
+        assert [p["step"] for p in curve] == sorted({p["step"] for p in curve}) and curve[-1]["step"] == run["steps"]
+        assert all(p["tokens"] == p["step"] * run["tokens_per_step"] for p in curve)
+        assert curve[-1]["seconds"] == pytest.approx(run["train_seconds"])
+
+
+def test_equal_steps_and_equal_time(study, run_study):
+    _, results = study
+    steps = results["equal_steps"]
+    models = {(r["model"], r["seed"]) for r in steps["runs"]}
+    seeds = results["recipe"]["seeds"]
+    assert {m for m, _ in models} == set(run_study.LM_MODELS)
+    assert {(m, s) for m in run_study.SEED_MODELS for s in seeds} <= models
+    assert all(r["steps"] == steps["steps"] for r in steps["runs"])
+    timed = results["equal_time"]
+    budget = timed["budget_seconds"]
+    assert budget == pytest.approx(timed["measured_step_seconds"]["gpt2"] * steps["steps"])
+    for run in timed["runs"]:  # each stops at its planned steps or once its own clock reaches the budget
+        assert run["steps"] == run["planned_steps"] or run["train_seconds"] >= budget
+        assert run["steps"] <= run["planned_steps"]
+
+    summary = results["summary"]
+    mean = {m: v["mean"] for m, v in summary["equal_steps"]["test_bits_per_byte"].items()}
+    for model in ("gpt2", "aft-local"):
+        values = [r["test_bits_per_byte"] for r in steps["runs"] if r["model"] == model]
+        assert len(values) == len(seeds) and mean[model] == pytest.approx(sum(values) / len(values))
+    answer = summary["question_equal_steps"]
+    assert answer["aft_local_minus_gpt2"] == pytest.approx(mean["aft-local"] - mean["gpt2"])
+    assert answer["holds"] == (answer["aft_local_minus_gpt2"] <= run_study.TOLERANCE)
+    timed_answer = summary["question_equal_time"]
+    test = {r["model"]: r["test_bits_per_byte"] for r in timed["runs"]}
+    assert timed_answer["ahead"] == min(("gpt2", "aft-local"), key=test.get)
+    assert timed_answer["by"] == pytest.approx(abs(test["aft-local"] - test["gpt2"]))
+
+
+def test_window_ablation_reuses_the_main_runs(study, run_study):
+    _, results = study
+    points = {p["window"]: p for p in results["window_ablation"]["points"]}
+    assert list(points) == list(run_study.WINDOWS)
+    main = {r["model"]: r for r in results["equal_steps"]["runs"] if r["seed"] == results["recipe"]["seeds"][0]}
+    window = results["architecture"]["window"]
+    assert (
+        points[0]["reused_from_equal_steps"]
+        and points[0]["test_bits_per_byte"] == main["aft-simple"]["test_bits_per_byte"]
+    )
+    assert points[window]["test_bits_per_byte"] == main["aft-local"]["test_bits_per_byte"]
+    assert sum(p["reused_from_equal_steps"] for p in points.values()) == 2
+    trained = [p for p in points.values() if not p["reused_from_equal_steps"]]
+    assert all(p["steps"] == results["equal_steps"]["steps"] for p in trained)
+
+
+def test_images(study):
+    _, results = study
+    assert {r["model"] for r in results["pixels"]["runs"]} == {"gpt2", "aft-local"}
+    assert all(0 < r["validation_bits_per_dim"] < 9 for r in results["pixels"]["runs"])
+    assert {r["model"] for r in results["classification"]["runs"]} == {"vit", "aft-conv"}
+    assert all(0 <= r["validation_accuracy"] <= 1 for r in results["classification"]["runs"])
+
+
+def test_saved_models_load_and_carry_their_row(study):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
+
+    import aft
+
+    out, results = study
+    if importlib.util.find_spec("matplotlib"):
+        assert {"curves.png", "final.png", "window_ablation.png", "images.png"} <= {p.name for p in out.iterdir()}
+    main = [r for r in results["equal_steps"]["runs"] if r["seed"] == results["recipe"]["seeds"][0]]
+    for run in main:
+        folder = out / run["model"]
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        assert isinstance(model, GPT2LMHeadModel if run["model"] == "gpt2" else aft.AFTForCausalLM)
+        assert sum(p.numel() for p in model.parameters()) == run["parameters"]
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        assert tokenizer.decode(tokenizer("def f(x):\n")["input_ids"]) == "def f(x):\n"
+        card = (folder / "README.md").read_text()
+        assert f"| {run['model']} (seed {run['seed']}) | {run['parameters']:,} |" in card
+        assert f"{run['test_bits_per_byte']:.4f}" in card and "| aft-local | 2 |" in card
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--resume"], "there is no study to continue"),
+        (["--time_budget", "-5"], "--time_budget=-5.0"),
+        (["--seeds", "1", "1"], "give each seed once"),
+        (["--models", "gpt2", "gpt2"], "give each model once"),
+        (["--models", "aft-local", "aft-conv"], "add gpt2 to --models or pass --time_budget"),
+    ],
+)
+def test_bad_input_is_one_line_before_any_work(run_study, tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        run_study.run_main(lambda: run_study.main(["--quick", "--output_dir", str(out), *argv]))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_a_folder_with_files_is_not_overwritten(run_study, tmp_path, capsys):
+    (tmp_path / "results.json").write_text("mine")
+    with pytest.raises(SystemExit):
+        run_study.run_main(lambda: run_study.main(["--quick", "--output_dir", str(tmp_path)]))
+    assert "--overwrite_output_dir" in capsys.readouterr().err
+    assert (tmp_path / "results.json").read_text() == "mine"
+
+
+def test_resume_keeps_the_parts_done_and_runs_the_others(study, quick, tmp_path):
+    out, results = study
+    kept = {k: v for k, v in results.items() if k not in ("equal_time", "window_ablation", "pixels", "classification")}
+    kept["parts_done"] = ["steps", "seeds"]
+    folder = tmp_path / "out"
+    shutil.copytree(out, folder)
+    (folder / "results.json").write_text(json.dumps(kept))
+    resumed = quick(folder, "--resume", "--parts", "steps", "seeds", "time", "ablation")
+    assert resumed["equal_steps"] == results["equal_steps"]  # kept as it was, not trained again
+    assert resumed["parts_done"] == ["steps", "seeds", "time", "ablation"]
+    assert {r["model"] for r in resumed["equal_time"]["runs"]} == {r["model"] for r in results["equal_time"]["runs"]}
+    assert sum(p["reused_from_equal_steps"] for p in resumed["window_ablation"]["points"]) == 2
+    assert resumed["resumed_runs"]["0"]["parts"] == ["steps", "seeds"]
+    assert "pixels" not in resumed
+    assert "| aft-local (seed 0) |" in (folder / "aft-local" / "README.md").read_text()
+
+
+def test_resume_refuses_another_study(study, run_study, tmp_path, capsys):
+    out, results = study
+    (tmp_path / "results.json").write_text(json.dumps({**results, "recipe": {**results["recipe"], "batch_size": 99}}))
+    with pytest.raises(SystemExit):
+        run_study.run_main(lambda: run_study.main(["--quick", "--output_dir", str(tmp_path), "--resume"]))
+    assert "holds another study (recipe" in capsys.readouterr().err

@@ -4,11 +4,15 @@ Data, in order of precedence: `--enwik8_file` (the standard 90M/5M/5M split), `-
 `--train_file`/`--validation_file` (local text), and by default an embedded corpus that needs no download:
 the Python standard library's own top-level modules (every 10th file, in name order, is the validation set).
 Tokenization is byte level by default (ids 0-255 are the bytes, so bits per byte compare with the paper's enwik8
-numbers; then <|endoftext|>, which ends every document and is bos and eos, and <|pad|>).
+numbers; then <|endoftext|>, which ends every document and is bos and eos, and <|pad|>). With `--teacher_model` the
+model also learns from a teacher's logits (training_distill.py), e.g. an AFT folder written by convert_to_aft.py
+from the GPT-2 it was converted from.
 
     python scripts/run_clm.py --preset tiny --block_size 128 --per_device_train_batch_size 16 \
         --learning_rate 3e-3 --max_train_steps 300 --eval_steps 100 --max_eval_samples 256 --eval_at_start \
         --output_dir outputs/aft-stdlib
+    python scripts/run_clm.py --model_name_or_path outputs/aft-gpt2 --teacher_model outputs/gpt2 \
+        --distill_temperature 2 --distill_weight 0.5 --block_size 256 --output_dir outputs/aft-gpt2-distilled
     accelerate launch --config_file scripts/accelerate_configs/ddp.yaml --num_processes 2 scripts/run_clm.py \
         --enwik8_file enwik8 --preset enwik8-paper --block_size 1024 --output_dir outputs/aft-enwik8
 """
@@ -20,11 +24,12 @@ from pathlib import Path
 
 import training_args
 import training_data
+import training_distill
 import training_model
 from torch.utils.data import DataLoader
 from training_loop import Run, create_accelerator
 from training_metrics import load_metric, next_token_cross_entropy
-from training_publish import CardInfo, save_outputs
+from training_publish import CardInfo, base_model_id, save_outputs
 from transformers import default_data_collator
 
 from aft import AFTForCausalLM
@@ -57,6 +62,7 @@ def parse_args(argv=None):
     tok.add_argument("--tokenizer_vocab_size", type=int, default=4096)
     parser.add_argument("--eval_at_start", action="store_true", help="also evaluate the untrained model.")
     training_args.add_model_args(parser, default_preset="small")
+    training_distill.add_args(parser)
     training_args.add_training_args(parser, learning_rate=1e-3, batch_size=16, epochs=1)
     training_args.add_output_args(parser)
     args = parser.parse_args(argv)
@@ -64,6 +70,7 @@ def parse_args(argv=None):
         raise training_args.InputError(f"--block_size={args.block_size}: a block needs at least 2 tokens.")
     training_args.check_args(args)
     training_data.check_text_files(args)
+    training_distill.check_args(args)
     return args
 
 
@@ -133,12 +140,16 @@ def main(argv=None):
     for name, dataset in (("training", train_dataset), ("validation", eval_dataset)):
         if len(dataset) == 0:
             raise training_args.InputError(f"the {name} data holds fewer than --block_size={args.block_size} tokens.")
+    training_distill.check_student(args, model.config, tokenizer)
+    teacher = training_distill.load_teacher(args.teacher_model, accelerator) if args.teacher_model else None
 
     # 3. data loaders, optimizer, schedule, accelerate, and the state of a resumed run
     train_dataloader, eval_dataloader = training_data.make_dataloaders(
         args, train_dataset.with_format("torch"), eval_dataset.with_format("torch")
     )
-    run = Run.prepare(accelerator, args, model, train_dataloader, eval_dataloader, project_name="aft_clm")
+    run = Run.prepare(
+        accelerator, args, model, train_dataloader, eval_dataloader, "aft_clm", plan_args=training_distill.PLAN_ARGS
+    )
     logger.info(
         f"{len(train_dataset)} training blocks of {args.block_size} tokens, {len(eval_dataset)} validation blocks; "
         f"{training_model.count_parameters(model):,} parameters; {args.max_train_steps} steps of "
@@ -149,11 +160,16 @@ def main(argv=None):
     def validation_metrics():
         return evaluate(run.model, run.eval_dataloader, accelerator, metric, ratios.get("validation"), "eval")
 
+    def cross_entropy(model, batch):
+        return model(input_ids=batch["input_ids"], labels=batch["input_ids"], use_cache=False).loss
+
     if args.eval_at_start and run.state.completed_steps == 0:
         run.log(validation_metrics())
     run.train(
-        compute_loss=lambda model, batch: (
-            model(input_ids=batch["input_ids"], labels=batch["input_ids"], use_cache=False).loss
+        compute_loss=(
+            training_distill.DistillationLoss(teacher, args.distill_temperature, args.distill_weight)
+            if teacher is not None
+            else cross_entropy
         ),
         evaluate=validation_metrics,
     )
@@ -178,6 +194,16 @@ def main(argv=None):
     vocabulary = {258: "byte-level tokens (256 bytes, <|endoftext|> and <|pad|>)", 256: "byte-level tokens"}.get(
         len(tokenizer), f"a {len(tokenizer)}-token vocabulary"
     )
+    description = (
+        f"causal language modelling, trained on {dataset_name} with {vocabulary} in blocks of {args.block_size} "
+        "tokens."
+    )
+    if teacher is not None:
+        description += (
+            f" Distilled from `{base_model_id(args.teacher_model)}`: the loss is (1 - a) * CE + "
+            f"a * T^2 * KL(teacher_T || student_T) with T = {args.distill_temperature:g}, a = "
+            f"{args.distill_weight:g}."
+        )
     card = CardInfo(
         task_type="text-generation",
         task_name="Causal language modelling",
@@ -187,12 +213,9 @@ def main(argv=None):
         dataset_config=args.dataset_config_name,
         dataset_split="validation",
         metrics=metrics,
-        description=(
-            f"causal language modelling, trained on {dataset_name} with {vocabulary} in blocks of "
-            f"{args.block_size} tokens."
-        ),
+        description=description,
         usage=CLM_USAGE,
-        tags=["text-generation", "causal-lm"],
+        tags=["text-generation", "causal-lm", *(["distillation"] if teacher is not None else [])],
         example_prompts=training_data.example_prompts(tokenizer, eval_dataset),
     )
     save_outputs(run, tokenizer, results, card)

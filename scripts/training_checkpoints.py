@@ -27,12 +27,13 @@ RUN_STATE = "run_state.json"
 @dataclasses.dataclass
 class RunState:
     """What a checkpoint stores besides accelerate's state: progress, the log so far, the train losses of the
-    current logging window (logged at the next multiple of --logging_steps), and the run's plan (the settings
-    its losses depend on; a resumed run must have the same)."""
+    current logging window and their terms (logged at the next multiple of --logging_steps), and the run's plan
+    (the settings its losses depend on; a resumed run must have the same)."""
 
     completed_steps: int = 0
     log_history: list = dataclasses.field(default_factory=list)
     window_losses: list = dataclasses.field(default_factory=list)
+    window_terms: list = dataclasses.field(default_factory=list)  # per step: {name: term} of a combined loss
     plan: dict = dataclasses.field(default_factory=dict)
     started: float = dataclasses.field(default_factory=time.time)
     elapsed_before: float = 0.0
@@ -175,6 +176,9 @@ PLAN_NAMES = {
     "adam_beta2": "--adam_beta2",
     "max_grad_norm": "--max_grad_norm",
     "seed": "--seed",
+    "teacher_model": "--teacher_model",
+    "distill_temperature": "--distill_temperature",
+    "distill_weight": "--distill_weight",
 }
 
 
@@ -211,6 +215,7 @@ def load_checkpoint(accelerator, path: Path, model_config, plan: dict) -> RunSta
         completed_steps=state["completed_steps"],
         log_history=state["log_history"],
         window_losses=state.get("window_losses", []),
+        window_terms=state.get("window_terms", []),
         plan=plan,
         elapsed_before=state["elapsed_before"],
     )

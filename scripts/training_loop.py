@@ -145,6 +145,11 @@ PLAN_ARGS = (
 )
 
 
+def as_loss_and_terms(output) -> tuple[torch.Tensor, dict]:
+    """What `compute_loss` returns, as (loss, {name: term}): a bare loss has no terms."""
+    return output if isinstance(output, tuple) else (output, {})
+
+
 @dataclasses.dataclass
 class Run:
     """One training run: the prepared model, optimizer, schedule and data loaders, and its progress (`state`).
@@ -161,9 +166,12 @@ class Run:
     state: RunState
 
     @classmethod
-    def prepare(cls, accelerator, args, model, train_dataloader, eval_dataloader, project_name: str) -> "Run":
+    def prepare(
+        cls, accelerator, args, model, train_dataloader, eval_dataloader, project_name: str, plan_args=()
+    ) -> "Run":
         """Optimizer, scheduler, prepared objects, tracking, and the state of a resumed run
-        (--resume_from_checkpoint). Sets args.max_train_steps, num_train_epochs and num_warmup_steps."""
+        (--resume_from_checkpoint). Sets args.max_train_steps, num_train_epochs and num_warmup_steps. `plan_args`:
+        the script's own arguments that a resumed run must share with the saved one (besides PLAN_ARGS)."""
         if len(train_dataloader) == 0:
             raise InputError(
                 f"{len(train_dataloader.dataset)} training examples make no full batch of "
@@ -181,7 +189,7 @@ class Run:
             "gradient_accumulation_steps": args.gradient_accumulation_steps,
             "num_processes": accelerator.num_processes,
             "batches_per_epoch": len(train_dataloader),
-            **{name: getattr(args, name) for name in PLAN_ARGS},
+            **{name: getattr(args, name) for name in (*PLAN_ARGS, *plan_args)},
         }
         state = RunState(plan=plan)
         if args.resume_from_checkpoint:
@@ -220,11 +228,12 @@ class Run:
         save_checkpoint(self.accelerator, self.args.output_dir, name, self.state, self.unwrapped_model.config)
 
     def train(self, *, compute_loss: Callable, evaluate: Callable[[], dict]):
-        """The training loop. `compute_loss(model, batch)` gives the mean loss of a batch; `evaluate()` a dict of
-        metrics, logged every --eval_steps, or without it at the end of each epoch but the last (the script
-        evaluates after training). After each optimizer step, in this order: log the mean train loss of the
-        window every --logging_steps and at the last step, evaluate, checkpoint; so a checkpoint holds everything
-        logged up to its step, and the losses of the window not yet logged."""
+        """The training loop. `compute_loss(model, batch)` gives the mean loss of a batch, or (loss, {name: term})
+        whose terms (e.g. the parts of a combined loss) are logged beside the loss, as their window means;
+        `evaluate()` a dict of metrics, logged every --eval_steps, or without it at the end of each epoch but the
+        last (the script evaluates after training). After each optimizer step, in this order: log the mean train
+        loss of the window every --logging_steps and at the last step, evaluate, checkpoint; so a checkpoint holds
+        everything logged up to its step, and the losses of the window not yet logged."""
         accelerator, args, model, state = self.accelerator, self.args, self.model, self.state
         optimizer, lr_scheduler = self.optimizer, self.lr_scheduler
         start_epoch, skip_batches = resume_position(
@@ -241,10 +250,10 @@ class Run:
             batches = self.train_dataloader
             if epoch == start_epoch and skip_batches:  # a resumed run: the batches this epoch already used
                 batches = accelerator.skip_first_batches(self.train_dataloader, skip_batches)
-            step_loss = 0.0
+            step_loss, step_terms = 0.0, {}
             for batch in batches:
                 with accelerator.accumulate(model):
-                    loss = compute_loss(model, batch)
+                    loss, terms = as_loss_and_terms(compute_loss(model, batch))
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -252,21 +261,28 @@ class Run:
                     lr_scheduler.step()
                     optimizer.zero_grad()
                 step_loss += loss.detach() / args.gradient_accumulation_steps
+                for name, term in terms.items():
+                    step_terms[name] = step_terms.get(name, 0.0) + term.detach() / args.gradient_accumulation_steps
                 if not accelerator.sync_gradients:
                     continue
                 state.completed_steps += 1
                 step = state.completed_steps
                 progress.update(1)
-                state.window_losses.append(accelerator.gather(step_loss).mean().item())
-                step_loss = 0.0
+                values = accelerator.gather(torch.stack([step_loss, *step_terms.values()])[None]).mean(0).tolist()
+                state.window_losses.append(values[0])
+                if step_terms:
+                    state.window_terms.append(dict(zip(step_terms, values[1:], strict=True)))
+                step_loss, step_terms = 0.0, {}
                 end_of_epoch = step % self.steps_per_epoch == 0
                 finished = step >= args.max_train_steps
                 if step % args.logging_steps == 0 or finished:
                     window = float(np.mean(state.window_losses))
+                    names = state.window_terms[0] if state.window_terms else {}
+                    terms = {name: float(np.mean([t[name] for t in state.window_terms])) for name in names}
                     lr = lr_scheduler.get_last_lr()[0]
-                    self.log({"loss": window, "learning_rate": lr, "epoch": epoch})
+                    self.log({"loss": window, **terms, "learning_rate": lr, "epoch": epoch})
                     progress.set_postfix(loss=f"{window:.3f}")
-                    state.window_losses = []
+                    state.window_losses, state.window_terms = [], []
                 due = step % args.eval_steps == 0 if args.eval_steps else end_of_epoch
                 if due and not finished:
                     self.log(evaluate())

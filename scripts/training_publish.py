@@ -9,6 +9,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -25,6 +26,7 @@ from aft.ops_aft import AFT_VARIANTS
 logger = logging.getLogger(__name__)
 
 MODEL_CARDS_DIR = Path(__file__).resolve().parent.parent / "model_cards"
+HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")  # "gpt2", "openai-community/gpt2"
 
 LIMITATIONS = (
     "AFT is weaker than attention at long-range recall: AFT-conv reaches 28.2 perplexity on WikiText-103 at "
@@ -88,6 +90,9 @@ def hyperparameter_table(args, accelerator, num_parameters: int) -> str:
         "max_grad_norm",
         "seed",
         "block_size",
+        "teacher_model",
+        "distill_temperature",
+        "distill_weight",
     ]
     rows = [(k, getattr(args, k)) for k in keys if getattr(args, k, None) is not None]
     global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
@@ -147,16 +152,20 @@ def card_model_id(args) -> str:
 
 def base_model_id(model_name_or_path: str | None) -> str | None:
     """The `base_model` of a fine-tuned model's card: the Hub id it was loaded from, or for a local folder the Hub
-    id its own card names (`model_name` with an owner), else the folder's name."""
+    id its own card names (`model_name` with an owner), else the Hub id of the model that folder came from (its
+    card's `base_model`, e.g. the GPT-2 of a folder written by convert_to_aft.py), else the folder's name."""
     if not model_name_or_path:
         return None
     path = Path(model_name_or_path)
     if not path.is_dir():
         return model_name_or_path
     if (path / "README.md").is_file():
-        name = ModelCard.load(path / "README.md").data.to_dict().get("model_name")
+        data = ModelCard.load(path / "README.md").data.to_dict()
+        name, base = data.get("model_name"), data.get("base_model")
         if name and "/" in name:
             return name
+        if isinstance(base, str) and HUB_ID.fullmatch(base) and not Path(base).exists():  # not a local path
+            return base
     return path.resolve().name
 
 

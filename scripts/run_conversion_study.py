@@ -292,7 +292,10 @@ def time_decoding(args, folders: dict, prompt_ids: torch.Tensor) -> dict:
     kwargs = {"do_sample": False, "pad_token_id": 0, "eos_token_id": None}
 
     def generate(model, tokens):
-        return lambda: model.generate(prompt_ids, max_new_tokens=tokens, min_new_tokens=tokens, **kwargs)
+        def call():  # one sample per call (in_turn takes a returned value for per-step times)
+            model.generate(prompt_ids, max_new_tokens=tokens, min_new_tokens=tokens, **kwargs)
+
+        return call
 
     fns = {f"{name}/{tokens}": generate(model, tokens) for name, model in models.items() for tokens in (n, 2 * n)}
     seconds = in_turn(fns, 5)

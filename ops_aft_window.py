@@ -25,6 +25,7 @@ from .ops_aft_core import (
     causal_state,
     combine,
     empty_state,
+    exp_,
     gate,
     is_real,
     keys_out_of_range,
@@ -420,7 +421,7 @@ class _SimpleChunked(torch.autograd.Function):
         for (a, b, c), r, carry in zip(units, refs, carries, strict=True):
             chunks = lambda x, a=a, b=b, c=c: x[:, a:b].unflatten(1, (-1, c))  # noqa: E731
             Es = chunks(E) if keep else k.new_empty(B, (b - a) // c, c, H, Dk)
-            torch.sub(chunks(k), r.view(B, 1, 1, H, Dk), out=Es).exp_()
+            exp_(torch.sub(chunks(k), r.view(B, 1, 1, H, Dk), out=Es))
             pools.append(_scale_pool(pool, carry, Dv))
             X = _simple_sums(Es, chunks(v), pool)
             pool = X[:, -1, -1].clone()
@@ -642,7 +643,7 @@ class _BandChunked(torch.autograd.Function):
             n = (b - a) // c
             m, lo = n + reach, a - reach * c
             count = lay.count(n, m)
-            e = torch.sub(_context(k, lo, b, NEG), r.view(B, 1, H, Dk)).exp_().unflatten(1, (m, c))
+            e = exp_(torch.sub(_context(k, lo, b, NEG), r.view(B, 1, H, Dk))).unflatten(1, (m, c))
             v_ctx = _context(v, lo, b).unflatten(1, (m, c))
             X, pool_next = _band_columns(e, v_ctx, _scale_pool(pool, carry, Dv), lay, n)
             Gu = _per_entry(G, lay, B, a // c, n, m, count)

@@ -382,14 +382,15 @@ def _simple_chunked(q, k, v, mask, C: int):
     return None
 
 
-def _simple_sums(E, v, pool):
+def _simple_sums(E, v, pool, X=None):
     """The causal pool of one unit: X = [e v, e] (B, n, c, H, Dv + Dk) summed by chunks of c rows and started from
-    `pool` (B, H, Dv + Dk), the pool of every earlier row in the unit's scale. E (B, n, c, H, Dk), v (B, n, c, H, Dv).
-    Returns X (the sums: [n, z] of every row)."""
+    `pool` (B, H, Dv + Dk), the pool of every earlier row in the unit's scale. E (B, n, c, H, Dk), v (B, n, c, H, Dv);
+    `X`: the buffer, when E is already its e part (X[..., Dv:]). Returns X (the sums: [n, z] of every row)."""
     B, n, c, H, Dv = v.shape
-    X = E.new_empty(B, n, c, H, Dv + E.shape[-1])
+    if X is None:
+        X = E.new_empty(B, n, c, H, Dv + E.shape[-1])
+        X[..., Dv:].copy_(E)
     torch.mul(E, v, out=X[..., :Dv])
-    X[..., Dv:].copy_(E)
     carry = torch.matmul(_strict_tril(n, X), X.sum(2).flatten(2)).view(B, n, H, -1).add_(pool[:, None])
     X[:, :, 0] += carry
     _scan_(X.view(B, n, c, -1))
@@ -420,10 +421,12 @@ class _SimpleChunked(torch.autograd.Function):
         pool, pools = kf.new_zeros(B, H, Dv + Dk), []
         for (a, b, c), r, carry in zip(units, refs, carries, strict=True):
             chunks = lambda x, a=a, b=b, c=c: x[:, a:b].unflatten(1, (-1, c))  # noqa: E731
-            Es = chunks(E) if keep else k.new_empty(B, (b - a) // c, c, H, Dk)
+            # without backward, e goes straight into the sums' buffer (one pass less)
+            X = None if keep else k.new_empty(B, (b - a) // c, c, H, Dv + Dk)
+            Es = chunks(E) if keep else X[..., Dv:]
             exp_(torch.sub(chunks(k), r.view(B, 1, 1, H, Dk), out=Es))
             pools.append(_scale_pool(pool, carry, Dv))
-            X = _simple_sums(Es, chunks(v), pool)
+            X = _simple_sums(Es, chunks(v), pool, X)
             pool = X[:, -1, -1].clone()
             num, den = X[..., :Dv], X[..., Dv:]
             if padded:  # rows that have seen only padding: z = 0 and n = 0, so y = 0

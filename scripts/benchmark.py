@@ -81,8 +81,9 @@ def parse_args():
     return p.parse_args()
 
 
-def build_model(name, args, max_positions):
-    """AFT of one variant, or GPT-2 with SDPA, at the same width, depth, MLP size and vocabulary; no dropout."""
+def build_model(name, args, max_positions, implementation="torch"):
+    """AFT of one variant (with a registered `implementation` of its operator), or GPT-2 with SDPA, at the same
+    width, depth, MLP size and vocabulary; no dropout."""
     if name == "gpt2":
         config = GPT2Config(
             n_embd=args.hidden,
@@ -109,6 +110,7 @@ def build_model(name, args, max_positions):
             local_window_size=args.local_window,
             conv_kernel_size=args.conv_kernel,
             num_heads=args.conv_heads,
+            aft_implementation=implementation,
         )
         model = AFTForCausalLM(config)
     return model.float()
@@ -292,10 +294,11 @@ def interleaved_decode(model, caches, args):
 
 
 @torch.no_grad()
-def bench_operator(args):
-    """Causal AFT-simple forward over 2^24 elements vs a copy of 4 * 2^24 floats, both in bytes moved per second."""
+def bench_operator(args, elements=2**24):
+    """Causal AFT-simple forward over `elements` (B * T * D) vs a copy of 4 * elements floats, both in bytes moved
+    per second."""
     B, D = 2, 256
-    T = 2**24 // (B * D)
+    T = elements // (B * D)
     gen = torch.Generator().manual_seed(args.seed)
     q = torch.rand(B, T, 1, D, generator=gen)
     k = torch.randn(B, T, 1, D, generator=gen)

@@ -12,6 +12,7 @@ from conftest import tiny_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import aft.ops_aft as ops
+import aft.ops_aft_window as ops_aft_window
 
 VARIANTS = list(ops.AFT_VARIANTS)
 B, T = 2, 29
@@ -185,6 +186,25 @@ def test_a_state_of_another_batch_is_refused():
         ValueError, match=r"initial_state.m has shape \(2, 1, 16\), but these inputs need \(1, 1, 16\)"
     ):
         op(case.q[:1, 5:], case.k[:1, 5:], case.v[:1, 5:], *case.args(5), initial_state=state)
+
+
+@pytest.mark.parametrize("variant,config", [c for c in CASES if c[0] != "full"], ids=IDS[:-1])
+@pytest.mark.parametrize("unit_elements", [64, 17 * 64], ids=["unit_per_chunk", "units_of_4_chunks"])
+@pytest.mark.parametrize("key_scale", [3.0, 20.0], ids=["keys3", "keys20"])
+def test_causal_units_equal_the_exact_twin(variant, config, unit_elements, key_scale, monkeypatch):
+    """The causal fast forms work through the sequence in units that each scale keys by their own reference; with
+    small units (a real model's sequence spans many), float64, left padding: outputs, gradients and the final
+    state equal the exact twin's, 1e-10 (a pool carried into the next unit, and its gradient carried back)."""
+    monkeypatch.setattr(ops_aft_window, "UNIT_ELEMENTS", unit_elements)
+    case, mask = Case(variant, key_scale=key_scale, **config), _mask()
+    y, state = case.run("torch", mask=mask, output_final_state=True, chunk_size=4)
+    ref, ref_state = case.run("exact", mask=mask, output_final_state=True)
+    valid = mask.bool()
+    torch.testing.assert_close(y[valid], ref[valid], atol=1e-10, rtol=1e-10)
+    _assert_same_state(state, ref_state)
+    grad_out = torch.randn_like(y) * valid[:, :, None, None]
+    for a, b in zip(_grads(y, case.leaves, grad_out), _grads(ref, case.leaves, grad_out), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 
 
 @pytest.mark.parametrize("variant,config", CASES, ids=IDS)

@@ -87,6 +87,7 @@ PAPER_WINDOWS = {0: 1.209, 1: 1.205, 2: 1.176, 4: 1.165, 8: 1.162, 32: 1.154, 64
 PAPER_WINDOWS |= {512: 1.171, 1024: 1.173}
 PAPER_TRANSFORMER = 1.130
 TOLERANCE = 0.03  # the study's question: is AFT-local within this many bits per byte of GPT-2 at equal steps?
+SCHEDULE_TICKS = 1000  # a time-budget run's schedule advances in steps of 1/1000 of the budget
 CALIBRATION_STEPS = 20  # steps per model, in turn, that measure the step times of the `time` part
 DIGITS_SIDE, DIGITS_PATCH = 8, 2  # scikit-learn's digits are 8 x 8; patches of 2 x 2 make a 4 x 4 grid
 
@@ -365,21 +366,27 @@ class Run:
     cpu_seconds: float = 0.0  # process CPU time during them (all threads)
     losses: list = dataclasses.field(default_factory=list)
     curve: list = dataclasses.field(default_factory=list)
-    eval_at: set = dataclasses.field(default_factory=set)
+    eval_at: set = dataclasses.field(default_factory=set)  # steps (or, with a budget, seconds) of the curve
+    budget: float | None = None  # seconds: the run trains until its clock reaches them, on a schedule in time
     peak_bytes: int = 0
     extra: dict = dataclasses.field(default_factory=dict)
 
 
-def new_run(name, seed, model, steps, tokens_per_step, recipe, batches_per_epoch, eval_points, device) -> Run:
-    """The model on the device with the training scripts' optimizer and schedule, planned for `steps` steps."""
+def new_run(name, seed, model, steps, tokens_per_step, recipe, batches_per_epoch, eval_points, device, budget=None):
+    """The model on the device with the training scripts' optimizer and schedule, planned for `steps` steps; with a
+    `budget` (seconds) the schedule runs over SCHEDULE_TICKS equal parts of the budget instead, and `steps` is only
+    the estimate of the steps that fit."""
     recipe = copy.copy(recipe)
-    recipe.max_train_steps = steps
-    plan_steps(recipe, batches_per_epoch)  # the warm-up: 5% of the steps
+    recipe.max_train_steps = steps if budget is None else SCHEDULE_TICKS
+    plan_steps(recipe, batches_per_epoch)  # the warm-up: 5% of the steps (of the budget)
     model = model.to(device).train()
     optimizer = create_optimizer(model, recipe)
     scheduler = create_scheduler(optimizer, recipe, 1)
-    eval_at = {math.ceil(k * steps / eval_points) for k in range(1, eval_points + 1)}
-    return Run(name, seed, model, steps, tokens_per_step, optimizer, scheduler, eval_at=eval_at)
+    if budget is None:
+        eval_at = {math.ceil(k * steps / eval_points) for k in range(1, eval_points + 1)}
+    else:
+        eval_at = {k * budget / eval_points for k in range(1, eval_points + 1)}
+    return Run(name, seed, model, steps, tokens_per_step, optimizer, scheduler, eval_at=eval_at, budget=budget)
 
 
 def synchronize(device):
@@ -395,7 +402,12 @@ def train_step(run: Run, batch: dict, compute_loss, max_grad_norm: float, device
     loss.backward()
     torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_grad_norm)
     run.optimizer.step()
-    run.scheduler.step()
+    if run.budget is None:
+        run.scheduler.step()
+    else:  # the schedule at the fraction of the budget spent (the clock includes this step up to here)
+        spent = run.seconds + time.perf_counter() - start
+        while run.scheduler.last_epoch < min(SCHEDULE_TICKS, int(spent / run.budget * SCHEDULE_TICKS)):
+            run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     loss = loss.item()
     synchronize(device)
@@ -462,8 +474,9 @@ class Load:
 
 def train_in_turn(runs, batch_at, compute_loss, evaluate, *, max_grad_norm, device, load, budget=None, desc=""):
     """Train every run one optimizer step at a time, always stepping the run that is behind: in steps (round-robin),
-    or with a time budget in its own training seconds. A run stops at its planned steps or when its clock reaches the
-    budget. `evaluate(model)` gives the learning-curve value, at the run's `eval_at` steps and at its last step."""
+    or with a time budget in its own training seconds. A run stops at its planned steps or, with a budget, when its
+    clock reaches it. `evaluate(model)` gives the learning-curve value at the run's `eval_at` steps (with a budget:
+    the first step at or past each of its `eval_at` seconds) and at its last step."""
     for run in runs:
         run.peak_bytes = peak_step_bytes(run.model, compute_loss, batch_at(0), device)
     active = list(runs)
@@ -472,8 +485,10 @@ def train_in_turn(runs, batch_at, compute_loss, evaluate, *, max_grad_norm, devi
         run = min(active, key=(lambda r: r.seconds) if budget else (lambda r: r.done))
         train_step(run, batch_at(run.done), compute_loss, max_grad_norm, device)
         bar.update(1)
-        finished = run.done >= run.steps or (budget is not None and run.seconds >= budget)
-        if run.done in run.eval_at or finished:
+        finished = run.done >= run.steps if budget is None else run.seconds >= budget
+        due = run.done in run.eval_at if budget is None else any(run.seconds >= t for t in run.eval_at)
+        run.eval_at -= set() if budget is None else {t for t in run.eval_at if run.seconds >= t}
+        if due or finished:
             value = evaluate(run.model)
             run.curve.append({"step": run.done, "seconds": run.seconds, "tokens": run.done * run.tokens_per_step})
             run.curve[-1]["value"] = value
@@ -606,6 +621,7 @@ class Study:
         if self.text is None:
             tokenizer, splits, ratios, test_split = text_data(self.args, self.size, self.accelerator)
             self.text = tokenizer, splits, ratios
+            resumed = self.results.get("data")
             self.results["data"] = {
                 "corpus": corpus_name(self.args),
                 "tokenizer": f"bytes ({len(tokenizer)} ids), run_clm.byte_tokenizer",
@@ -619,6 +635,13 @@ class Study:
                 },
                 "test_split": test_split,
             }
+            if resumed is not None and resumed != self.results["data"]:
+                differ = sorted(k for k in resumed.keys() | self.results["data"].keys()
+                                if resumed.get(k) != self.results["data"].get(k))  # fmt: skip
+                raise InputError(
+                    f"--resume: the study in {self.output_dir} was run on other data ({', '.join(differ)} differ): "
+                    "continue it with the data and the script version it was run with."
+                )
         return self.text
 
     def text_comparison(self, names, seed, *, budget=None, step_times=None, windows=None, desc=""):
@@ -633,7 +656,7 @@ class Study:
             steps = size.steps if budget is None else max(1, int(budget / step_times[name]))
             model = build_lm(name.split("/")[0], size, len(tokenizer), size.block, seed, windows.get(name))
             run = new_run(name, seed, model, steps, size.batch * size.block, self.recipe, batches.per_epoch,
-                          size.eval_points, self.device)  # fmt: skip
+                          size.eval_points, self.device, budget)  # fmt: skip
             runs.append(run)
 
         def bits(model, batch_list, split):
@@ -706,7 +729,10 @@ class Study:
             "budget_from": "--time_budget"
             if self.args.time_budget
             else (f"GPT-2's median step time (measured at the start of this part) x {self.size.steps} steps"),
-            "planned_from": f"each model's median step time over {CALIBRATION_STEPS} steps in turn at the start",
+            "schedule": "the recipe's (5% warm-up, cosine) over the budget's seconds: each step's learning rate is "
+            "the schedule at the fraction of the budget the model's own clock has spent",
+            "planned_from": f"planned_steps: the budget over each model's median step time ({CALIBRATION_STEPS} "
+            "steps in turn at the start), an estimate",
             "measured_step_seconds": step_times,
             "runs": [run_record(r, "validation_bits_per_byte") for r in runs.values()],
         }

@@ -24,20 +24,13 @@ import sys
 import time
 from pathlib import Path
 
-# Memory setting for every model alike (`--system-allocator` leaves it alone): glibc returns every freed block of
-# more than 32 MB to the kernel, so the next training step faults it in again, 4 KB at a time (an AFT-local step
-# at T = 16384 spent 10.6 of its 14.3 s in the kernel). Here large blocks come from the heap and freed memory
-# stays in the process, as jemalloc or tcmalloc would keep it. (PyTorch's THP_MEM_ALLOC_ENABLE=1 on top of this
-# made an allocate-and-free loop of 128 MB tensors 6x slower in kernel time, so it is not used.)
-TUNED_ALLOCATOR = "--system-allocator" not in sys.argv
-if TUNED_ALLOCATOR and platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-    import ctypes
+# Memory setting for every model alike (`--system-allocator` leaves it alone): freed memory stays in the process
+# (allocator.py says why). (PyTorch's THP_MEM_ALLOC_ENABLE=1 on top of this made an allocate-and-free loop of 128 MB
+# tensors 6x slower in kernel time, so it is not used.)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from allocator import keep_freed_memory  # noqa: E402
 
-    _libc = ctypes.CDLL("libc.so.6")
-    _libc.mallopt(-4, 0)  # M_MMAP_MAX: large blocks from the heap, not from mmap
-    _libc.mallopt(-1, -1)  # M_TRIM_THRESHOLD -1: never give freed memory back
-else:
-    TUNED_ALLOCATOR = False
+TUNED_ALLOCATOR = "--system-allocator" not in sys.argv and keep_freed_memory()
 
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402

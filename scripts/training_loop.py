@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
+from allocator import keep_freed_memory
 from tqdm.auto import tqdm
 from training_args import InputError
 from training_checkpoints import RunState, find_checkpoint, load_checkpoint, save_checkpoint
@@ -57,6 +58,8 @@ def create_accelerator(args) -> Accelerator:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # one shuffle order per epoch
     )
     setup_logging(accelerator)
+    if accelerator.device.type == "cpu" and not args.system_allocator and keep_freed_memory():
+        logger.info("glibc keeps freed memory in the process (--system_allocator leaves it alone)")
     if (
         os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
         and accelerator.distributed_type != DistributedType.FSDP

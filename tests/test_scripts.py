@@ -428,3 +428,10 @@ def test_benchmark_writes_every_figure_and_target(env, tmp_path):
     glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert results["machine"]["glibc_keeps_freed_memory"] is glibc
     assert sorted(p.name for p in out.glob("*.png")) == sorted(results["plots"]) and len(results["plots"]) == 6
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="the setting is glibc's")
+def test_cpu_training_keeps_freed_memory(clm_folder):
+    """On a CPU the training scripts apply the allocator setting the training benchmark measured faster."""
+    stderr = (clm_folder.parent / "clm.stderr").read_text()
+    assert stderr.count("glibc keeps freed memory in the process") == 1

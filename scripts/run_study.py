@@ -1,6 +1,6 @@
 """The evidence study: AFT against a Transformer of the same size (transformers' GPT-2), trained here, side by side.
 
-    python scripts/run_study.py                                   # the README's Results (about an hour, 2 CPU cores)
+    python scripts/run_study.py                                   # the README's Results (about 1.5 hours, 2 CPU cores)
     python scripts/run_study.py --quick --output_dir /tmp/study   # every part at a toy size (seconds)
     python scripts/run_study.py --size medium                     # wider, deeper, longer: for a GPU
     python scripts/run_study.py --enwik8_file enwik8 --size large --parts steps seeds time

@@ -31,7 +31,6 @@ model's row of the table and the comparison).
 import argparse
 import copy
 import dataclasses
-import itertools
 import json
 import logging
 import math
@@ -56,6 +55,7 @@ from aft import AFTConfig, AFTForCausalLM, AFTForImageClassification, AFTVisionC
 
 # isort: split
 # The training scripts' data, tokenizer, optimizer, scheduler, metrics and evaluation code.
+from benchmark import TUNED_ALLOCATOR, peak_bytes  # importing it keeps freed memory in the process
 from run_clm import evaluate as evaluate_text
 from run_image_classification import evaluate as evaluate_classifier
 from run_pixel_modeling import START, image_processor, to_sequences
@@ -414,33 +414,9 @@ def train_step(run: Run, batch: dict, compute_loss, max_grad_norm: float, device
 
 def peak_step_bytes(model, compute_loss, batch, device) -> int:
     """Peak bytes allocated by one forward and backward pass above what was allocated before (the weights and the
-    optimizer's state): CUDA's counter, or on CPU the profiler's record of every allocation and free."""
+    optimizer's state): benchmark.py's measure (CUDA's counter, or on CPU the profiler's allocation record)."""
     model.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        compute_loss(model, batch).backward()
-        synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
-    else:
-        from torch._C._profiler import _EventType
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            compute_loss(model, batch).backward()
-        events = []
-
-        def walk(node):
-            if node.tag == _EventType.Allocation:
-                events.append((node.start_time_ns, node.extra_fields.alloc_size))
-            for child in node.children:
-                walk(child)
-
-        for root in prof.profiler.kineto_results.experimental_event_tree():
-            walk(root)
-        sizes = [size for _, size in sorted(events)]
-        peak = max(itertools.accumulate(sizes), default=0)
+    peak = peak_bytes(lambda: compute_loss(model, batch).backward())
     model.zero_grad(set_to_none=True)
     return int(peak)
 
@@ -895,6 +871,7 @@ def machine(device) -> dict:
         "device": str(device),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "glibc_keeps_freed_memory": TUNED_ALLOCATOR,
     }
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():

@@ -1,3 +1,11 @@
+import importlib
+import os
+import subprocess
+import sys
+import textwrap
+from argparse import Namespace
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -41,3 +49,43 @@ def make_config():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def import_scripts(**modules):
+    """A generator for a module-scoped fixture: the scripts' modules (name=module in scripts/) imported as the scripts
+    import them, with no Hub and one thread, as the script processes of the tests (sums in another order differ in
+    the last bits). Yields a Namespace of them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(SCRIPTS))
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        patch.setenv("HF_DATASETS_OFFLINE", "1")
+        yield Namespace(**{key: importlib.import_module(name) for key, name in modules.items()})
+    torch.set_num_threads(threads)
+
+
+def logits_as_remote_code(folder, ids, tmp_path, then: str = "") -> torch.Tensor:
+    """The logits of `folder`'s model on `ids`, loaded as Hub remote code in a fresh process where the package `aft`
+    cannot be imported (and `then`, more lines run there with `model` and `ids`)."""
+    torch.save(ids, tmp_path / "ids.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["aft"] = None  # the package is not importable in this process
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        ids = torch.load({str(tmp_path / "ids.pt")!r})
+        with torch.no_grad():
+            torch.save(model(ids).logits, {str(tmp_path / "logits.pt")!r})
+        """
+    ) + textwrap.dedent(then)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return torch.load(tmp_path / "logits.pt")

@@ -6,12 +6,12 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from conftest import logits_as_remote_code
 from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig
 
@@ -239,24 +239,9 @@ def test_folder_is_complete_and_loads_as_remote_code(convert_to_aft, capsys, gpt
     )
 
     ids = torch.randint(0, source.config.vocab_size, (2, 7))
-    torch.save(ids, tmp_path / "ids.pt")
-    script = textwrap.dedent(
-        f"""
-        import sys
-        sys.modules["aft"] = None  # the package is not importable in this process
-        import torch
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(dst)!r}, trust_remote_code=True).eval()
-        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-        with torch.no_grad():
-            torch.save(model(torch.load({str(tmp_path / "ids.pt")!r})).logits, {str(tmp_path / "logits.pt")!r})
-        """
-    )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
+    logits = logits_as_remote_code(dst, ids, tmp_path)
     with torch.no_grad():
-        torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), model(ids).logits)
+        torch.testing.assert_close(logits, model(ids).logits)
 
 
 def test_context_length(convert_to_aft, capsys, gpt2, tmp_path):

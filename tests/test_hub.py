@@ -2,14 +2,11 @@
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import logits_as_remote_code, tiny_config
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import aft
@@ -52,24 +49,11 @@ def test_auto_classes_with_the_package_installed(saved):
 def test_remote_code_in_a_fresh_process_without_the_package(saved, tmp_path):
     model, folder = saved
     ids = torch.randint(1, 37, (2, 9))
-    torch.save(ids, tmp_path / "ids.pt")
-    script = textwrap.dedent(
-        f"""
-        import sys
-        sys.modules["aft"] = None  # the package is not importable in this process
-        import torch
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
-        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-        ids = torch.load({str(tmp_path / "ids.pt")!r})
+    then = """
         with torch.no_grad():
-            torch.save(model(ids).logits, {str(tmp_path / "logits.pt")!r})
             out = model.generate(ids[:1], max_new_tokens=4, do_sample=False)
         assert out.shape == (1, 13)
         """
-    )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
+    logits = logits_as_remote_code(folder, ids, tmp_path, then)
     with torch.no_grad():
-        torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), model(ids).logits)
+        torch.testing.assert_close(logits, model(ids).logits)

@@ -17,6 +17,7 @@ from argparse import Namespace
 from pathlib import Path
 
 import pytest
+from conftest import import_scripts
 
 pytest.importorskip("accelerate")
 pytest.importorskip("datasets")
@@ -27,22 +28,7 @@ SCRIPTS = REPO / "scripts"
 
 @pytest.fixture(scope="module")
 def scripts():
-    """run_clm and the training modules, imported as the scripts import them; no Hub; one thread, as the script
-    processes of these tests (sums in another order differ in the last bits)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.syspath_prepend(str(SCRIPTS))
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        patch.setenv("HF_DATASETS_OFFLINE", "1")
-        import run_clm
-        import training_args
-        import training_checkpoints
-
-        yield Namespace(run_clm=run_clm, args=training_args, checkpoints=training_checkpoints)
-    torch.set_num_threads(threads)
+    yield from import_scripts(run_clm="run_clm", args="training_args", checkpoints="training_checkpoints")
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from argparse import Namespace
 from pathlib import Path
 
 import pytest
+from conftest import import_scripts
 
 pytest.importorskip("accelerate")
 pytest.importorskip("datasets")
@@ -22,28 +23,13 @@ TINY = ["--preset", "tiny", "--seed", "0", "--logging_steps", "1"]
 
 @pytest.fixture(scope="module")
 def scripts():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.syspath_prepend(str(SCRIPTS))
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        patch.setenv("HF_DATASETS_OFFLINE", "1")
-        import run_clm
-        import run_image_classification
-        import run_pixel_modeling
-        import training_args
-        import training_metrics
-
-        yield Namespace(
-            clm=run_clm,
-            classification=run_image_classification,
-            pixels=run_pixel_modeling,
-            args=training_args,
-            metrics=training_metrics,
-        )
-    torch.set_num_threads(threads)
+    yield from import_scripts(
+        clm="run_clm",
+        classification="run_image_classification",
+        pixels="run_pixel_modeling",
+        args="training_args",
+        metrics="training_metrics",
+    )
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 import importlib
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -52,6 +53,14 @@ def _seed():
 
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a test's process group (a fixed one collides with whatever else runs
+    here)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def import_scripts(**modules):

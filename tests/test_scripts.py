@@ -16,6 +16,7 @@ from argparse import Namespace
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 pytest.importorskip("accelerate")
 pytest.importorskip("datasets")
@@ -293,7 +294,7 @@ def test_two_processes_with_the_shipped_ddp_config_reach_the_losses_of_one(env, 
     two = dict(env, ACCELERATE_USE_CPU="true")
     config = SCRIPTS / "accelerate_configs" / "ddp.yaml"
     launch = ["--config_file", str(config), "--num_processes", "2"]
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", *launch, "--main_process_port", "29533"]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", *launch, "--main_process_port", str(free_port())]
     # the same global batch: 2 processes x 2 blocks x 2 accumulation steps = 1 process x 4 x 2
     args = [*CLM, "--per_device_train_batch_size", "2", "--output_dir", out]
     run_script(two, "run_clm.py", *args, launcher=launcher)

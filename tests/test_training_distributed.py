@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 pytest.importorskip("accelerate")
 
@@ -101,6 +102,7 @@ if rank == 0:
     sharded = sum(1 for p in model.parameters() if type(p).__name__ == "DTensor")
     json.dump({"losses": losses, "expected": expected, "weight_diff": diff, "keys": sorted(full) == sorted(weights),
                "sharded": sharded, "parameters": len(list(model.parameters()))}, open(sys.argv[2], "w"))
+dist.barrier()  # no rank tears gloo down while another still has work in flight (a SIGABRT at exit otherwise)
 dist.destroy_process_group()
 """
 
@@ -114,9 +116,13 @@ def test_fsdp2_on_aft_blocks_trains_like_one_process(tmp_path):
     package_root.mkdir()
     (package_root / "aft").symlink_to(REPO, target_is_directory=True)
     env = dict(os.environ, PYTHONPATH=str(package_root), OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547"]
+    launch = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
     result = subprocess.run(
-        [*command, str(driver), json.dumps(TINY), str(out)], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, *launch, str(driver), json.dumps(TINY), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     run = json.loads(out.read_text())

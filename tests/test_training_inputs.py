@@ -16,8 +16,6 @@ from conftest import import_scripts
 pytest.importorskip("accelerate")
 pytest.importorskip("datasets")
 
-REPO = Path(__file__).resolve().parent.parent
-SCRIPTS = REPO / "scripts"
 TINY = ["--preset", "tiny", "--seed", "0", "--logging_steps", "1"]
 
 

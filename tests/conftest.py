@@ -3,6 +3,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 from argparse import Namespace
 from pathlib import Path
@@ -12,6 +13,9 @@ import torch
 
 from aft import AFTConfig
 from aft.ops_aft import AFT_VARIANTS
+
+# the native kernel's builds go to a folder of this test session, not the user's cache (subprocesses inherit it)
+os.environ.setdefault("AFT_NATIVE_CACHE", tempfile.mkdtemp(prefix="aft-native-tests-"))
 
 VARIANTS = tuple(AFT_VARIANTS)  # every test over variants reads the variant table
 

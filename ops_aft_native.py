@@ -1,0 +1,346 @@
+"""A compiled CPU kernel for the causal AFT-simple forward without gradients (inference, prefill): the "native"
+implementation of `simple` (`AFTConfig(aft_implementation="native")`).
+
+One pass over the sequence per channel keeps the running (m, n, z) of AFT.md in float32: for each row, with
+d = k - m, the larger of the two exponents is 0 and the other is -|d|, so one exponential per element; the row's
+y = q n / z is written as the row goes. That reads q, k, v and writes y once (the chunked torch form makes about ten
+passes over each unit). Large outputs are advised onto huge pages (Linux), so that glibc's fresh mapping of y costs
+32 faults of 2 MB instead of 16k of 4 KB.
+
+Everything else is the torch form (`aft_simple_chunk`), which this form is tested against: training (any input that
+needs a gradient), non-causal calls, float64, one key per head, a device other than the CPU, torch.compile's
+tracing, and any machine where the kernel cannot be built. The kernel is C, compiled on first use with the
+machine's C compiler (`CC`, else cc, gcc or clang) and kept in `AFT_NATIVE_CACHE` (default
+~/.cache/aft-native), written under a temporary name and renamed, so that a build killed half-way leaves nothing
+that loads. A build that fails, or a library that fails its check against the torch form on a small input, is
+reported once as a warning and the torch form is used.
+"""
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from .ops_aft_core import NEG, AFTState, check_state, mask_keys
+from .ops_aft_window import aft_simple_chunk, aft_simple_exact
+
+KERNEL_VERSION = 1
+_SOURCE = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <pthread.h>
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
+int aft_native_version(void) { return KERNEL_VERSION; }
+
+/* e^x for x <= 0, 0 below -87 (float32's smallest normal is e^-87.3); branch-free, so that the row loop
+   vectorises: x log2 e = i + f with |f| <= 1/2, 2^f by its Taylor polynomial of degree 6 (error < 2e-7). */
+static inline float exp_nonpositive(float x) {
+    float keep = (float)(x > -87.0f);
+    x = x > -87.0f ? x : -87.0f;
+    float t = x * 1.44269504088896341f;
+    float fi = __builtin_floorf(t + 0.5f);
+    float f = t - fi;
+    float p = 1.5353362e-4f;
+    p = p * f + 1.3398874e-3f;
+    p = p * f + 9.6184375e-3f;
+    p = p * f + 5.5503340e-2f;
+    p = p * f + 2.4022651e-1f;
+    p = p * f + 6.9314718e-1f;
+    p = p * f + 1.0f;
+    int32_t bits, i = (int32_t)fi;
+    __builtin_memcpy(&bits, &p, 4);
+    bits += i << 23;
+    __builtin_memcpy(&p, &bits, 4);
+    return p * keep;
+}
+
+/* channels [0, w) of one sample, T rows; q, k, v rows qt, kt, vt floats apart, y rows S apart;
+   m, n, z: the running state of the w channels (n and z scaled by e^-m; empty: m = NEG, n = z = 0) */
+static void scan(const float *restrict q, long qt, const float *restrict k, long kt, const float *restrict v,
+                 long vt, float *restrict y, long S, float *restrict m, float *restrict n, float *restrict z,
+                 long T, long w) {
+    for (long t = 0; t < T; t++) {
+        const float *restrict qr = q + t * qt, *restrict kr = k + t * kt, *restrict vr = v + t * vt;
+        float *restrict yr = y + t * S;
+        for (long c = 0; c < w; c++) {
+            float kk = kr[c], mm = m[c];
+            float d = kk - mm;
+            float x = exp_nonpositive(-__builtin_fabsf(d));
+            float real = (float)(kk > NEG_HALF);                 /* padding adds nothing */
+            float up = (float)(d > 0.0f) * real;                    /* a new running max: rescale the pool */
+            float e = real * (up + (1.0f - up) * x);
+            float s = up * x + (1.0f - up);
+            m[c] = up * kk + (1.0f - up) * mm;
+            float nn = n[c] * s + e * vr[c] + (kk - kk);            /* a NaN or inf key: NaN from here on */
+            float zz = z[c] * s + e;
+            n[c] = nn;
+            z[c] = zz;
+            yr[c] = qr[c] * nn * ((float)(zz > 0.0f) / (zz > 0.0f ? zz : 1.0f));  /* only padding so far: 0 */
+        }
+    }
+}
+
+typedef struct {
+    const float *q, *k, *v;
+    long qb, qt, kb, kt, vb, vt;
+    float *y, *m, *n, *z;
+    long B, T, S, c0, c1;
+} job_t;
+
+static void *run(void *arg) {
+    job_t *j = (job_t *)arg;
+    for (long b = 0; b < j->B; b++) {
+        long c = j->c0, s = b * j->S + c;
+        scan(j->q + b * j->qb + c, j->qt, j->k + b * j->kb + c, j->kt, j->v + b * j->vb + c, j->vt,
+             j->y + b * j->T * j->S + c, j->S, j->m + s, j->n + s, j->z + s, j->T, j->c1 - c);
+    }
+    return 0;
+}
+
+/* y (B, T, S) contiguous and new; m, n, z (B, S) contiguous, updated in place; threads split the channels */
+int aft_simple_causal(const float *q, long qb, long qt, const float *k, long kb, long kt, const float *v, long vb,
+                      long vt, float *y, float *m, float *n, float *z, long B, long T, long S, int threads) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    const uintptr_t huge = (uintptr_t)1 << 21;
+    uintptr_t lo = ((uintptr_t)y + huge - 1) & ~(huge - 1), hi = (uintptr_t)(y + B * T * S) & ~(huge - 1);
+    if (hi > lo) madvise((void *)lo, hi - lo, MADV_HUGEPAGE);  /* advice only: an error changes nothing */
+#endif
+    enum { MAX_THREADS = 64 };
+    threads = threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads);
+    long block = ((S + threads - 1) / threads + 15) / 16 * 16;
+    pthread_t th[MAX_THREADS];
+    job_t jobs[MAX_THREADS];
+    int made[MAX_THREADS], count = 0;
+    for (int i = 0; i < threads && i * block < S; i++, count++) {
+        long c0 = i * block, c1 = c0 + block < S ? c0 + block : S;
+        jobs[i] = (job_t){q, k, v, qb, qt, kb, kt, vb, vt, y, m, n, z, B, T, S, c0, c1};
+    }
+    for (int i = 1; i < count; i++) made[i] = pthread_create(&th[i], 0, run, &jobs[i]) == 0;
+    run(&jobs[0]);
+    for (int i = 1; i < count; i++) {
+        if (made[i]) pthread_join(th[i], 0);
+        else run(&jobs[i]);  /* no thread to be had: this one does it */
+    }
+    return 0;
+}
+"""
+_SOURCE = f"#define KERNEL_VERSION {KERNEL_VERSION}\n#define NEG_HALF {NEG / 2:.1e}f\n" + _SOURCE
+# Vectorising the row loop needs -fno-trapping-math (IEEE semantics otherwise kept: NaN and inf propagate);
+# -march=native where the compiler takes it, so the library is built for this machine only.
+FLAGS = ["-O3", "-fPIC", "-shared", "-pthread", "-fno-math-errno", "-fno-trapping-math"]
+# Below this many elements one thread does it all (starting threads costs more than they save).
+THREAD_ELEMENTS = 2**16
+
+_library = None  # the loaded kernel, or the reason there is none (str)
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _machine_key(cc: str) -> str:
+    """What the library depends on: the source, the flags, the compiler and this CPU's instruction set."""
+    parts = [_SOURCE, " ".join(FLAGS), cc, platform.machine(), platform.system()]
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        parts.append(subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout)
+    with contextlib.suppress(OSError):  # -march=native: a library built on another CPU must not be loaded here
+        parts += [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")][:1]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24]
+
+
+def cache_dir() -> Path:
+    """Where built libraries are kept: AFT_NATIVE_CACHE, else $XDG_CACHE_HOME/aft-native or ~/.cache/aft-native."""
+    if os.environ.get("AFT_NATIVE_CACHE"):
+        return Path(os.environ["AFT_NATIVE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "aft-native"
+
+
+def _writable_dir() -> Path:
+    folder = cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+            return folder
+    except OSError:  # a read-only or full cache: build in a folder of this process's own
+        return Path(tempfile.mkdtemp(prefix="aft-native-"))
+
+
+def _build(cc: str, target: Path) -> None:
+    """Compile into a temporary file beside `target`, then rename it over `target` (atomic: no half library)."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}-", suffix=".so")
+    os.close(fd)
+    src = Path(tmp).with_suffix(".c")
+    try:
+        src.write_text(_SOURCE)
+        errors = ""
+        for extra in (["-march=native"], []):  # some compilers refuse -march=native
+            done = subprocess.run([cc, *FLAGS, *extra, "-o", tmp, str(src)], capture_output=True, text=True,
+                                  timeout=300)  # fmt: skip
+            if done.returncode == 0:
+                os.replace(tmp, target)
+                return
+            errors = done.stderr.strip()[-2000:]
+        raise RuntimeError(f"{cc} failed: {errors}")
+    finally:
+        for path in (Path(tmp), src):
+            path.unlink(missing_ok=True)
+
+
+def _load(path: Path):
+    lib = ctypes.CDLL(str(path))
+    if lib.aft_native_version() != KERNEL_VERSION:
+        raise RuntimeError(f"{path} is kernel version {lib.aft_native_version()}, not {KERNEL_VERSION}")
+    lib.aft_simple_causal.restype = ctypes.c_int
+    lib.aft_simple_causal.argtypes = [
+        *(ctypes.c_void_p, ctypes.c_long, ctypes.c_long) * 3,
+        *(ctypes.c_void_p,) * 4,
+        *(ctypes.c_long,) * 3,
+        ctypes.c_int,
+    ]
+    return lib
+
+
+def _self_check(lib) -> None:
+    """The kernel against the torch form on a small input with padding and a state: a miscompiled library is not
+    used."""
+    gen = torch.Generator().manual_seed(0)
+    B, T, H, D = 2, 37, 2, 24
+    q, k, v = (torch.randn(B, T, H, D, generator=gen) for _ in range(3))
+    k = k * 8
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, :5] = 0
+    want = aft_simple_exact(q, k, v, mask=mask, output_final_state=True)
+    got = _forward(lib, q, k, v, mask, None)
+    if not torch.allclose(got[0], want[0], rtol=1e-4, atol=1e-5):
+        gap = (got[0] - want[0]).abs().max()
+        raise RuntimeError(f"the built kernel's output differs from the torch form's by {gap:.3g}")
+
+
+def library():
+    """The loaded kernel, or None when it cannot be had on this machine (`unavailable_reason()` says why)."""
+    global _library
+    if _library is None:
+        try:
+            _library = _find_or_build()
+        except Exception as error:  # noqa: BLE001  (any failure means: use the torch form)
+            _library = f"{type(error).__name__}: {error}"
+            warnings.warn(
+                f'aft_implementation="native": the compiled kernel is not available ({_library}); the torch form '
+                "of AFT-simple is used instead (same results, slower).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return None if isinstance(_library, str) else _library
+
+
+def unavailable_reason() -> str | None:
+    return _library if isinstance(_library, str) else None
+
+
+def _find_or_build():
+    if sys.platform == "win32":
+        raise RuntimeError("the kernel is built with a POSIX C compiler and threads; not on Windows")
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC, or install cc, gcc or clang)")
+    name = f"aft_native_{_machine_key(cc)}.so"
+    cached = cache_dir() / name
+    if cached.is_file():
+        try:
+            lib = _load(cached)
+            _self_check(lib)
+            return lib
+        except (OSError, RuntimeError, AttributeError):
+            pass  # a corrupt or foreign file: build again (beside it when the folder can be written)
+    target = _writable_dir() / name
+    _build(cc, target)
+    lib = _load(target)
+    _self_check(lib)
+    return lib
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x (B, T, H, D) in float32 with its (H, D) contiguous (any batch and row stride)."""
+    x = x.to(torch.float32)
+    if x.stride(3) != 1 or x.stride(2) != x.shape[3]:
+        x = x.contiguous()
+    return x
+
+
+def _forward(lib, q, k, v, mask, initial_state):
+    """The kernel's call: k masked here; -> y in q's dtype and the final state (the torch forms' convention)."""
+    B, T, H, D = k.shape
+    k = _rows(mask_keys(k, mask))
+    q, v = _rows(q), _rows(v)
+    if initial_state is None:
+        m = torch.full((B, H, D), NEG)
+        n, z = torch.zeros(B, H, D), torch.zeros(B, H, D)
+    else:
+        check_state(initial_state, k, v)
+        m, n, z = (x.to(torch.float32).clone(memory_format=torch.contiguous_format) for x in initial_state[:3])
+    y = torch.empty(B, T, H, D)
+    threads = torch.get_num_threads() if B * T * H * D >= THREAD_ELEMENTS else 1
+    lib.aft_simple_causal(
+        q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), k.stride(1), v.data_ptr(), v.stride(0),
+        v.stride(1), y.data_ptr(), m.data_ptr(), n.data_ptr(), z.data_ptr(), B, T, H * D, threads,
+    )  # fmt: skip
+    real = z > 0  # the torch forms' state: m = log of the pool's sum, z = 1 (empty: m = NEG, n = z = 0)
+    one = torch.where(real, z, 1.0)
+    state = AFTState(
+        m=torch.where(real, m + torch.log(one), NEG),
+        n=torch.where(real, n / one, 0.0),
+        z=real.to(torch.float32),
+        k=k.new_full((B, 0, H, D), NEG),
+        v=v.new_zeros(B, 0, H, D),
+        pos=k.new_zeros(B, 0, 0),
+    )
+    return y, state
+
+
+def _uses_kernel(q, k, v, causal, initial_state) -> bool:
+    tensors = [q, k, v, *(initial_state[:3] if initial_state is not None else ())]
+    return (
+        causal
+        and q.shape == k.shape == v.shape  # one key per channel (else the torch form, or its shape error)
+        and k.shape[0] * k.shape[1] > 0
+        and all(x.device.type == "cpu" and x.dtype != torch.float64 for x in tensors)
+        and not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors))
+        and not torch.compiler.is_compiling()
+    )
+
+
+def aft_simple_native(q, k, v, *, causal=True, mask=None, initial_state=None, output_final_state=False):
+    """Causal AFT-simple by the compiled kernel where it applies (see the module's text), else `aft_simple_chunk`.
+    q, k, v: (B, T, H, D)."""
+    if _uses_kernel(q, k, v, causal, initial_state):
+        lib = library()
+        if lib is not None:
+            y, state = _forward(lib, q, k, v, mask, initial_state)
+            return y.to(q.dtype), (state if output_final_state else None)
+    return aft_simple_chunk(
+        q, k, v, causal=causal, mask=mask, initial_state=initial_state, output_final_state=output_final_state
+    )
+
+
+def is_native_ready() -> bool:
+    """Build (or find) the kernel now; False where it is not available. For a caller that wants to know before it
+    runs a model."""
+    return library() is not None
+
+
+__all__ = ["aft_simple_native", "cache_dir", "is_native_ready", "library", "unavailable_reason"]

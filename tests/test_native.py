@@ -1,0 +1,249 @@
+"""The "native" implementation of AFT-simple: its compiled kernel against the torch form (outputs, states, padding,
+extreme keys, dtypes, strides), the torch form wherever the kernel does not apply (gradients, compile), the model
+and generation through it, and how the build copes with a corrupt, read-only or missing cache and no compiler."""
+
+import os
+import stat
+import warnings
+
+import pytest
+import torch
+from conftest import tiny_config
+
+import aft.ops_aft as ops
+import aft.ops_aft_native as native
+from aft import AFTForCausalLM
+
+HAS_COMPILER = native._compiler() is not None and os.name == "posix"
+needs_compiler = pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler on this machine")
+
+
+@pytest.fixture
+def fresh(tmp_path, monkeypatch):
+    """A cache folder of the test's own and no library loaded yet (as in a new process)."""
+    monkeypatch.setenv("AFT_NATIVE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "_library", None)
+    return tmp_path / "cache"
+
+
+def _inputs(B=2, T=45, H=2, D=24, key_scale=3.0, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.rand(B, T, H, D, generator=g)
+    k = torch.randn(B, T, H, D, generator=g) * key_scale
+    v = torch.randn(B, T, H, D, generator=g)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def _state_values(state):
+    """What a pool state means, whatever its scale: the log of its sum and its mean value."""
+    real = state.z > 0
+    return torch.where(real, state.m + torch.log(torch.where(real, state.z, 1.0)), ops.NEG), state.n / torch.where(
+        real, state.z, 1.0
+    )
+
+
+@needs_compiler
+def test_the_kernel_builds_and_is_used_where_a_compiler_is(fresh):
+    assert native.is_native_ready(), native.unavailable_reason()
+    assert any(fresh.glob("aft_native_*.so"))
+    calls = []
+    original = native._forward
+    native._forward = lambda *a: calls.append(1) or original(*a)
+    try:
+        native.aft_simple_native(*_inputs())
+    finally:
+        native._forward = original
+    assert calls == [1]
+
+
+@needs_compiler
+@pytest.mark.parametrize("key_scale", [0.0, 3.0, 60.0])
+def test_the_kernel_equals_the_torch_form_with_padding_and_a_final_state(fresh, key_scale):
+    q, k, v = _inputs(key_scale=key_scale)
+    mask = torch.ones(2, 45)
+    mask[1, :13] = 0  # left padding
+    mask[0, 20:23] = 0  # and padding inside the sequence
+    y, state = native.aft_simple_native(q, k, v, mask=mask, output_final_state=True)
+    want, want_state = ops.aft_simple_exact(q.double(), k.double(), v.double(), mask=mask, output_final_state=True)
+    torch.testing.assert_close(y.double(), want, atol=2e-5, rtol=1e-4)
+    assert (y[1, :13] == 0).all()  # rows that have seen only padding
+    for got, exp in zip(_state_values(state), _state_values(want_state), strict=True):
+        torch.testing.assert_close(got.double(), exp, atol=2e-5, rtol=1e-5)
+    assert state.k.shape == (2, 0, 2, 24) and state.m.dtype == torch.float32
+
+
+@needs_compiler
+def test_a_nan_key_is_not_hidden(fresh):
+    q, k, v = _inputs()
+    k[0, 10, 1, 3] = float("nan")
+    y, _ = native.aft_simple_native(q, k, v)
+    assert torch.isnan(y[0, 10:, 1, 3]).all()
+    assert torch.isfinite(y[0, :10]).all() and torch.isfinite(y[1]).all()
+
+
+@needs_compiler
+def test_a_continuation_from_any_state_equals_one_pass(fresh):
+    q, k, v = _inputs(T=50)
+    whole, _ = ops.aft_simple_chunk(q, k, v)
+    head, state = native.aft_simple_native(q[:, :17], k[:, :17], v[:, :17], output_final_state=True)
+    tail, _ = native.aft_simple_native(q[:, 17:], k[:, 17:], v[:, 17:], initial_state=state)
+    torch.testing.assert_close(torch.cat([head, tail], 1), whole, atol=1e-5, rtol=1e-5)
+    # a state written by the torch form (another scale) continues the same way, and is not changed
+    _, torch_state = ops.aft_simple_chunk(q[:, :17], k[:, :17], v[:, :17], output_final_state=True)
+    before = [x.clone() for x in torch_state]
+    tail2, _ = native.aft_simple_native(q[:, 17:], k[:, 17:], v[:, 17:], initial_state=torch_state)
+    torch.testing.assert_close(tail2, tail, atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(before, torch_state, strict=True))
+    # an empty state is no state
+    empty = ops.empty_state(2, 2, 24, 24)
+    torch.testing.assert_close(native.aft_simple_native(q, k, v, initial_state=empty)[0], whole, atol=1e-5, rtol=1e-5)
+
+
+@needs_compiler
+def test_a_state_of_another_batch_is_refused_by_name(fresh):
+    q, k, v = _inputs()
+    with pytest.raises(ValueError, match=r"initial_state\.m has shape"):
+        native.aft_simple_native(q, k, v, initial_state=ops.empty_state(3, 2, 24, 24))
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_give_the_torch_forms_output_in_their_dtype(fresh, dtype):
+    q, k, v = _inputs(dtype=dtype, key_scale=8.0)
+    y, _ = native.aft_simple_native(q, k, v)
+    want, _ = ops.aft_simple_chunk(q, k, v)
+    assert y.dtype == dtype and torch.isfinite(y).all()
+    torch.testing.assert_close(y.float(), want.float(), atol=1e-2, rtol=1e-2)
+
+
+@needs_compiler
+def test_strided_inputs_and_many_threads(fresh):
+    qkv = torch.randn(3, 2, 300, 2, 32).unbind(0)  # views with a batch stride of their own
+    q, k, v = torch.sigmoid(qkv[0]), qkv[1], qkv[2]
+    fused = torch.randn(2, 300, 3 * 64)  # q, k, v side by side in one projection: a row stride of 192
+    fq, fk, fv = (x.unflatten(-1, (2, 32)) for x in fused.split(64, -1))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        for a, b, c in ((q, k, v), (fq, fk, fv), (k.transpose(2, 3), q.transpose(2, 3), v.transpose(2, 3))):
+            torch.testing.assert_close(
+                native.aft_simple_native(a, b, c)[0], ops.aft_simple_chunk(a, b, c)[0], atol=1e-5, rtol=1e-5
+            )
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_where_the_kernel_does_not_apply_it_is_the_torch_form(fresh):
+    q, k, v = _inputs(T=20)
+    k.requires_grad_()
+    v.requires_grad_()
+    y, _ = native.aft_simple_native(q, k, v)  # training: the torch form, with its gradients
+    want, _ = ops.aft_simple_chunk(q, k, v)
+    assert y.grad_fn is not None
+    gy = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, (k, v), gy), torch.autograd.grad(want, (k, v), gy), strict=True):
+        torch.testing.assert_close(a, b)
+    with torch.no_grad():  # non-causal, float64, one key per head: the torch form's results
+        torch.testing.assert_close(
+            native.aft_simple_native(q, k, v, causal=False)[0], ops.aft_simple_chunk(q, k, v, causal=False)[0]
+        )
+        d = [x.double() for x in (q, k, v)]
+        torch.testing.assert_close(native.aft_simple_native(*d)[0], ops.aft_simple_chunk(*d)[0])
+        k1 = k[..., :1]
+        torch.testing.assert_close(native.aft_simple_native(q, k1, v)[0], ops.aft_simple_chunk(q, k1, v)[0])
+        assert native.aft_simple_native(q[:, :0], k[:, :0], v[:, :0])[0].shape == (2, 0, 2, 24)
+
+
+def test_compiled_code_gives_the_same_output(fresh):
+    q, k, v = _inputs(T=16)  # dynamo traces the torch form (a C call is no graph)
+    compiled = torch.compile(lambda q, k, v: native.aft_simple_native(q, k, v)[0], backend="eager")
+    torch.testing.assert_close(compiled(q, k, v), ops.aft_simple_chunk(q, k, v)[0])
+
+
+@needs_compiler
+def test_the_model_and_generate_run_alike_on_native_and_torch(fresh, tmp_path):
+    base = AFTForCausalLM(tiny_config("simple")).eval()
+    fast = AFTForCausalLM(tiny_config("simple", aft_implementation="native")).eval()
+    fast.load_state_dict(base.state_dict())
+    ids = torch.randint(1, 37, (2, 23))
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(fast(ids, attention_mask=mask).logits, base(ids, attention_mask=mask).logits,
+                                   atol=1e-5, rtol=1e-5)  # fmt: skip
+        kw = {"attention_mask": mask, "max_new_tokens": 6, "do_sample": False}
+        assert torch.equal(fast.generate(ids, **kw), base.generate(ids, **kw))
+    # training through it is training the torch form
+    loss = fast(ids, labels=ids).loss
+    loss.backward()
+    assert all(p.grad is not None for p in fast.parameters() if p.requires_grad)
+    fast.save_pretrained(tmp_path / "saved")
+    assert AFTForCausalLM.from_pretrained(tmp_path / "saved").config.aft_implementation == "native"
+
+
+@needs_compiler
+def test_a_corrupt_cached_library_is_built_again(fresh):
+    fresh.mkdir()
+    cached = fresh / f"aft_native_{native._machine_key(native._compiler())}.so"
+    cached.write_bytes(b"not a shared library")  # as a disk fault or a run killed by an older version would leave it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: it is simply built again
+        assert native.is_native_ready()
+    assert cached.read_bytes()[:4] == b"\x7fELF"
+    q, k, v = _inputs()
+    torch.testing.assert_close(native.aft_simple_native(q, k, v)[0], ops.aft_simple_chunk(q, k, v)[0],
+                               atol=1e-5, rtol=1e-5)  # fmt: skip
+
+
+@needs_compiler
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_cache_builds_elsewhere(fresh):
+    fresh.mkdir()
+    fresh.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        assert native.is_native_ready()
+        assert not any(fresh.iterdir())
+    finally:
+        fresh.chmod(stat.S_IRWXU)
+
+
+@needs_compiler
+def test_a_cache_path_that_is_a_file_builds_elsewhere(fresh):
+    fresh.parent.mkdir(exist_ok=True)
+    fresh.write_text("a file where the cache folder would be")
+    assert native.is_native_ready()
+    assert fresh.read_text() == "a file where the cache folder would be"
+
+
+@pytest.mark.parametrize("compiler", ["missing", "failing"])
+def test_without_a_working_compiler_the_torch_form_runs_and_says_why_once(fresh, monkeypatch, compiler):
+    if compiler == "missing":
+        monkeypatch.setenv("PATH", "")
+        monkeypatch.delenv("CC", raising=False)
+        reason = "no C compiler found"
+    else:
+        monkeypatch.setenv("CC", "false")  # a compiler that fails every build
+        reason = "failed"
+    q, k, v = _inputs()
+    with pytest.warns(RuntimeWarning, match=rf'aft_implementation="native".*{reason}.*torch form'):
+        y, _ = native.aft_simple_native(q, k, v)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once per process
+        y2, _ = native.aft_simple_native(q, k, v)
+    want, _ = ops.aft_simple_chunk(q, k, v)
+    torch.testing.assert_close(y, want)
+    torch.testing.assert_close(y2, want)
+    assert reason in native.unavailable_reason()
+    assert not any(fresh.glob("*.so")) and not any(fresh.glob(".*"))  # nothing half-built is left
+
+
+@needs_compiler
+def test_a_library_that_fails_its_check_is_not_used(fresh, monkeypatch):
+    def wrong(lib):
+        raise RuntimeError("the built kernel's output differs from the torch form's by 1")
+
+    monkeypatch.setattr(native, "_self_check", wrong)
+    q, k, v = _inputs()
+    with pytest.warns(RuntimeWarning, match="differs from the torch form"):
+        y, _ = native.aft_simple_native(q, k, v)
+    torch.testing.assert_close(y, ops.aft_simple_chunk(q, k, v)[0])

@@ -38,6 +38,7 @@ from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from aft import AFTConfig, AFTForCausalLM  # noqa: E402
+from aft import ops_aft_native as native_kernel  # noqa: E402
 from aft.modeling_aft import CACHE_NAME  # noqa: E402
 from aft.ops_aft import AFT_VARIANTS, aft_simple_chunk  # noqa: E402
 
@@ -289,7 +290,8 @@ def interleaved_decode(model, caches, args):
 @torch.no_grad()
 def bench_operator(args, elements=2**24):
     """Causal AFT-simple forward over `elements` (B * T * D) vs a copy of 4 * elements floats, both in bytes moved
-    per second."""
+    per second: the torch form and, where its kernel can be built here, the "native" one (`ops_aft_native`), each
+    a fresh output as a model's forward makes it; the three timed in turn, round by round."""
     B, D = 2, 256
     T = elements // (B * D)
     gen = torch.Generator().manual_seed(args.seed)
@@ -300,22 +302,30 @@ def bench_operator(args, elements=2**24):
     src = torch.randn(4 * q.numel(), generator=gen)
     dst = torch.empty_like(src)
     copy_bytes = 2 * src.numel() * src.element_size()  # read + write
-    reps = max(3, args.reps)
-    timed(lambda: dst.copy_(src))
-    copy_t = statistics.median(repeat(lambda: dst.copy_(src), reps, 1e9))
-    timed(lambda: aft_simple_chunk(q, k, v, causal=True))
-    op_times = repeat(lambda: aft_simple_chunk(q, k, v, causal=True), reps, 1e9)
-    op_t = statistics.median(op_times)
-    return {
-        "shape": [B, T, 1, D],
-        "elements": q.numel(),
-        "op_s": op_t,
-        "op_times_s": op_times,
-        "op_GBps": op_bytes / op_t / 1e9,
-        "copy_s": copy_t,
-        "copy_GBps": copy_bytes / copy_t / 1e9,
-        "fraction_of_copy": (op_bytes / op_t) / (copy_bytes / copy_t),
-    }
+    runs = {"copy": lambda: dst.copy_(src), "op": lambda: aft_simple_chunk(q, k, v, causal=True)}
+    if native_kernel.is_native_ready():
+        runs["native"] = lambda: native_kernel.aft_simple_native(q, k, v, causal=True)
+    times = {name: [] for name in runs}
+    for fn in runs.values():  # warm-up (and the kernel's build, once)
+        timed(fn)
+    for _ in range(max(3, args.reps)):
+        for name, fn in runs.items():
+            times[name].append(timed(fn))
+    copy_t = statistics.median(times["copy"])
+    out = {"shape": [B, T, 1, D], "elements": q.numel(), "copy_s": copy_t, "copy_GBps": copy_bytes / copy_t / 1e9}
+    for name in ("op", "native"):
+        if name not in times:
+            out["native_unavailable"] = native_kernel.unavailable_reason()
+            continue
+        t = statistics.median(times[name])
+        prefix = "" if name == "op" else "native_"
+        out |= {
+            f"{prefix}op_s": t,
+            f"{prefix}op_times_s": times[name],
+            f"{prefix}op_GBps": op_bytes / t / 1e9,
+            f"{prefix}fraction_of_copy": (op_bytes / t) / (copy_bytes / copy_t),
+        }
+    return out
 
 
 def find(rows, key, value):
@@ -450,7 +460,10 @@ def plot(results, folder):
         draw(ax, section, x_key, y_key, label)
     op, ax = results.get("operator"), axes.flat[5]
     if op:
-        ax.bar(["copy", "causal simple"], [op["copy_GBps"], op["op_GBps"]], color=["0.6", "C0"])
+        names, values = ["copy", "causal simple"], [op["copy_GBps"], op["op_GBps"]]
+        if "native_op_GBps" in op:
+            names, values = [*names, "native"], [*values, op["native_op_GBps"]]
+        ax.bar(names, values, color=["0.6", "C0", "C1"][: len(names)])
         ax.set_ylabel("GB/s (bytes read + written)")
         ax.set_title(f"operator over 2^24 elements: {op['fraction_of_copy']:.1%} of the copy", fontsize="medium")
     machine = results["machine"]
@@ -515,6 +528,9 @@ def main():
         f"\nOperator (causal simple, {op['elements']} elements): {op['op_s'] * 1e3:.1f} ms, {op['op_GBps']:.2f} GB/s; "
         f"copy {op['copy_GBps']:.2f} GB/s; fraction {op['fraction_of_copy']:.1%}"
     )
+    if "native_op_s" in op:
+        print(f"  native kernel: {op['native_op_s'] * 1e3:.1f} ms, {op['native_op_GBps']:.2f} GB/s; fraction "
+              f"{op['native_fraction_of_copy']:.1%}")  # fmt: skip
     print("\n" + table(results))
     results["plots"] = plot(results, args.output)
     (args.output / "results.json").write_text(json.dumps(results, indent=1))

@@ -16,6 +16,7 @@ that loads. A build that fails, or a library that fails its check against the to
 reported once as a warning and the torch form is used.
 """
 
+import atexit
 import contextlib
 import ctypes
 import hashlib
@@ -176,8 +177,10 @@ def _writable_dir() -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
             return folder
-    except OSError:  # a read-only or full cache: build in a folder of this process's own
-        return Path(tempfile.mkdtemp(prefix="aft-native-"))
+    except OSError:  # a read-only or full cache: build in a folder of this process's own, removed at its exit
+        own = tempfile.mkdtemp(prefix="aft-native-")
+        atexit.register(shutil.rmtree, own, True)
+        return Path(own)
 
 
 def _build(cc: str, target: Path) -> None:
@@ -216,11 +219,10 @@ def _load(path: Path):
 
 
 def _self_check(lib) -> None:
-    """The kernel against the torch form on a small input with padding and a state: a miscompiled library is not
-    used."""
+    """The kernel against the torch form on a small input with padding: a miscompiled library is not used."""
     gen = torch.Generator().manual_seed(0)
     B, T, H, D = 2, 37, 2, 24
-    q, k, v = (torch.randn(B, T, H, D, generator=gen) for _ in range(3))
+    q, k, v = (torch.randn(B, T, H, D, generator=gen, dtype=torch.float32) for _ in range(3))
     k = k * 8
     mask = torch.ones(B, T, dtype=torch.long)
     mask[1, :5] = 0
@@ -287,13 +289,14 @@ def _forward(lib, q, k, v, mask, initial_state):
     B, T, H, D = k.shape
     k = _rows(mask_keys(k, mask))
     q, v = _rows(q), _rows(v)
+    f32 = {"dtype": torch.float32}  # whatever torch's default dtype is: the kernel writes float32
     if initial_state is None:
-        m = torch.full((B, H, D), NEG)
-        n, z = torch.zeros(B, H, D), torch.zeros(B, H, D)
+        m = torch.full((B, H, D), NEG, **f32)
+        n, z = torch.zeros(B, H, D, **f32), torch.zeros(B, H, D, **f32)
     else:
         check_state(initial_state, k, v)
         m, n, z = (x.to(torch.float32).clone(memory_format=torch.contiguous_format) for x in initial_state[:3])
-    y = torch.empty(B, T, H, D)
+    y = torch.empty(B, T, H, D, **f32)
     threads = torch.get_num_threads() if B * T * H * D >= THREAD_ELEMENTS else 1
     lib.aft_simple_causal(
         q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), k.stride(1), v.data_ptr(), v.stride(0),

@@ -117,6 +117,23 @@ def test_half_precision_inputs_give_the_torch_forms_output_in_their_dtype(fresh,
 
 
 @needs_compiler
+def test_float32_inputs_under_a_float64_default_dtype(fresh):
+    q, k, v = _inputs()
+    want, _ = ops.aft_simple_chunk(q, k, v)
+    assert native.is_native_ready()  # built and checked under float32, then the default changes
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            y, state = native.aft_simple_native(q, k, v, output_final_state=True)
+    finally:
+        torch.set_default_dtype(default)
+    assert y.dtype == torch.float32 and state.m.dtype == torch.float32
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+
+
+@needs_compiler
 def test_strided_inputs_and_many_threads(fresh):
     qkv = torch.randn(3, 2, 300, 2, 32).unbind(0)  # views with a batch stride of their own
     q, k, v = torch.sigmoid(qkv[0]), qkv[1], qkv[2]

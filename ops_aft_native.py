@@ -12,7 +12,7 @@ needs a gradient), non-causal calls, float64, one key per head, a device other t
 tracing, and any machine where the kernel cannot be built. The kernel is C, compiled on first use with the
 machine's C compiler (`CC`, else cc, gcc or clang) and kept in `AFT_NATIVE_CACHE` (default
 ~/.cache/aft-native), written under a temporary name and renamed, so that a build killed half-way leaves nothing
-that loads. A build that fails, or a library that fails its check against the torch form on a small input, is
+that loads (a cache that cannot be written, or whose disk is full, builds in a temporary folder instead). A build that fails, or a library that fails its check against the torch form on a small input, is
 reported once as a warning and the torch form is used.
 """
 
@@ -177,10 +177,15 @@ def _writable_dir() -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
             return folder
-    except OSError:  # a read-only or full cache: build in a folder of this process's own, removed at its exit
-        own = tempfile.mkdtemp(prefix="aft-native-")
-        atexit.register(shutil.rmtree, own, True)
-        return Path(own)
+    except OSError:  # a read-only cache: build in a folder of this process's own
+        return _own_dir()
+
+
+def _own_dir() -> Path:
+    """A temporary folder of this process's own, removed at its exit."""
+    own = tempfile.mkdtemp(prefix="aft-native-")
+    atexit.register(shutil.rmtree, own, True)
+    return Path(own)
 
 
 def _build(cc: str, target: Path) -> None:
@@ -270,7 +275,13 @@ def _find_or_build():
         except (OSError, RuntimeError, AttributeError):
             pass  # a corrupt or foreign file: build again (beside it when the folder can be written)
     target = _writable_dir() / name
-    _build(cc, target)
+    try:
+        _build(cc, target)
+    except (OSError, RuntimeError):
+        if target.parent != cache_dir():
+            raise
+        target = _own_dir() / name  # the cache's disk may be full: once more in a folder of this process's own
+        _build(cc, target)
     lib = _load(target)
     _self_check(lib)
     return lib

@@ -4,6 +4,7 @@ and generation through it, and how the build copes with a corrupt, read-only or 
 
 import os
 import stat
+import subprocess
 import warnings
 
 import pytest
@@ -264,3 +265,18 @@ def test_a_library_that_fails_its_check_is_not_used(fresh, monkeypatch):
     with pytest.warns(RuntimeWarning, match="differs from the torch form"):
         y, _ = native.aft_simple_native(q, k, v)
     torch.testing.assert_close(y, ops.aft_simple_chunk(q, k, v)[0])
+
+
+@needs_compiler
+def test_a_full_cache_disk_builds_elsewhere_and_leaves_nothing_there(fresh):
+    fresh.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(fresh)], capture_output=True)
+    if mount.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:  # room for the probe and the source, not for the library
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert native.is_native_ready()
+        assert list(fresh.iterdir()) == []
+    finally:
+        subprocess.run(["umount", "--lazy", str(fresh)], check=True)

@@ -12,8 +12,9 @@ needs a gradient), non-causal calls, float64, one key per head, a device other t
 tracing, and any machine where the kernel cannot be built. The kernel is C, compiled on first use with the
 machine's C compiler (`CC`, else cc, gcc or clang) and kept in `AFT_NATIVE_CACHE` (default
 ~/.cache/aft-native), written under a temporary name and renamed, so that a build killed half-way leaves nothing
-that loads (a cache that cannot be written, or whose disk is full, builds in a temporary folder instead). A build that fails, or a library that fails its check against the torch form on a small input, is
-reported once as a warning and the torch form is used.
+that loads (a cache that cannot be written, or whose disk is full, builds in a temporary folder instead). A build
+that fails, or a library that fails its check against the torch form on a small input, is reported once as a
+warning and the torch form is used.
 """
 
 import atexit

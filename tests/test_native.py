@@ -280,3 +280,15 @@ def test_a_full_cache_disk_builds_elsewhere_and_leaves_nothing_there(fresh):
         assert list(fresh.iterdir()) == []
     finally:
         subprocess.run(["umount", "--lazy", str(fresh)], check=True)
+
+
+@needs_compiler
+def test_what_a_build_killed_half_way_leaves_is_never_loaded(fresh):
+    fresh.mkdir()
+    name = f"aft_native_{native._machine_key(native._compiler())}"
+    (fresh / f".{name}-x1y2z3.so").write_bytes(b"\x7fELF half a library")  # the temporary name of a killed build
+    assert native.is_native_ready()
+    q, k, v = _inputs()
+    torch.testing.assert_close(native.aft_simple_native(q, k, v)[0], ops.aft_simple_chunk(q, k, v)[0],
+                               atol=1e-5, rtol=1e-5)  # fmt: skip
+    assert (fresh / f"{name}.so").read_bytes()[:4] == b"\x7fELF"

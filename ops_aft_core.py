@@ -146,6 +146,14 @@ def check_state(state: AFTState, k: torch.Tensor, v: torch.Tensor):
             )
 
 
+def pool_as_position(m, n, z):
+    """A pool (n, z scaled by exp(-m)) as one position: its key m + log z (NEG for an empty pool) and its value n / z,
+    the weighted mean (0 for an empty pool). m, z (B, H, Dk), n (B, H, Dv); z broadcasts when Dk == 1."""
+    real = z > 0
+    one = torch.where(real, z, 1.0)
+    return torch.where(real, m + torch.log(one), NEG), n / one
+
+
 def prepend_state(state: AFTState, k, v, mask, pos_v=None):
     """A state as positions before the sequence: the pool as one position with key m + log z and value n / z, then
     the window slots. Every later position is at least S + 1 = s positions past the pool, so it is outside every
@@ -157,9 +165,7 @@ def prepend_state(state: AFTState, k, v, mask, pos_v=None):
     """
     check_state(state, k, v)
     B, T = k.shape[:2]
-    real_pool = state.z > 0
-    pool_k = torch.where(real_pool, state.m + torch.log(torch.where(real_pool, state.z, 1.0)), NEG)
-    pool_v = state.n / torch.where(real_pool, state.z, 1.0)  # (B, H, Dv); z (B, H, Dk) broadcasts when Dk == 1
+    pool_k, pool_v = pool_as_position(state.m, state.n, state.z)
     k = torch.cat([pool_k[:, None].to(k.dtype), state.k.to(k.dtype), k], 1)
     v = torch.cat([pool_v[:, None].to(v.dtype), state.v.to(v.dtype), v], 1)
     before = is_real(k[:, : 1 + state.k.shape[1], 0, 0])

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from .ops_aft_core import NEG, AFTState, check_state, mask_keys
+from .ops_aft_core import NEG, AFTState, check_state, mask_keys, pool_as_position
 from .ops_aft_window import aft_simple_chunk, aft_simple_exact
 
 KERNEL_VERSION = 1
@@ -314,12 +314,12 @@ def _forward(lib, q, k, v, mask, initial_state):
         q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), k.stride(1), v.data_ptr(), v.stride(0),
         v.stride(1), y.data_ptr(), m.data_ptr(), n.data_ptr(), z.data_ptr(), B, T, H * D, threads,
     )  # fmt: skip
-    real = z > 0  # the torch forms' state: m = log of the pool's sum, z = 1 (empty: m = NEG, n = z = 0)
-    one = torch.where(real, z, 1.0)
+    # the torch forms' state: the pool as one position, m its log-sum, n its mean, z = 1 (empty: NEG, 0, 0)
+    key, mean = pool_as_position(m, n, z)
     state = AFTState(
-        m=torch.where(real, m + torch.log(one), NEG),
-        n=torch.where(real, n / one, 0.0),
-        z=real.to(torch.float32),
+        m=key,
+        n=mean,
+        z=(z > 0).to(torch.float32),
         k=k.new_full((B, 0, H, D), NEG),
         v=v.new_zeros(B, 0, H, D),
         pos=k.new_zeros(B, 0, 0),

@@ -44,16 +44,12 @@ def _state_values(state):
 
 
 @needs_compiler
-def test_the_kernel_builds_and_is_used_where_a_compiler_is(fresh):
+def test_the_kernel_builds_and_is_used_where_a_compiler_is(fresh, monkeypatch):
     assert native.is_native_ready(), native.unavailable_reason()
     assert any(fresh.glob("aft_native_*.so"))
-    calls = []
-    original = native._forward
-    native._forward = lambda *a: calls.append(1) or original(*a)
-    try:
-        native.aft_simple_native(*_inputs())
-    finally:
-        native._forward = original
+    calls, original = [], native._forward
+    monkeypatch.setattr(native, "_forward", lambda *a: calls.append(1) or original(*a))
+    native.aft_simple_native(*_inputs())
     assert calls == [1]
 
 

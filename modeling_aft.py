@@ -460,6 +460,21 @@ def _vision_config(config: AFTPreTrainedConfig) -> AFTVisionConfig:
     return AFTVisionConfig(**fields)
 
 
+def _next_positions(position_ids, mask, previous, B: int) -> torch.Tensor:
+    """Each row's position id after this call: one past its last real token, or `previous` (None: 0) for a row
+    whose tokens here are all padding, so that padding never advances a row's positions. position_ids (B|1, T),
+    mask (B, T) or None -> (B,) long. No host value is read (a compiled decoding step runs it too)."""
+    if previous is None:
+        previous = torch.zeros(B, dtype=torch.long, device=position_ids.device)
+    if position_ids.shape[-1] == 0:
+        return previous
+    if mask is None:
+        return (position_ids[:, -1] + 1).expand(B)
+    real = mask.bool()
+    last = torch.where(real, position_ids + 1, 0).amax(-1)
+    return torch.where(real.any(-1), last, previous)
+
+
 class AFTModel(AFTPreTrainedModel):
     """The bare causal AFT decoder: token (and optional absolute position) embeddings, AFT blocks, final norm."""
 
@@ -556,8 +571,7 @@ class AFTModel(AFTPreTrainedModel):
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
         if cache is not None and use_cache:
-            after = position_ids[:, -1] + 1 if T else (cache.next_position if cache.next_position is not None else 0)
-            cache.advance(T, torch.as_tensor(after, device=device).expand(B))
+            cache.advance(T, _next_positions(position_ids, mask, cache.next_position, B))
         cache = cache if use_cache else None
 
         if not return_dict:

@@ -1,5 +1,7 @@
 """generate() with the recurrent AFTCache returns exactly what full forward passes would."""
 
+import itertools
+
 import pytest
 import torch
 from conftest import VARIANTS, tiny_config
@@ -188,6 +190,42 @@ def test_multi_token_continuation_equals_one_forward(variant):
     torch.testing.assert_close(turn, expected[:, -6:], atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(step[:, -1], full_step[:, -1], atol=1e-10, rtol=1e-10)
     assert cache.get_seq_length() == whole.shape[1] + 1
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("padding", ["left", "inside"])
+def test_forward_on_a_cache_follows_the_mask(variant, padding):
+    """Chunks, then token by token, then several tokens on the filled cache, with the mask so far: padding never
+    advances a row's positions, so the real tokens get the logits of one forward pass over the whole sequence. Left
+    padding fills row 1's first chunk; padding inside fills a whole chunk of row 0 and one token step of row 1."""
+    model = _model(variant)
+    ids = torch.randint(1, 37, (2, 14))
+    mask = torch.ones(2, 14, dtype=torch.long)
+    if padding == "left":
+        mask[1, :5] = 0
+    else:
+        mask[0, 4:8] = 0
+        mask[1, 9] = 0
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).logits
+        cache, pieces = AFTCache(model.config), []
+        for a, b in itertools.pairwise([0, 4, 8, 9, 10, 11, 14]):
+            pieces.append(model(ids[:, a:b], attention_mask=mask[:, :b], **{CACHE_NAME: cache}).logits)
+    real = mask.bool()
+    torch.testing.assert_close(torch.cat(pieces, 1)[real], expected[real], atol=1e-10, rtol=1e-10)
+    assert cache.next_position.tolist() == mask.sum(1).tolist()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_generate_with_padding_inside_the_prompt_equals_no_cache(variant):
+    model = _model(variant)
+    ids = torch.randint(1, 37, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[0, 3:5] = 0
+    mask[1, :2] = 0
+    mask[1, 6] = 0
+    assert torch.equal(_greedy(model, ids, 10, attention_mask=mask), _greedy(model, ids, 10, attention_mask=mask,
+                                                                             use_cache=False))  # fmt: skip
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -224,8 +224,8 @@ def test_generate_with_padding_inside_the_prompt_equals_no_cache(variant):
     mask[0, 3:5] = 0
     mask[1, :2] = 0
     mask[1, 6] = 0
-    assert torch.equal(_greedy(model, ids, 10, attention_mask=mask), _greedy(model, ids, 10, attention_mask=mask,
-                                                                             use_cache=False))  # fmt: skip
+    with_cache = _greedy(model, ids, 10, attention_mask=mask)
+    assert torch.equal(with_cache, _greedy(model, ids, 10, attention_mask=mask, use_cache=False))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

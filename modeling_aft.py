@@ -240,6 +240,21 @@ class AFTFullCacheLayer:
         return sum(x[:, :filled].numel() * x.element_size() for x in self.buffers)
 
 
+def _state_fields(config: AFTConfig) -> dict:
+    """The config fields that decide the shape and meaning of a model's decoding state: a cache made for other
+    values belongs to another model."""
+    variant = AFT_VARIANTS[config.aft_variant]
+    fields = {"num_hidden_layers": config.num_hidden_layers, "aft_variant": config.aft_variant}
+    fields["hidden_size"] = config.hidden_size
+    if variant.key_per_head:
+        fields["num_heads"] = config.num_heads
+    if variant.window_field is not None:
+        fields[variant.window_field] = getattr(config, variant.window_field)
+    if variant.position_bias:
+        fields["position_bias_rank"] = config.position_bias_rank
+    return fields
+
+
 class AFTCache(Cache):
     """The decoding state of every layer of an AFT model, as a transformers `Cache` (what generate() creates,
     reorders for beam search, selects and continues).
@@ -255,6 +270,7 @@ class AFTCache(Cache):
             AFTFullCacheLayer(max_cache_len) if appends else AFTCacheLayer() for _ in range(config.num_hidden_layers)
         ]
         super().__init__(layers=layers)
+        self.state_fields = _state_fields(config)
         # Tensors, so that a compiled step advances them in place: the positions seen (padding included) and, per
         # row, the position id of the next token (the real tokens seen: left padding does not shift positions).
         self.seen = torch.zeros((), dtype=torch.long)
@@ -532,6 +548,14 @@ class AFTModel(AFTPreTrainedModel):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
         if cache is not None and not isinstance(cache, AFTCache):
             raise TypeError(f"The cache must be an AFTCache, got {type(cache).__name__}.")
+        if cache is not None and cache.state_fields != _state_fields(self.config):
+            ours = _state_fields(self.config)
+            differ = [k for k in {**ours, **cache.state_fields} if cache.state_fields.get(k) != ours.get(k)]
+            raise ValueError(
+                "The cache was made for another model: "
+                + ", ".join(f"its {k}={cache.state_fields.get(k)!r}, this model's {ours.get(k)!r}" for k in differ)
+                + ". Pass AFTCache(model.config) of this model, or no cache."
+            )
         B, T = input_ids.shape[:2] if input_ids is not None else inputs_embeds.shape[:2]
         if cache is not None and cache.batch_size not in (-1, B):
             raise ValueError(

@@ -1,6 +1,7 @@
 """generate() with the recurrent AFTCache returns exactly what full forward passes would."""
 
 import itertools
+import re
 
 import pytest
 import torch
@@ -252,6 +253,38 @@ def test_a_cache_of_another_batch_is_refused(variant):
         for batch in (1, 4):
             with pytest.raises(ValueError, match=f"a batch of 3, but the input has a batch of {batch}"):
                 model(torch.randint(1, 37, (batch, 1)), **{CACHE_NAME: cache})
+
+
+OTHER_MODELS = [
+    ("simple", {"num_hidden_layers": 3}, "its num_hidden_layers=3, this model's 2"),
+    ("simple", {"aft_variant": "local"}, "its aft_variant='local', this model's 'simple'"),
+    ("local", {"aft_variant": "simple"}, "its aft_variant='simple', this model's 'local'"),
+    ("local", {"hidden_size": 32}, "its hidden_size=32, this model's 16"),
+    ("local", {"local_window_size": 5}, "its local_window_size=5, this model's 3"),
+    ("local", {"position_bias_rank": 2}, "its position_bias_rank=2, this model's 4"),
+    ("conv", {"num_heads": 2}, "its num_heads=2, this model's 4"),
+    ("conv", {"conv_kernel_size": 5}, "its conv_kernel_size=5, this model's 3"),
+    ("conv", {"aft_variant": "full"}, "its aft_variant='full', this model's 'conv'"),
+    ("full", {"num_hidden_layers": 1}, "its num_hidden_layers=1, this model's 2"),
+    ("full", {"position_bias_rank": 2}, "its position_bias_rank=2, this model's 4"),
+]
+
+
+@pytest.mark.parametrize("variant,other,match", OTHER_MODELS)
+@pytest.mark.parametrize("filled", [False, True], ids=["new_cache", "filled_cache"])
+def test_a_cache_of_another_model_is_refused(variant, other, match, filled):
+    """A cache made for (or filled by) a model whose state differs in layers, variant, width, heads or window is
+    refused with one error naming what differs, by forward and by generate(); nothing is written to it."""
+    model, donor = _model(variant), _model(other.get("aft_variant", variant), **other)
+    ids = torch.randint(1, 37, (2, 5))
+    with torch.no_grad():
+        cache = getattr(donor(ids), CACHE_NAME) if filled else AFTCache(donor.config)
+        seen = cache.get_seq_length()
+        with pytest.raises(ValueError, match="The cache was made for another model: " + re.escape(match)):
+            model(ids, **{CACHE_NAME: cache})
+        with pytest.raises(ValueError, match=re.escape(match)):
+            model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0, **{CACHE_NAME: cache})
+    assert cache.get_seq_length() == seen
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -501,7 +501,8 @@ class _SimpleChunked(torch.autograd.Function):
 def _band_chunked(q, k, v, band, left: int, mask, C: int):
     """Causal AFT with a window band, gated by q: `_BandChunked` by units, retried with one reference per chunk
     when a unit cannot represent its keys; None when a chunk cannot either (the caller then uses the exact
-    `_causal_logspace`). Also returns whether every key and value was finite (if not, y is None). band: (B|1, T, 1, 1, W) (local) or (1, 1, H|1, 1, W) (conv), W = left + 1."""
+    `_causal_logspace`). Also returns whether every key and value was finite (if not, y is None).
+    band: (B|1, T, 1, 1, W) (local) or (1, 1, H|1, 1, W) (conv), W = left + 1."""
     T = k.shape[1]
     C = min(C, T)
     pad = -T % C  # whole chunks only: the sequence is padded at its end (keys NEG: nothing sees them)

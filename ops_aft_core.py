@@ -59,6 +59,23 @@ def not_empty(reference: torch.Tensor) -> torch.Tensor:
     return ~(reference <= NEG / 2)
 
 
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None):
+    """A clear error, before any work, when q, k, v (and the mask) do not have the layout every form takes."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dim() != 4:
+            raise ValueError(f"`{name}` has shape {tuple(x.shape)}; expected 4 dimensions (batch, time, heads, dim).")
+    B, T, H, Dv = v.shape
+    if tuple(q.shape) != (B, T, H, Dv):
+        raise ValueError(f"`q` has shape {tuple(q.shape)} and `v` {tuple(v.shape)}: they must be the same.")
+    if tuple(k.shape[:3]) != (B, T, H) or k.shape[3] not in (Dv, 1):
+        raise ValueError(
+            f"`k` has shape {tuple(k.shape)}; with `v` of shape {tuple(v.shape)} it must be ({B}, {T}, {H}, {Dv}) "
+            f"(a key per channel) or ({B}, {T}, {H}, 1) (a key per head)."
+        )
+    if mask is not None and tuple(mask.shape) != (B, T):
+        raise ValueError(f"`mask` has shape {tuple(mask.shape)}; expected (batch, time) = ({B}, {T}).")
+
+
 def mask_keys(k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """k in the accumulation dtype, with padding keys and -inf keys set to NEG: a key of -inf is a position of
     weight 0, as padding is (NaN and +inf stay as they are)."""

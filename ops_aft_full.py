@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .ops_aft_core import (
     NEG,
+    check_inputs,
     combine,
     finite_inputs,
     finite_prefix,
@@ -44,7 +45,9 @@ def aft_full_chunk(
 ):  # fmt: skip
     """AFT-full with w_{t,t'} = pos_u[t] . pos_v[t']; pos_u, pos_v: (B|1, T, R). Causal: blocks of `block_size` rows;
     non-causal: one matrix product (every row sees the largest key and its own row max, so nothing underflows)."""
-    k, v, pos_u, pos_v, keys_pos, before = _inputs(k, v, pos_u, pos_v, mask, initial_state, causal, output_final_state)
+    k, v, pos_u, pos_v, keys_pos, before = _inputs(
+        q, k, v, pos_u, pos_v, mask, initial_state, causal, output_final_state
+    )
     if k.shape[1] == before or k.shape[0] == 0:  # nothing to compute
         y = v.new_zeros(v[:, before:].shape)
     elif not causal:
@@ -66,7 +69,9 @@ def aft_full_chunk(
 
 
 def aft_full_exact(q, k, v, pos_u, pos_v, *, causal=True, mask=None, initial_state=None, output_final_state=False):
-    k, v, pos_u, pos_v, keys_pos, before = _inputs(k, v, pos_u, pos_v, mask, initial_state, causal, output_final_state)
+    k, v, pos_u, pos_v, keys_pos, before = _inputs(
+        q, k, v, pos_u, pos_v, mask, initial_state, causal, output_final_state
+    )
     if k.shape[1] == before or k.shape[0] == 0:  # nothing to compute
         y = v.new_zeros(v[:, before:].shape)
     else:
@@ -86,6 +91,7 @@ def aft_full_recurrent(q, k, v, pos_u, pos_v, *, causal=True, mask=None, initial
     """
     if not causal:
         raise ValueError("The recurrent form is causal: pass causal=True.")
+    check_inputs(q, k, v, mask)
     k, v = mask_inputs(k, v, mask)
     B, T = k.shape[:2]
     pos_u, pos_v = pos_u.to(k.dtype).expand(B, -1, -1), pos_v.to(k.dtype).expand(B, -1, -1)
@@ -164,11 +170,12 @@ def _pool(state: FullState, u):
     return m[..., None], out[..., :Dk], out[..., Dk:]
 
 
-def _inputs(k, v, pos_u, pos_v, mask, initial_state, causal, output_final_state):
+def _inputs(q, k, v, pos_u, pos_v, mask, initial_state, causal, output_final_state):
     """Mask the keys and put the state's positions before the sequence. Returns k, v over S + T positions, the
     rows' pos_u (B|1, T, R), pos_v of the sequence, the keys' pos_v (B|1, S + T, R) and S."""
     if output_final_state and not causal:
         raise ValueError("output_final_state is the state after a causal sequence: pass causal=True.")
+    check_inputs(q, k, v, mask)
     k, v = mask_inputs(k, v, mask)
     pos_u, pos_v = pos_u.to(k.dtype), pos_v.to(k.dtype)
     keys_pos, before = pos_v, 0

@@ -10,7 +10,7 @@ and the `*_naive_2d` forms are the image forms over a patch grid.
 import torch
 
 from .ops_aft_2d import grid_window_index
-from .ops_aft_core import NEG, acc_dtype, causal_state, mask_inputs, prepend_state
+from .ops_aft_core import NEG, acc_dtype, causal_state, check_inputs, mask_inputs, prepend_state
 from .ops_aft_full import full_bias, full_state, keys_and_values
 
 
@@ -110,6 +110,7 @@ def _naive(q, k, v, bias, slots, pos_u, pos_v, causal, mask, initial_state, outp
     `full` (every position)."""
     if (initial_state is not None or output_final_state) and not causal:
         raise ValueError("States belong to causal sequences: pass causal=True.")
+    check_inputs(q, k, v, mask)
     k, v = mask_inputs(k, v, mask)
     if pos_u is not None:
         pos_u, pos_v = pos_u.to(k.dtype), pos_v.to(k.dtype)

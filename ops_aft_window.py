@@ -23,6 +23,7 @@ from .ops_aft_core import (
     NEG,
     AFTState,
     causal_state,
+    check_inputs,
     combine,
     empty_state,
     exp_,
@@ -204,6 +205,7 @@ def _parallel(solve, q, k, v, window: _Window, causal, mask, initial_state, outp
     """Mask the keys, put a state before the sequence, solve, and cut the state's positions off again."""
     if output_final_state and not causal:
         raise ValueError("output_final_state is the state after a causal sequence: pass causal=True.")
+    check_inputs(q, k, v, mask)
     k, v = mask_inputs(k, v, mask)
     pos_u, pos_v = window.pos_u, window.pos_v
     if pos_u is not None:
@@ -863,6 +865,7 @@ def _recurrent(q, k, v, slots: int, bias, pos_v, causal, mask, initial_state, ou
     of token t, (B|1, s, H|1, 1). Loops over the T tokens (one step when decoding)."""
     if not causal:
         raise ValueError("The recurrent form is causal: pass causal=True.")
+    check_inputs(q, k, v, mask)
     k, v = mask_inputs(k, v, mask)
     B, T, H, Dk = k.shape
     rank = pos_v.shape[-1] if pos_v is not None else 0

@@ -178,6 +178,23 @@ def test_empty_batch_and_empty_sequence(variant):
     assert y.shape == (0, T, *case.q.shape[2:])
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("implementation", ["torch", "exact", "naive"])
+@pytest.mark.parametrize("form", ["parallel", "recurrent"])
+def test_inputs_of_another_shape_are_refused(variant, implementation, form):
+    """v with another length than q and k, k of another length, a mask of another length: a clear error from every
+    form, before any work."""
+    case = Case(variant)
+    op = getattr(ops.get_operator(variant, implementation), form)
+    q, k, v, args = case.q, case.k.detach(), case.v.detach(), case.args()
+    with pytest.raises(ValueError, match=r"`q` has shape \(2, 29, .*\) and `v` \(2, 30, .*\): they must be the same"):
+        op(q, k, torch.cat([v, v[:, :1]], 1), *args)
+    with pytest.raises(ValueError, match=r"`k` has shape \(2, 28, .*\); with `v` of shape \(2, 29"):
+        op(q, k[:, 1:], v, *args)
+    with pytest.raises(ValueError, match=r"`mask` has shape \(2, 28\); expected \(batch, time\) = \(2, 29\)"):
+        op(q, k, v, *args, mask=torch.ones(2, 28))
+
+
 def test_a_state_of_another_batch_is_refused():
     case = Case("local")
     _, state = case.run(b=5, output_final_state=True)

@@ -203,8 +203,10 @@ def test_model_cards_use_no_local_path_and_name_the_base_model(folders):
 
     for folder in (folders.clm, folders.tuned, folders.digits):
         usage = usage_section(folder)
-        assert str(folder.parent) not in usage and f'from_pretrained("{folder.name}")' in usage
-    assert ModelCard.load(folders.tuned / "README.md").data.base_model == "code-lm"
+        assert (
+            str(folder.parent) not in usage and f"from_pretrained('./{folder.name}', trust_remote_code=True)" in usage
+        )
+    assert ModelCard.load(folders.tuned / "README.md").data.base_model is None  # a local folder is no Hub id
     assert ModelCard.load(folders.clm / "README.md").data.base_model is None
     # the example prompts come from the model's own data, not a fixed "def fibonacci"
     usage = usage_section(folders.clm)
@@ -216,7 +218,7 @@ def test_model_card_usage_takes_the_hub_id(scripts, text_file, tmp_path):
     args = [*TINY, "--train_file", str(text_file), "--block_size", "32", "--max_train_steps", "1"]
     scripts.clm.main([*args, "--hub_model_id", "someone/aft-code", "--output_dir", str(out)])
     usage = usage_section(out)
-    assert 'from_pretrained("someone/aft-code")' in usage and "local-name" not in usage
+    assert "from_pretrained('someone/aft-code', trust_remote_code=True)" in usage and "local-name" not in usage
 
 
 # Metrics through evaluate modules, offline

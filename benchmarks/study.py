@@ -561,6 +561,7 @@ class Study:
             "size": args.size,
             "architecture": dataclasses.asdict(size),
             "recipe": self.recipe_record(),
+            "procedure": {"sweep_rates": args.sweep_rates, "settle": args.settle, "eval_every": args.eval_every},
             "machine": {**machine(self.device), "glibc_keeps_freed_memory": self.tuned_allocator},
         }
         self.text = None
@@ -592,8 +593,9 @@ class Study:
             old = json.loads(path.read_text())
         except (OSError, ValueError) as error:
             raise InputError(f"--resume: {path} cannot be read ({error}).") from None
-        for key in ("size", "architecture", "recipe"):
-            if old.get(key) != self.results[key]:
+        for key in ("size", "architecture", "recipe", "procedure"):
+            # a results.json written before the procedure was recorded ran the one the defaults give
+            if (key in old or key != "procedure") and old.get(key) != self.results[key]:
                 raise InputError(
                     f"--resume: {path} holds another study ({key} {old.get(key)!r}, this one's {self.results[key]!r})."
                 )

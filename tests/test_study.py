@@ -237,6 +237,12 @@ def test_resume_refuses_another_study(study, run_study, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_study.run_main(lambda: run_study.main(["--quick", "--output_dir", str(tmp_path), "--resume"]))
     assert "holds another study (recipe" in capsys.readouterr().err
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    with pytest.raises(SystemExit):
+        run_study.run_main(
+            lambda: run_study.main(["--quick", "--output_dir", str(tmp_path), "--resume", "--eval_every", "3"])
+        )
+    assert "holds another study (procedure" in capsys.readouterr().err
 
 
 def test_plot_only_redraws_cards_and_plots_from_results(study, run_study, tmp_path):

@@ -164,7 +164,8 @@ static inline float exp_step(float x) { float e = exp_nonpositive(x); return x !
    last S positions), op for op the torch form's step: the window slots' logits key + bias against the running max,
    y = q (n e^(m - ref) + sum e v) / (z e^(m - ref) + sum e), then the oldest slot joins the pool and the window
    moves by one. q, k, v: rows (b, t) at b * xb + t * xt, each H x D contiguous; k has Dk = Dv (simple, local) or
-   Dk = 1 (conv) channels per head. mask (b, t): 0 is padding (its key NEG), or NULL. The bias of slot j: kern
+   Dk = 1 (conv) channels per head. mask (b, t): 0 is padding, or NULL; padding and -inf keys become NEG with
+   value 0. The bias of slot j: kern
    (H, S + 1) per head (conv), else u_t . p_j over R factors, p_j the window's pos (B, S, R) and p_S = pv_t
    (local), else 0. The state m0, n0, z0, wk0, wv0, wp0 (contiguous) is copied to m .. wp and updated there;
    y (B, T, H, Dv) contiguous. */
@@ -181,17 +182,20 @@ int aft_window_step(const float *q, long qb, long qt, const float *k, long kb, l
     __builtin_memcpy(wk, wk0, sizeof(float) * B * S * HK);
     __builtin_memcpy(wv, wv0, sizeof(float) * B * S * HV);
     __builtin_memcpy(wp, wp0, sizeof(float) * B * S * R);
-    float *scratch = malloc(sizeof(float) * (s * HK + 5 * HK + s + 1));
+    float *scratch = malloc(sizeof(float) * (s * HK + 5 * HK + HV + s + 1));
     if (!scratch) return 1;
     float *e = scratch, *ref = e + s * HK, *sc = ref + HK, *den = sc + HK, *kcur = den + HK, *ab = kcur + HK;
-    float *wf = ab + HK;
+    float *vcur = ab + HK, *wf = vcur + HV;
     for (long t = 0; t < T; t++) {
         for (long b = 0; b < B; b++) {
             const float *kr = k + b * kb + t * kt, *vr = v + b * vb + t * vt, *qr = q + b * qb + t * qt;
             float *mb_ = m + b * HK, *nb = n + b * HV, *zb = z + b * HK;
             float *wkb = wk + b * S * HK, *wvb = wv + b * S * HV, *wpb = wp + b * S * R;
             int pad = mask && mask[b * mb + t * mt] == 0.0f;
-            for (long c = 0; c < HK; c++) kcur[c] = pad ? NEG_KEY : kr[c];
+            /* padding and -inf keys are NEG, their values 0 (NaN stays NaN) */
+            for (long c = 0; c < HK; c++) kcur[c] = pad || kr[c] < NEG_KEY ? NEG_KEY : kr[c];
+            for (long cv = 0; cv < HV; cv++)
+                vcur[cv] = kcur[(cv / Dv) * Dk + (cv % Dv) / g] > NEG_HALF ? vr[cv] : 0.0f;
             for (long j = 0; j < s && !kern; j++) {
                 const float *pj = j < S ? wpb + j * R : pv + b * pvb + t * pvt, *ut = pu + b * pub + t * put;
                 float acc = 0.0f;
@@ -223,12 +227,12 @@ int aft_window_step(const float *q, long qb, long qt, const float *k, long kb, l
             for (long cv = 0; cv < HV; cv++) {
                 long kc = (cv / Dv) * Dk + (cv % Dv) / g;
                 float acc = nb[cv] * sc[kc];
-                for (long j = 0; j < s; j++) acc += e[j * HK + kc] * (j < S ? wvb[j * HV + cv] : vr[cv]);
-                float seen = (float)(ref[kc] > NEG_HALF);   /* only padding so far: y = 0 */
-                yr[cv] = seen > 0.0f ? qr[cv] * (acc / den[kc]) : 0.0f;
+                for (long j = 0; j < s; j++) acc += e[j * HK + kc] * (j < S ? wvb[j * HV + cv] : vcur[cv]);
+                /* only padding so far: y = 0 (a NaN reference has seen something: NaN) */
+                yr[cv] = ref[kc] <= NEG_HALF ? 0.0f : qr[cv] * (acc / den[kc]);
             }
             /* the oldest slot (the token itself when S = 0) joins the pool; padding adds nothing */
-            const float *k0 = S > 0 ? wkb : kcur, *v0 = S > 0 ? wvb : vr;
+            const float *k0 = S > 0 ? wkb : kcur, *v0 = S > 0 ? wvb : vcur;
             for (long c = 0; c < HK; c++) {
                 float mm = max_nan(mb_[c], k0[c]);
                 float real = (float)(k0[c] > NEG_HALF);
@@ -246,7 +250,7 @@ int aft_window_step(const float *q, long qb, long qt, const float *k, long kb, l
                 __builtin_memmove(wkb, wkb + HK, sizeof(float) * (S - 1) * HK);
                 __builtin_memmove(wvb, wvb + HV, sizeof(float) * (S - 1) * HV);
                 __builtin_memcpy(wkb + (S - 1) * HK, kcur, sizeof(float) * HK);
-                __builtin_memcpy(wvb + (S - 1) * HV, vr, sizeof(float) * HV);
+                __builtin_memcpy(wvb + (S - 1) * HV, vcur, sizeof(float) * HV);
                 if (R > 0) {
                     __builtin_memmove(wpb, wpb + R, sizeof(float) * (S - 1) * R);
                     __builtin_memcpy(wpb + (S - 1) * R, pv + b * pvb + t * pvt, sizeof(float) * R);

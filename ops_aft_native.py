@@ -517,7 +517,7 @@ def _find_or_build():
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """x (B, T, H, D) in float32 with its (H, D) contiguous (any batch and row stride)."""
-    x = x.to(torch.float32)
+    x = x if x.dtype == torch.float32 else x.to(torch.float32)
     if x.stride(3) != 1 or x.stride(2) != x.shape[3]:
         x = x.contiguous()
     return x
@@ -585,7 +585,9 @@ def aft_simple_native(q, k, v, *, causal=True, mask=None, initial_state=None, ou
 
 
 def _f32(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.float32).contiguous()
+    """x in float32 and contiguous (itself when it is: a decoding step is a few microseconds of work)."""
+    x = x if x.dtype == torch.float32 else x.to(torch.float32)
+    return x if x.is_contiguous() else x.contiguous()
 
 
 def _step(lib, qkv, state, slots, mask=None, kernel=None, pos=None):
@@ -594,11 +596,10 @@ def _step(lib, qkv, state, slots, mask=None, kernel=None, pos=None):
     q, k, v = (_rows(x) for x in qkv)
     B, T, H, Dk = k.shape
     Dv = v.shape[3]
-    f32 = {"dtype": torch.float32}
     old = [_f32(x) for x in state]
-    new = [torch.empty(x.shape, **f32) for x in old]
-    y = torch.empty(B, T, H, Dv, **f32)
-    if mask is not None:
+    new = [torch.empty(x.shape, dtype=torch.float32) for x in old]
+    y = torch.empty(B, T, H, Dv, dtype=torch.float32)
+    if mask is not None and mask.dtype != torch.float32:
         mask = mask.to(torch.float32)
     pu = pv = None
     if pos is not None:
@@ -639,7 +640,7 @@ def _native_step(recurrent, slots, rank, extra, q, k, v, causal, mask, initial_s
         lib = library()
         if lib is not None:
             y, state = _step(lib, (q, k, v), initial_state, slots, mask=mask, **bias)
-            return y.to(q.dtype), (state if output_final_state else None)
+            return (y if q.dtype == torch.float32 else y.to(q.dtype)), (state if output_final_state else None)
     return recurrent(causal=causal, mask=mask, initial_state=initial_state, output_final_state=output_final_state)
 
 

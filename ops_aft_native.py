@@ -627,6 +627,7 @@ def _step_applies(q, k, v, causal, mask, state, slots, rank, extra=()) -> bool:
     shapes = [(B, H, Dk), (B, H, Dv), (B, H, Dk), (B, slots, H, Dk), (B, slots, H, Dv), (B, slots, rank)]
     return (
         q.shape == v.shape
+        and k.shape[:3] == q.shape[:3]  # the kernel reads every row of q, k and v: no shape it does not expect
         and (Dk == Dv or Dk == 1)
         and (mask is None or tuple(mask.shape) == (B, k.shape[1]))
         and all(x.device.type == "cpu" and x.dtype != torch.float64 for x in tensors)
@@ -665,6 +666,7 @@ def aft_local_native_recurrent(
     rank = pos_u.shape[-1]
     ok = (
         window >= 1
+        and pos_u.dim() == 3
         and pos_u.shape == pos_v.shape
         and pos_u.shape[0] in (1, k.shape[0])
         and pos_u.shape[1] == k.shape[1]

@@ -534,7 +534,7 @@ def test_where_the_decoding_step_does_not_apply_it_is_the_torch_form(fresh, vari
     )
     torch.testing.assert_close(fast(q, k, v, *args)[0], twin(q, k, v, *args)[0])
     with pytest.raises(ValueError, match="`k`"):  # keys of another length: the torch form's error, nothing read
-        fast(q, k[:, :-1], v, *args, mask=mask, initial_state=state)
+        fast(q, k[:, :-1], v, *args, initial_state=state)
     compiled = torch.compile(lambda *x: fast(*x, mask=mask, initial_state=state)[0], backend="eager")
     torch.testing.assert_close(compiled(q, k, v, *args), twin(q, k, v, *args, mask=mask, initial_state=state)[0])
 

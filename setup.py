@@ -45,6 +45,10 @@ setup(
             "scikit-learn>=1.9",
             "matplotlib>=3.11",
         ],
+        # the tools the test suite runs AFT in (tests/test_peft.py, test_trl.py, test_lm_eval.py); each declares
+        # transformers>=4.x and torch>=1.x, so the suite's floors hold. lm-eval without its "hf" extra: that extra
+        # only lists transformers, torch, accelerate and peft, which are here already
+        "tools": ["peft>=0.21", "trl>=1.16", "lm-eval>=0.4.13"],
         # ruff is pinned to a minor release: a new one may format the same code differently (CI checks formatting)
         "test": ["pytest>=9", "ruff>=0.17,<0.18"],
     },

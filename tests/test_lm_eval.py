@@ -1,7 +1,7 @@
-"""lm-evaluation-harness on a saved AFT folder: its `HFLM` wrapper (in process, with the package) and its command line
-(`lm_eval --model hf --model_args pretrained=FOLDER,trust_remote_code=True`, as Hub remote code) score two tasks
-defined here from local files, one by loglikelihood (multiple choice) and one by generate_until, and every score and
-response equals what the model's own logits and greedy decoding give. A tiny untrained model, CPU, offline."""
+"""lm-evaluation-harness on a saved AFT folder: its `HFLM` wrapper (in process, with the package) and its command
+line (`lm_eval --model hf --model_args pretrained=FOLDER,trust_remote_code=True,backend=causal`, as remote code) score
+two tasks defined here from local files, one by loglikelihood (multiple choice) and one by generate_until, and every
+score and response equals what the model's own logits and greedy decoding give. A tiny model, CPU, offline."""
 
 import json
 import os
@@ -122,7 +122,7 @@ def test_hflm_scores_equal_the_models_own(setup):
 def test_the_lm_eval_command_as_remote_code(setup, tmp_path):
     """The command line documented for real task lists, in a process where the package cannot be imported."""
     folder, tasks, model, tokenizer = setup
-    argv = ["lm_eval", "--model", "hf", "--model_args", f"pretrained={folder},trust_remote_code=True"]
+    argv = ["lm_eval", "--model", "hf", "--model_args", f"pretrained={folder},trust_remote_code=True,backend=causal"]
     argv += ["--tasks", "aft_mc,aft_gen", "--include_path", str(tasks), "--device", "cpu", "--batch_size", "4"]
     argv += ["--output_path", str(tmp_path / "out"), "--log_samples"]
     script = (

@@ -26,7 +26,7 @@ import torch
 import transformers
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.errors import StrictDataclassError
-from training_args import InputError, run_main
+from training_args import InputError, check_ranges, run_main
 from training_model import count_parameters
 from training_publish import LIMITATIONS
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedConfig
@@ -89,6 +89,7 @@ def parse_args(argv=None):
     source.add_argument("--license", default=None, help="the card's license (default: the source card's, if any).")
     source.add_argument("--overwrite", action="store_true", help="replace DST when it already holds files.")
     args = parser.parse_args(argv)
+    check_ranges(args)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for the card
     return args
 

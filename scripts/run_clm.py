@@ -66,8 +66,6 @@ def parse_args(argv=None):
     training_args.add_training_args(parser, learning_rate=1e-3, batch_size=16, epochs=1)
     training_args.add_output_args(parser)
     args = parser.parse_args(argv)
-    if args.block_size < 2:
-        raise training_args.InputError(f"--block_size={args.block_size}: a block needs at least 2 tokens.")
     training_args.check_args(args)
     training_data.check_text_files(args)
     training_distill.check_args(args)

@@ -51,8 +51,6 @@ def parse_args(argv=None):
     )
     training_args.add_output_args(parser)
     args = parser.parse_args(argv)
-    if args.top_k_accuracy < 0:
-        raise training_args.InputError(f"--top_k_accuracy={args.top_k_accuracy}: use 0 (none) or a positive K.")
     training_args.check_args(args)
     training_data.check_image_folders(args)
     return args

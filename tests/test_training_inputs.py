@@ -5,12 +5,14 @@ local paths, evaluate metrics offline. The runs are the scripts' main() in this 
 
 import json
 import os
+import re
 import subprocess
 import sys
 from argparse import Namespace
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import import_scripts
 
 pytest.importorskip("accelerate")
@@ -118,7 +120,7 @@ def test_bad_files_and_folders_are_one_line_errors(
     message = one_line_error(scripts, scripts.clm, [*clm, "--train_file", bin_file], capsys, monkeypatch)
     assert "files ending in .bin are not supported" in message and "--enwik8_file" in message
     message = one_line_error(scripts, scripts.clm, [*clm, "--logging_steps", "0"], capsys, monkeypatch)
-    assert "--logging_steps=0: it must be a positive integer" in message
+    assert "--logging_steps=0: allowed: >= 1" in message
     # image folders: empty, with other files, with a file that is not the image its name says
     images = [*TINY, "--output_dir", tmp_path / "out"]
     empty = tmp_path / "empty"
@@ -136,6 +138,81 @@ def test_bad_files_and_folders_are_one_line_errors(
     message = one_line_error(scripts, scripts.classification, [*images, "--train_dir", mixed], capsys, monkeypatch)
     assert f"{mixed / 'cat' / '1.png'} is not a readable image" in message
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "script, flag, value, allowed",
+    [
+        ("clm", "--max_grad_norm", "nan", "any number but NaN; <= 0: no clipping"),
+        ("clm", "--weight_decay", "-0.1", ">= 0"),
+        ("clm", "--num_warmup_steps", "-1", ">= 0"),
+        ("clm", "--learning_rate", "-1", "> 0"),
+        ("clm", "--learning_rate", "nan", "> 0"),
+        ("clm", "--learning_rate", "0", "> 0"),
+        ("clm", "--seed", "-1", "[0, 4.29497e+09]"),
+        ("clm", "--dataloader_num_workers", "-1", ">= 0; 0: load in the main process"),
+        ("clm", "--adam_beta2", "1", "[0, 1)"),
+        ("clm", "--block_size", "1", ">= 2"),
+        ("clm", "--validation_split_percentage", "0", "(0, 100)"),
+        ("clm", "--validation_split_percentage", "100", "(0, 100)"),
+        ("clm", "--validation_split_percentage", "-5", "(0, 100)"),
+        ("classification", "--image_size", "0", ">= 1"),
+        ("classification", "--patch_size", "0", ">= 1"),
+        ("classification", "--top_k_accuracy", "-1", ">= 0; 0: no top-k accuracy"),
+        ("pixels", "--image_size", "0", ">= 1"),
+        ("pixels", "--num_samples", "-2", ">= 0; 0: no samples"),
+    ],
+)
+def test_numeric_flags_out_of_range_are_one_line_errors(scripts, capsys, monkeypatch, tmp_path, script, flag, value,
+                                                        allowed):  # fmt: skip
+    argv = [*TINY, "--output_dir", tmp_path / "out", flag, value]
+    message = one_line_error(scripts, getattr(scripts, script), argv, capsys, monkeypatch)
+    shown = value if script != "clm" or flag in ("--seed", "--block_size") or "percentage" in flag else "[-.0-9na]+"
+    assert re.search(f"{re.escape(flag)}={shown}: allowed: {re.escape(allowed)}\\.$", message.strip()), message
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_numeric_flag_of_the_scripts_has_a_range(scripts):
+    import argparse
+
+    import convert_to_aft
+    import generate
+
+    parsers = []
+    for module in (scripts.clm, scripts.classification, scripts.pixels, convert_to_aft, generate):
+        seen = []
+        original = argparse.ArgumentParser.parse_args
+
+        def capture(self, *args, _seen=seen, **kwargs):
+            _seen.append(self)
+            raise SystemExit(0)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(argparse.ArgumentParser, "parse_args", capture)
+            patch.setattr(sys, "argv", ["x"])
+            with pytest.raises(SystemExit):
+                module.parse_args()
+        assert seen and argparse.ArgumentParser.parse_args is original
+        parsers += seen
+    numeric = {a.dest for p in parsers for a in p._actions if a.type in (int, float)}
+    assert numeric and numeric <= set(scripts.args.RANGES), numeric - set(scripts.args.RANGES)
+
+
+def test_max_grad_norm_zero_means_no_clipping_as_in_hf_trainer(scripts, text_file, tmp_path, monkeypatch, caplog):
+    """0 (and any value <= 0) trains as without clipping, and says so; it used to zero every gradient."""
+    common = [*TINY, "--train_file", text_file, "--block_size", "32", "--max_train_steps", "2", "--weight_decay", "0"]
+    caplog.set_level("INFO")
+    for name, norm in (("zero", "0"), ("huge", "1e30")):
+        run(
+            scripts.clm,
+            [*map(str, common), "--max_grad_norm", norm, "--output_dir", str(tmp_path / name)],
+            monkeypatch,
+        )
+    assert "--max_grad_norm=0: gradients are not clipped" in caplog.text
+    from safetensors.torch import load_file
+
+    zero, huge = (load_file(tmp_path / name / "model.safetensors") for name in ("zero", "huge"))
+    assert all(torch.equal(zero[k], huge[k]) for k in huge)
 
 
 def test_help_lists_the_scheduler_names_the_parser_accepts(scripts, capsys):

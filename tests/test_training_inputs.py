@@ -198,6 +198,22 @@ def test_every_numeric_flag_of_the_scripts_has_a_range(scripts):
     assert numeric and numeric <= set(scripts.args.RANGES), numeric - set(scripts.args.RANGES)
 
 
+def test_a_model_that_is_not_aft_is_refused_with_the_way_to_convert_it(scripts, capsys, monkeypatch, tmp_path):
+    """A GPT-2 folder used to load as a new, random AFT model named after it."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=300, n_positions=64)).save_pretrained(gpt2)
+    capsys.readouterr()  # the saving's progress bar
+    out = tmp_path / "out"
+    for module in (scripts.clm, scripts.classification, scripts.pixels):
+        argv = ["--model_name_or_path", gpt2, "--output_dir", out]
+        message = one_line_error(scripts, module, argv, capsys, monkeypatch)
+        assert f"--model_name_or_path {gpt2} is not an AFT model (model_type 'gpt2', not 'aft')" in message
+        assert "scripts/convert_to_aft.py" in message
+    assert not out.exists()
+
+
 def test_max_grad_norm_zero_means_no_clipping_as_in_hf_trainer(scripts, text_file, tmp_path, monkeypatch, caplog):
     """0 (and any value <= 0) trains as without clipping, and says so; it used to zero every gradient."""
     common = [*TINY, "--train_file", text_file, "--block_size", "32", "--max_train_steps", "2", "--weight_decay", "0"]

@@ -19,6 +19,7 @@ import logging
 import numpy as np
 import torch
 import training_args
+import training_checks
 import training_data
 import training_model
 from datasets import ClassLabel
@@ -37,7 +38,7 @@ def parse_args(argv=None):
     training_args.add_image_data_args(parser)
     parser.add_argument("--image_size", type=int, default=None, help="square side (default: the first image's).")
     parser.add_argument("--patch_size", type=int, default=None, help="default: image_size / 4, at least 1.")
-    training_args.add_model_args(parser, default_preset="small")
+    training_model.add_model_args(parser, default_preset="small")
     training_args.add_training_args(parser, learning_rate=1e-3, batch_size=32, epochs=10)
     metrics = parser.add_argument_group("metrics")
     metrics.add_argument(
@@ -51,7 +52,7 @@ def parse_args(argv=None):
     )
     training_args.add_output_args(parser)
     args = parser.parse_args(argv)
-    training_args.check_args(args)
+    training_checks.check_args(args)
     training_data.check_image_folders(args)
     return args
 

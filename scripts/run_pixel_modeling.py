@@ -19,6 +19,7 @@ import math
 import numpy as np
 import torch
 import training_args
+import training_checks
 import training_data
 import training_model
 from PIL import Image
@@ -40,11 +41,11 @@ def parse_args(argv=None):
     training_args.add_image_data_args(parser)
     parser.add_argument("--image_size", type=int, default=None, help="resize to this square side (default: as is).")
     parser.add_argument("--num_samples", type=int, default=16, help="images to generate into samples.png (0: none).")
-    training_args.add_model_args(parser, default_preset="small")
+    training_model.add_model_args(parser, default_preset="small")
     training_args.add_training_args(parser, learning_rate=1e-3, batch_size=32, epochs=10)
     training_args.add_output_args(parser)
     args = parser.parse_args(argv)
-    training_args.check_args(args)
+    training_checks.check_args(args)
     training_data.check_image_folders(args)
     return args
 

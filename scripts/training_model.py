@@ -5,6 +5,7 @@
     training_model.check_sequence_length(model.config, args.block_size, "--block_size")
 """
 
+import argparse
 import ast
 import dataclasses
 from pathlib import Path
@@ -57,6 +58,26 @@ PRESETS = {
         "max_position_embeddings": 3073,  # a start token + 32 * 32 * 3 sub-pixels
     },
 }
+
+
+def add_model_args(parser: argparse.ArgumentParser, default_preset: str = "small"):
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--preset",
+        default=None,
+        help=f"architecture for a new model: one of {sorted(PRESETS)} (default {default_preset!r}).",
+    )
+    group.add_argument(
+        "--config_overrides",
+        default=None,
+        help="comma-separated AFTConfig fields for a new model, e.g. 'num_hidden_layers=4,aft_variant=simple'.",
+    )
+    group.add_argument(
+        "--model_name_or_path",
+        default=None,
+        help="start from this checkpoint (a saved folder or a Hub id) instead of a new model.",
+    )
+    parser.set_defaults(default_preset=default_preset)
 
 
 def parse_config_overrides(text: str | None, config_class=AFTConfig) -> dict:

@@ -267,6 +267,26 @@ def test_byte_tokenizer_batches_like_a_causal_lm_tokenizer(folders):
 # The image-classification pipeline on the script's default output
 
 
+def test_saved_tokenizers_have_a_chat_template(scripts, folders, text_file, tmp_path, monkeypatch):
+    """apply_chat_template works on a trained folder (byte tokenizer and trained BPE), with the tokenizer's own
+    eos closing each turn."""
+    from transformers import AutoTokenizer
+
+    bpe = tmp_path / "bpe"
+    argv = [*TINY, "--train_file", text_file, "--block_size", "32", "--max_train_steps", "1", "--train_tokenizer",
+            "--tokenizer_vocab_size", "300", "--output_dir", bpe]  # fmt: skip
+    run(scripts.clm, [*map(str, argv)], monkeypatch)
+    chat = [{"role": "user", "content": "add 1 and 2"}, {"role": "assistant", "content": "3"}]
+    for folder in (folders.clm, bpe):
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=False)
+        assert text == "user: add 1 and 2<|endoftext|>assistant: 3<|endoftext|>"
+        prompt = tokenizer.apply_chat_template(chat[:1], add_generation_prompt=True, tokenize=False)
+        assert prompt == "user: add 1 and 2<|endoftext|>assistant: "
+        ids = tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"]
+        assert tokenizer.decode(ids) == text and ids.count(tokenizer.eos_token_id) == 2
+
+
 def test_image_classification_pipeline_on_the_default_digits_output(folders, tmp_path):
     import numpy as np
     from PIL import Image

@@ -68,15 +68,12 @@ from harness import (
     synchronize,
     write_json,
 )
-
-# The user scripts' pieces below move into the plumbing (training_*.py): switch these imports when they land.
-from run_image_classification import evaluate as evaluate_classifier
-from run_pixel_modeling import START, image_processor, to_sequences
 from training_args import InputError, add_training_args, run_main
 from training_data import digits_dataset, text_datasets
 from training_loop import create_optimizer, create_scheduler, plan_steps
-from training_metrics import load_metric, next_token_cross_entropy
+from training_metrics import evaluate_classifier, load_metric, next_token_cross_entropy
 from training_model import count_parameters
+from training_pixels import START, image_processor, to_sequences
 from training_publish import CARD_REQUIREMENTS, LIMITATIONS, card_folder, public_argv
 
 from aft import aft_image_processor
@@ -866,7 +863,7 @@ class Study:
                         for r in runs]  # fmt: skip
         self.results["pixels"] = {
             "data": f"scikit-learn digits, {DIGITS_SIDE}x{DIGITS_SIDE} grey: a start token then 64 sub-pixels "
-            "(run_pixel_modeling.to_sequences)",
+            "(training_pixels.to_sequences)",
             "images": {s: len(seqs[s]) for s in seqs},
             "sequence_length": length,
             "steps": self.size.image_steps,

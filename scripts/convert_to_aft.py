@@ -26,7 +26,7 @@ import torch
 import transformers
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.errors import StrictDataclassError
-from training_args import InputError, run_main
+from training_args import InputError, check_ranges, run_main
 from training_model import count_parameters
 from training_publish import CARD_REQUIREMENTS, HUB_ID, LIMITATIONS, card_folder, public_argv, public_path
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedConfig
@@ -40,6 +40,10 @@ SUPPORTED = "GPT-2 (model_type 'gpt2', GPT2LMHeadModel)"
 LLAMA_FAMILY = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2"}
 LLAMA_FAMILY |= {"gemma3_text", "phi3", "olmo", "olmo2", "granite", "cohere", "starcoder2", "smollm3"}
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")  # a GPT-2 tokenizer has one of them (vocab.json with merges.txt)
+NO_TOKENIZER = (
+    "{src} has no tokenizer (none of " + ", ".join(TOKENIZER_FILES) + "), so this folder holds none: use the "
+    "tokenizer it was trained with (convert_to_aft.py --tokenizer_name copies one in)."
+)
 
 
 def parse_args(argv=None):
@@ -89,6 +93,7 @@ def parse_args(argv=None):
     source.add_argument("--license", default=None, help="the card's license (default: the source card's, if any).")
     source.add_argument("--overwrite", action="store_true", help="replace DST when it already holds files.")
     args = parser.parse_args(argv)
+    check_ranges(args)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for the card
     if args.base_model is not None and not HUB_ID.fullmatch(args.base_model):
         raise InputError(f"--base_model {args.base_model!r} is not a Hub id: give owner/name or name (the card's).")
@@ -192,11 +197,14 @@ def has_file(repo: str, filename: str, revision: str | None) -> bool:
 
 
 def load_tokenizer(args, config: AFTConfig):
-    """The source's tokenizer (or --tokenizer_name's). transformers builds an empty GPT-2 tokenizer from a folder
-    without tokenizer files, so their presence is checked first."""
+    """The source's tokenizer (or --tokenizer_name's), or None when SRC has none (a model saved with save_pretrained
+    alone: the weights convert all the same). transformers builds an empty GPT-2 tokenizer from a folder without
+    tokenizer files, so their presence is checked first."""
     name = args.tokenizer_name or args.src
     revision = None if args.tokenizer_name else args.revision
     if not any(has_file(name, filename, revision) for filename in TOKENIZER_FILES):
+        if not args.tokenizer_name:
+            return None
         raise InputError(
             f"{name} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): pass --tokenizer_name with the "
             "folder or Hub id of the tokenizer SRC was trained with."
@@ -214,15 +222,23 @@ def load_tokenizer(args, config: AFTConfig):
 
 
 def load_source_model(args) -> GPT2LMHeadModel:
-    """The GPT-2 in float32 (fp16/bf16 checkpoints are upcast exactly), every weight present."""
+    """The GPT-2 in float32 (fp16/bf16 checkpoints are upcast exactly), every weight present in the shape its
+    config gives (a tensor of another shape is reported with the missing ones, not raised by transformers)."""
     try:
         source, info = GPT2LMHeadModel.from_pretrained(
-            args.src, revision=args.revision, dtype=torch.float32, output_loading_info=True
+            args.src,
+            revision=args.revision,
+            dtype=torch.float32,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
         )
     except (OSError, ValueError) as error:
         raise InputError(f"cannot load the weights of SRC {args.src}: {one_line(error)}") from error
     if info["missing_keys"] or info["mismatched_keys"]:
-        missing = sorted(info["missing_keys"]) + sorted(str(k) for k in info["mismatched_keys"])
+        missing = sorted(info["missing_keys"]) + [
+            f"{name} (shape {tuple(saved)}, the config gives {tuple(expected)})"
+            for name, saved, expected in sorted(info["mismatched_keys"])
+        ]
         raise InputError(f"SRC {args.src} lacks weights of a GPT2LMHeadModel: {', '.join(missing)[:300]}.")
     if info["unexpected_keys"]:
         print(
@@ -318,6 +334,8 @@ query, key and value parts. {{ query_key_note }}
 
 ## Fine-tuning and usage
 
+{{ tokenizer_note }}
+
 Fine-tuning, with the `aft` repository's training scripts:
 
 ```bash
@@ -379,7 +397,7 @@ def card_base_model(args) -> tuple[str | None, str]:
     )
 
 
-def model_card(args, model: AFTForCausalLM, new: list[str]) -> ModelCard:
+def model_card(args, model: AFTForCausalLM, new: list[str], has_tokenizer: bool = True) -> ModelCard:
     config = model.config
     base_model, base_model_note = card_base_model(args)
     new_kinds = sorted({n.split(".")[-2] if n.endswith((".weight", ".bias")) else n.split(".")[-1] for n in new})
@@ -427,6 +445,9 @@ def model_card(args, model: AFTForCausalLM, new: list[str]) -> ModelCard:
         max_new_tokens=min(20, max(1, config.max_position_embeddings - 4)) if config.has_position_limit else 20,
         block_size=min(256, config.max_position_embeddings) if config.has_position_limit else 256,
         limitations=LIMITATIONS,
+        tokenizer_note=""
+        if has_tokenizer
+        else "\n" + NO_TOKENIZER.format(src=f"The source `{public_path(args.src)}`") + "\n",
     )
 
 
@@ -475,15 +496,16 @@ def main(argv=None):
     source = load_source_model(args)
     model, new = convert(source, config, args.query_key)
     model.generation_config = source.generation_config  # the source's decoding defaults (special tokens, ...)
-    if config.has_position_limit:
+    if tokenizer is not None and config.has_position_limit:
         tokenizer.model_max_length = min(tokenizer.model_max_length, config.max_position_embeddings)
 
     # 3. the folder
-    card = model_card(args, model, new)
+    card = model_card(args, model, new, has_tokenizer=tokenizer is not None)
 
     def write(folder: Path):
         model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
         card.save(folder / "README.md")
 
     write_folder(dst.resolve(), write, args.overwrite)
@@ -494,6 +516,8 @@ def main(argv=None):
         f"parameters carried over from {args.src}; new: "
         f"{', '.join(sorted({n.split('.', 3)[-1] for n in new})) or 'none'}"
     )
+    if tokenizer is None:
+        print(f"note: {NO_TOKENIZER.format(src=args.src)}")
     if card_base_model(args)[0] is None:
         print(f"note: the card has no base_model: {args.src} is a local folder; pass --base_model with its Hub id.")
 

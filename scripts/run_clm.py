@@ -23,6 +23,7 @@ import sysconfig
 from pathlib import Path
 
 import training_args
+import training_checks
 import training_data
 import training_distill
 import training_model
@@ -61,14 +62,12 @@ def parse_args(argv=None):
     tok.add_argument("--train_tokenizer", action="store_true", help="train a byte-level BPE on the training data.")
     tok.add_argument("--tokenizer_vocab_size", type=int, default=4096)
     parser.add_argument("--eval_at_start", action="store_true", help="also evaluate the untrained model.")
-    training_args.add_model_args(parser, default_preset="small")
+    training_model.add_model_args(parser, default_preset="small")
     training_distill.add_args(parser)
     training_args.add_training_args(parser, learning_rate=1e-3, batch_size=16, epochs=1)
     training_args.add_output_args(parser)
     args = parser.parse_args(argv)
-    if args.block_size < 2:
-        raise training_args.InputError(f"--block_size={args.block_size}: a block needs at least 2 tokens.")
-    training_args.check_args(args)
+    training_checks.check_args(args)
     training_data.check_text_files(args)
     training_distill.check_args(args)
     return args

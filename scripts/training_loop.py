@@ -260,7 +260,7 @@ class Run:
                     with accelerator.accumulate(model):
                         loss, terms = as_loss_and_terms(compute_loss(model, batch))
                         accelerator.backward(loss)
-                        if accelerator.sync_gradients:
+                        if accelerator.sync_gradients and args.max_grad_norm > 0:  # HF Trainer's: <= 0 does not clip
                             accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                         optimizer.step()
                         lr_scheduler.step()

@@ -10,11 +10,17 @@ passes over each unit). Large outputs are advised onto huge pages (Linux), so th
 Everything else is the torch form (`aft_simple_chunk`), which this form is tested against: training (any input that
 needs a gradient), non-causal calls, float64, one key per head, a device other than the CPU, torch.compile's
 tracing, and any machine where the kernel cannot be built. The kernel is C, compiled on first use with the
-machine's C compiler (`CC`, else cc, gcc or clang) and kept in `AFT_NATIVE_CACHE` (default
-~/.cache/aft-native), written under a temporary name and renamed, so that a build killed half-way leaves nothing
-that loads (a cache that cannot be written, or whose disk is full, builds in a temporary folder instead). A build
-that fails, or a library that fails its check against the torch form on a small input, is reported once as a
-warning and the torch form is used.
+machine's C compiler (`CC`, which may carry arguments, else cc, gcc or clang) and kept in `AFT_NATIVE_CACHE`
+(default ~/.cache/aft-native), written under a temporary name and renamed, so that a build killed half-way leaves
+nothing that loads (a cache that cannot be written, or whose disk is full, builds in a temporary folder instead).
+
+Loading a library runs its code, so only what this process's user built is loaded: the cache folder is created
+0700 and refused when another user owns it or others may write to it; a library is named by the SHA-256 of its
+bytes, which a record beside it holds, and is hashed again before it is loaded (a file planted under the name, or a
+corrupt one, is built again). The content-addressed name also makes a rebuilt library load afresh in a process
+that loaded an older one (the dynamic loader keeps what it loaded under a path). A compiler that hangs is killed
+after a few seconds. A refused cache, a missing compiler, a build that fails, or a library that fails its check
+against the torch form on a small input, is reported once as a warning and the torch form is used.
 """
 
 import atexit
@@ -23,7 +29,10 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
+import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -33,9 +42,16 @@ from pathlib import Path
 import torch
 
 from .ops_aft_core import NEG, AFTState, check_state, mask_keys, pool_as_position
-from .ops_aft_window import aft_simple_chunk, aft_simple_exact
+from .ops_aft_window import (
+    aft_conv_recurrent,
+    aft_local_chunk,
+    aft_local_recurrent,
+    aft_simple_chunk,
+    aft_simple_exact,
+    aft_simple_recurrent,
+)
 
-KERNEL_VERSION = 1
+KERNEL_VERSION = 2
 _SOURCE = r"""
 #include <stdint.h>
 #include <stdlib.h>
@@ -84,8 +100,9 @@ static void scan(const float *restrict q, long qt, const float *restrict k, long
             float up = (float)(d > 0.0f) * real;                    /* a new running max: rescale the pool */
             float e = real * (up + (1.0f - up) * x);
             float s = up * x + (1.0f - up);
-            m[c] = up * kk + (1.0f - up) * mm;
-            float nn = n[c] * s + e * vr[c] + (kk - kk);            /* a NaN or inf key: NaN from here on */
+            m[c] = up > 0.0f ? kk : mm;                             /* a select: 0 * -inf would be NaN */
+            float bad = kk < NEG_HALF ? 0.0f : kk - kk;             /* a NaN or +inf key: NaN from here on */
+            float nn = n[c] * s + e * vr[c] + bad;                  /* (-inf is a key of weight 0) */
             float zz = z[c] * s + e;
             n[c] = nn;
             z[c] = zz;
@@ -137,29 +154,166 @@ int aft_simple_causal(const float *q, long qb, long qt, const float *k, long kb,
     }
     return 0;
 }
+
+static inline float max_nan(float a, float b) { return (a != a || b != b) ? a + b : (a > b ? a : b); }
+
+/* e^x for x <= 0 that keeps a NaN (torch.exp does) */
+static inline float exp_step(float x) { float e = exp_nonpositive(x); return x != x ? x : e; }
+
+/* One or more tokens of the recurrent form of simple, local and conv (AFT.md's (n, z, m) pool plus a window of the
+   last S positions), op for op the torch form's step: the window slots' logits key + bias against the running max,
+   y = q (n e^(m - ref) + sum e v) / (z e^(m - ref) + sum e), then the oldest slot joins the pool and the window
+   moves by one. q, k, v: rows (b, t) at b * xb + t * xt, each H x D contiguous; k has Dk = Dv (simple, local) or
+   Dk = 1 (conv) channels per head. mask (b, t): 0 is padding, or NULL; padding and -inf keys become NEG with
+   value 0. The bias of slot j: kern
+   (H, S + 1) per head (conv), else u_t . p_j over R factors, p_j the window's pos (B, S, R) and p_S = pv_t
+   (local), else 0. The state m0, n0, z0, wk0, wv0, wp0 (contiguous) is copied to m .. wp and updated there;
+   y (B, T, H, Dv) contiguous. */
+int aft_window_step(const float *q, long qb, long qt, const float *k, long kb, long kt, const float *v, long vb,
+                    long vt, const float *mask, long mb, long mt, const float *kern, const float *pu, long pub,
+                    long put, const float *pv, long pvb, long pvt, long R, const float *m0, const float *n0,
+                    const float *z0, const float *wk0, const float *wv0, const float *wp0, float *y, float *m,
+                    float *n, float *z, float *wk, float *wv, float *wp, long B, long T, long H, long Dk, long Dv,
+                    long S) {
+    const long HK = H * Dk, HV = H * Dv, s = S + 1, g = Dv / Dk;
+    __builtin_memcpy(m, m0, sizeof(float) * B * HK);
+    __builtin_memcpy(n, n0, sizeof(float) * B * HV);
+    __builtin_memcpy(z, z0, sizeof(float) * B * HK);
+    __builtin_memcpy(wk, wk0, sizeof(float) * B * S * HK);
+    __builtin_memcpy(wv, wv0, sizeof(float) * B * S * HV);
+    __builtin_memcpy(wp, wp0, sizeof(float) * B * S * R);
+    float *scratch = malloc(sizeof(float) * (s * HK + 5 * HK + HV + s + 1));
+    if (!scratch) return 1;
+    float *e = scratch, *ref = e + s * HK, *sc = ref + HK, *den = sc + HK, *kcur = den + HK, *ab = kcur + HK;
+    float *vcur = ab + HK, *wf = vcur + HV;
+    for (long t = 0; t < T; t++) {
+        for (long b = 0; b < B; b++) {
+            const float *kr = k + b * kb + t * kt, *vr = v + b * vb + t * vt, *qr = q + b * qb + t * qt;
+            float *mb_ = m + b * HK, *nb = n + b * HV, *zb = z + b * HK;
+            float *wkb = wk + b * S * HK, *wvb = wv + b * S * HV, *wpb = wp + b * S * R;
+            int pad = mask && mask[b * mb + t * mt] == 0.0f;
+            /* padding and -inf keys are NEG, their values 0 (NaN stays NaN) */
+            for (long c = 0; c < HK; c++) kcur[c] = pad || kr[c] < NEG_KEY ? NEG_KEY : kr[c];
+            for (long cv = 0; cv < HV; cv++)
+                vcur[cv] = kcur[(cv / Dv) * Dk + (cv % Dv) / g] > NEG_HALF ? vr[cv] : 0.0f;
+            for (long j = 0; j < s && !kern; j++) {
+                const float *pj = j < S ? wpb + j * R : pv + b * pvb + t * pvt, *ut = pu + b * pub + t * put;
+                float acc = 0.0f;
+                for (long r = 0; r < R; r++) acc += ut[r] * pj[r];
+                wf[j] = acc;
+            }
+            for (long c = 0; c < HK; c++) ref[c] = mb_[c];
+            for (long j = 0; j < s; j++) {
+                const float *kj = j < S ? wkb + j * HK : kcur;
+                float *ej = e + j * HK;
+                for (long c = 0; c < HK; c++) {
+                    float x = kj[c] + (kern ? kern[(c / Dk) * s + j] : wf[j]);
+                    ej[c] = x;
+                    ref[c] = max_nan(ref[c], x);
+                }
+            }
+            for (long c = 0; c < HK; c++) {
+                sc[c] = exp_step(mb_[c] - ref[c]);
+                den[c] = zb[c] * sc[c];
+            }
+            for (long j = 0; j < s; j++) {
+                float *ej = e + j * HK;
+                for (long c = 0; c < HK; c++) {
+                    ej[c] = exp_step(ej[c] - ref[c]);
+                    den[c] += ej[c];
+                }
+            }
+            float *yr = y + (b * T + t) * HV;
+            for (long cv = 0; cv < HV; cv++) {
+                long kc = (cv / Dv) * Dk + (cv % Dv) / g;
+                float acc = nb[cv] * sc[kc];
+                for (long j = 0; j < s; j++) acc += e[j * HK + kc] * (j < S ? wvb[j * HV + cv] : vcur[cv]);
+                /* only padding so far: y = 0 (a NaN reference has seen something: NaN) */
+                yr[cv] = ref[kc] <= NEG_HALF ? 0.0f : qr[cv] * (acc / den[kc]);
+            }
+            /* the oldest slot (the token itself when S = 0) joins the pool; padding adds nothing */
+            const float *k0 = S > 0 ? wkb : kcur, *v0 = S > 0 ? wvb : vcur;
+            for (long c = 0; c < HK; c++) {
+                float mm = max_nan(mb_[c], k0[c]);
+                float real = (float)(k0[c] > NEG_HALF);
+                sc[c] = exp_step(mb_[c] - mm);
+                ab[c] = exp_step(k0[c] - mm);
+                zb[c] = zb[c] * sc[c] + real * ab[c];
+                mb_[c] = mm;
+                den[c] = real;
+            }
+            for (long cv = 0; cv < HV; cv++) {
+                long kc = (cv / Dv) * Dk + (cv % Dv) / g;
+                nb[cv] = nb[cv] * sc[kc] + (den[kc] > 0.0f ? v0[cv] : 0.0f) * ab[kc];
+            }
+            if (S > 0) {
+                __builtin_memmove(wkb, wkb + HK, sizeof(float) * (S - 1) * HK);
+                __builtin_memmove(wvb, wvb + HV, sizeof(float) * (S - 1) * HV);
+                __builtin_memcpy(wkb + (S - 1) * HK, kcur, sizeof(float) * HK);
+                __builtin_memcpy(wvb + (S - 1) * HV, vcur, sizeof(float) * HV);
+                if (R > 0) {
+                    __builtin_memmove(wpb, wpb + R, sizeof(float) * (S - 1) * R);
+                    __builtin_memcpy(wpb + (S - 1) * R, pv + b * pvb + t * pvt, sizeof(float) * R);
+                }
+            }
+        }
+    }
+    free(scratch);
+    return 0;
+}
 """
-_SOURCE = f"#define KERNEL_VERSION {KERNEL_VERSION}\n#define NEG_HALF {NEG / 2:.1e}f\n" + _SOURCE
+_SOURCE = (
+    f"#define KERNEL_VERSION {KERNEL_VERSION}\n#define NEG_HALF {NEG / 2:.1e}f\n#define NEG_KEY {NEG:.1e}f\n" + _SOURCE
+)
 # Vectorising the row loop needs -fno-trapping-math (IEEE semantics otherwise kept: NaN and inf propagate);
 # -march=native where the compiler takes it, so the library is built for this machine only.
 FLAGS = ["-O3", "-fPIC", "-shared", "-pthread", "-fno-math-errno", "-fno-trapping-math"]
 # Below this many elements one thread does it all (starting threads costs more than they save).
 THREAD_ELEMENTS = 2**16
 
+# Seconds a compiler may take to say its version, and to build the kernel (about a second on an idle machine).
+VERSION_TIMEOUT = 10
+BUILD_TIMEOUT = 60
+
 _library = None  # the loaded kernel, or the reason there is none (str)
 
 
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return shutil.which(name)
+def _compiler() -> list[str] | None:
+    """The compiler's command (its path, then any arguments CC carries); None when there is none. A CC that names
+    no command is an error, not a reason to use another compiler."""
+    if os.environ.get("CC", "").strip():
+        cc = os.environ["CC"]
+        words = shlex.split(cc)
+        found = shutil.which(words[0])
+        if found is None:
+            raise RuntimeError(f"CC={cc!r} is not a command (unset CC to use cc, gcc or clang)")
+        return [found, *words[1:]]
+    for name in ("cc", "gcc", "clang"):
+        if shutil.which(name):
+            return [shutil.which(name)]
     return None
 
 
-def _machine_key(cc: str) -> str:
+def _run(command: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run `command` in a session of its own, killed with everything it started after `timeout` seconds (a wrapper
+    script's child would otherwise keep the pipes open, and the caller waiting, after the wrapper is killed)."""
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:  # fmt: skip
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise RuntimeError(f"{shlex.join(command)[:200]} did not finish within {timeout} s") from None
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+def _machine_key(cc: list[str]) -> str:
     """What the library depends on: the source, the flags, the compiler and this CPU's instruction set."""
-    parts = [_SOURCE, " ".join(FLAGS), cc, platform.machine(), platform.system()]
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        parts.append(subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout)
+    parts = [_SOURCE, " ".join(FLAGS), *cc, platform.machine(), platform.system()]
+    with contextlib.suppress(OSError):
+        parts.append(_run([*cc, "--version"], VERSION_TIMEOUT).stdout)
     with contextlib.suppress(OSError):  # -march=native: a library built on another CPU must not be loaded here
         parts += [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")][:1]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24]
@@ -172,45 +326,96 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "aft-native"
 
 
-def _writable_dir() -> Path:
+def _check_private(folder: Path) -> None:
+    """Refuse a folder another user owns or others may write to: a library planted there would run as this user."""
+    info = folder.stat()
+    mode = stat.S_IMODE(info.st_mode)
+    if info.st_uid != os.getuid() or mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise PermissionError(
+            f"the cache folder {folder} is not this user's own (owner uid {info.st_uid}, mode {mode:04o}; "
+            f"this user is uid {os.getuid()}): a library there could have been put by another. Use a folder only "
+            "you can write (chmod go-w, or AFT_NATIVE_CACHE)"
+        )
+
+
+def _cache() -> Path | None:
+    """The cache folder, created 0700 (None when it cannot be created: a read-only parent, a file there)."""
     folder = cache_dir()
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # the umask can only take rights away
+    except OSError:
+        return None
+    if not folder.is_dir():
+        return None
+    _check_private(folder)
+    return folder
+
+
+def _writable(folder: Path | None) -> Path:
+    """`folder` when a library can be written there, else a folder of this process's own."""
+    if folder is not None:
+        with contextlib.suppress(OSError), tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
             return folder
-    except OSError:  # a read-only cache: build in a folder of this process's own
-        return _own_dir()
+    return _own_dir()
 
 
 def _own_dir() -> Path:
-    """A temporary folder of this process's own, removed at its exit."""
+    """A temporary folder of this process's own (0700), removed at its exit."""
     own = tempfile.mkdtemp(prefix="aft-native-")
     atexit.register(shutil.rmtree, own, True)
     return Path(own)
 
 
-def _build(cc: str, target: Path) -> None:
-    """Compile into a temporary file beside `target`, then rename it over `target` (atomic: no half library)."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}-", suffix=".so")
-    os.close(fd)
-    src = Path(tmp).with_suffix(".c")
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _library_path(folder: Path, key: str, digest: str) -> Path:
+    return folder / f"aft_native_{key}_{digest[:32]}.so"
+
+
+def _record_path(folder: Path, key: str) -> Path:
+    return folder / f"aft_native_{key}.sha256"
+
+
+def _build(cc: list[str], folder: Path, key: str) -> tuple[Path, str]:
+    """Compile in a temporary folder inside `folder`, then rename the library to its content-addressed name there
+    (atomic: no half library under a name that loads). -> (its path, its SHA-256)."""
+    work = Path(tempfile.mkdtemp(dir=folder, prefix=f".aft_native_{key}-"))
     try:
+        src, out = work / "aft_native.c", work / "aft_native.so"  # fixed names: the same source, the same bytes
         src.write_text(_SOURCE)
         errors = ""
         for extra in (["-march=native"], []):  # some compilers refuse -march=native
-            done = subprocess.run([cc, *FLAGS, *extra, "-o", tmp, str(src)], capture_output=True, text=True,
-                                  timeout=300)  # fmt: skip
+            done = _run([*cc, *FLAGS, *extra, "-o", str(out), str(src)], BUILD_TIMEOUT)
             if done.returncode == 0:
-                os.replace(tmp, target)
-                return
+                digest = _sha256(out)
+                target = _library_path(folder, key, digest)
+                os.replace(out, target)
+                return target, digest
             errors = done.stderr.strip()[-2000:]
-        raise RuntimeError(f"{cc} failed: {errors}")
+        raise RuntimeError(f"{shlex.join(cc)} failed: {errors}")
     finally:
-        for path in (Path(tmp), src):
-            path.unlink(missing_ok=True)
+        shutil.rmtree(work, ignore_errors=True)
 
 
-def _load(path: Path):
+def _record(folder: Path, key: str, digest: str) -> None:
+    """Write which library was built and checked (after the library, atomically); a cache that cannot take it
+    simply builds again next time."""
+    with contextlib.suppress(OSError):
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".record-")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(digest + "\n")
+            os.replace(tmp, _record_path(folder, key))
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def _load(path: Path, digest: str):
+    """dlopen `path` if its bytes still hash to `digest` (else RuntimeError, before any of its code runs)."""
+    if _sha256(path) != digest:
+        raise RuntimeError(f"{path} is not the library that was built (its SHA-256 differs from the record)")
     lib = ctypes.CDLL(str(path))
     if lib.aft_native_version() != KERNEL_VERSION:
         raise RuntimeError(f"{path} is kernel version {lib.aft_native_version()}, not {KERNEL_VERSION}")
@@ -220,6 +425,15 @@ def _load(path: Path):
         *(ctypes.c_void_p,) * 4,
         *(ctypes.c_long,) * 3,
         ctypes.c_int,
+    ]
+    lib.aft_window_step.restype = ctypes.c_int
+    lib.aft_window_step.argtypes = [
+        *(ctypes.c_void_p, ctypes.c_long, ctypes.c_long) * 4,
+        ctypes.c_void_p,
+        *(ctypes.c_void_p, ctypes.c_long, ctypes.c_long) * 2,
+        ctypes.c_long,
+        *(ctypes.c_void_p,) * 13,
+        *(ctypes.c_long,) * 6,
     ]
     return lib
 
@@ -237,6 +451,16 @@ def _self_check(lib) -> None:
     if not torch.allclose(got[0], want[0], rtol=1e-4, atol=1e-5):
         gap = (got[0] - want[0]).abs().max()
         raise RuntimeError(f"the built kernel's output differs from the torch form's by {gap:.3g}")
+    # the decoding step, with a window, factors and padding, three tokens on from a prefilled state
+    pos_u, pos_v = (torch.randn(1, T, 3, generator=gen) for _ in range(2))
+    _, state = aft_local_chunk(q[:, :-3], k[:, :-3], v[:, :-3], pos_u[:, :-3], pos_v[:, :-3], 5, mask=mask[:, :-3],
+                               output_final_state=True)  # fmt: skip
+    tail = (q[:, -3:], k[:, -3:], v[:, -3:], pos_u[:, -3:], pos_v[:, -3:], 5)
+    want, want_state = aft_local_recurrent(*tail, initial_state=state, output_final_state=True)
+    got, got_state = _step(lib, tail[:3], state, 4, mask=None, pos=tail[3:5])
+    for a, b in zip((got, *got_state), (want, *want_state), strict=True):
+        if not torch.allclose(a, b, rtol=1e-4, atol=1e-5):
+            raise RuntimeError(f"the built decoding step differs from the torch form's by {(a - b).abs().max():.3g}")
 
 
 def library():
@@ -266,31 +490,34 @@ def _find_or_build():
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install cc, gcc or clang)")
-    name = f"aft_native_{_machine_key(cc)}.so"
-    cached = cache_dir() / name
-    if cached.is_file():
-        try:
-            lib = _load(cached)
-            _self_check(lib)
-            return lib
-        except (OSError, RuntimeError, AttributeError):
-            pass  # a corrupt or foreign file: build again (beside it when the folder can be written)
-    target = _writable_dir() / name
+    key = _machine_key(cc)
+    cache = _cache()
+    if cache is not None:
+        with contextlib.suppress(OSError, ValueError, RuntimeError, AttributeError):
+            digest = _record_path(cache, key).read_text().strip()
+            if len(digest) == 64:
+                lib = _load(_library_path(cache, key, digest), digest)
+                _self_check(lib)
+                return lib
+        # no record, or a corrupt, foreign or failing library: build again (beside it when the folder can be written)
+    folder = _writable(cache)
     try:
-        _build(cc, target)
-    except (OSError, RuntimeError):
-        if target.parent != cache_dir():
+        path, digest = _build(cc, folder, key)
+    except (OSError, RuntimeError) as error:
+        if folder == cache and "did not finish" not in str(error):
+            folder = _own_dir()  # the cache's disk may be full: once more in a folder of this process's own
+            path, digest = _build(cc, folder, key)
+        else:
             raise
-        target = _own_dir() / name  # the cache's disk may be full: once more in a folder of this process's own
-        _build(cc, target)
-    lib = _load(target)
+    lib = _load(path, digest)
     _self_check(lib)
+    _record(folder, key, digest)
     return lib
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """x (B, T, H, D) in float32 with its (H, D) contiguous (any batch and row stride)."""
-    x = x.to(torch.float32)
+    x = x if x.dtype == torch.float32 else x.to(torch.float32)
     if x.stride(3) != 1 or x.stride(2) != x.shape[3]:
         x = x.contiguous()
     return x
@@ -327,11 +554,12 @@ def _forward(lib, q, k, v, mask, initial_state):
     return y, state
 
 
-def _uses_kernel(q, k, v, causal, initial_state) -> bool:
+def _uses_kernel(q, k, v, causal, initial_state, same_keys=True) -> bool:
     tensors = [q, k, v, *(initial_state[:3] if initial_state is not None else ())]
     return (
         causal
-        and q.shape == k.shape == v.shape  # one key per channel (else the torch form, or its shape error)
+        and (q.shape == k.shape == v.shape or not same_keys)  # one key per channel (else the torch form)
+        and k.dim() == 4
         and k.shape[0] * k.shape[1] > 0
         and all(x.device.type == "cpu" and x.dtype != torch.float64 for x in tensors)
         and not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors))
@@ -352,10 +580,131 @@ def aft_simple_native(q, k, v, *, causal=True, mask=None, initial_state=None, ou
     )
 
 
+# The decoding step of simple, local and conv: the recurrent forms' step (op for op, in float32) as one call per
+# layer instead of some sixty small torch operators.
+
+
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    """x in float32 and contiguous (itself when it is: a decoding step is a few microseconds of work)."""
+    x = x if x.dtype == torch.float32 else x.to(torch.float32)
+    return x if x.is_contiguous() else x.contiguous()
+
+
+def _step(lib, qkv, state, slots, mask=None, kernel=None, pos=None):
+    """The kernel's recurrent step on tokens (B, T, H, D) from `state` (not changed): -> y (float32) and the new
+    state. `kernel` (H, s) for conv, `pos` = (pos_u, pos_v) (B|1, T, R) for local."""
+    q, k, v = (_rows(x) for x in qkv)
+    B, T, H, Dk = k.shape
+    Dv = v.shape[3]
+    old = [_f32(x) for x in state]
+    new = [torch.empty(x.shape, dtype=torch.float32) for x in old]
+    y = torch.empty(B, T, H, Dv, dtype=torch.float32)
+    if mask is not None and mask.dtype != torch.float32:
+        mask = mask.to(torch.float32)
+    pu = pv = None
+    if pos is not None:
+        pu, pv = (_f32(x) for x in pos)
+
+    def rows(x):  # (pointer, batch stride, row stride), a batch of one shared by every row
+        if x is None:
+            return None, 0, 0
+        return x.data_ptr(), x.stride(0) if x.shape[0] > 1 else 0, x.stride(1)
+
+    lib.aft_window_step(
+        *rows(q), *rows(k), *rows(v), *rows(mask), _f32(kernel).data_ptr() if kernel is not None else None,
+        *rows(pu), *rows(pv), pu.shape[2] if pu is not None else 0,
+        *(x.data_ptr() for x in old), y.data_ptr(), *(x.data_ptr() for x in new), B, T, H, Dk, Dv, slots,
+    )  # fmt: skip
+    return y, AFTState(*new)
+
+
+def _step_applies(q, k, v, causal, mask, state, slots, rank, extra=()) -> bool:
+    tensors = [q, k, v, *extra]
+    if state is None or not causal or not _uses_kernel(q, k, v, causal, None, same_keys=False):
+        return False
+    B, _, H, Dk = k.shape
+    Dv = v.shape[3]
+    shapes = [(B, H, Dk), (B, H, Dv), (B, H, Dk), (B, slots, H, Dk), (B, slots, H, Dv), (B, slots, rank)]
+    return (
+        q.shape == v.shape
+        and k.shape[:3] == q.shape[:3]  # the kernel reads every row of q, k and v: no shape it does not expect
+        and (Dk == Dv or Dk == 1)
+        and (mask is None or tuple(mask.shape) == (B, k.shape[1]))
+        and all(x.device.type == "cpu" and x.dtype != torch.float64 for x in tensors)
+        and all(tuple(x.shape) == shape and x.dtype == torch.float32 for x, shape in zip(state, shapes, strict=True))
+        and not (torch.is_grad_enabled() and any(x.requires_grad for x in (*tensors, *state)))
+    )
+
+
+def _native_step(recurrent, slots, rank, extra, q, k, v, causal, mask, initial_state, output_final_state, **bias):
+    if _step_applies(q, k, v, causal, mask, initial_state, slots, rank, extra):
+        lib = library()
+        if lib is not None:
+            y, state = _step(lib, (q, k, v), initial_state, slots, mask=mask, **bias)
+            return (y if q.dtype == torch.float32 else y.to(q.dtype)), (state if output_final_state else None)
+    return recurrent(causal=causal, mask=mask, initial_state=initial_state, output_final_state=output_final_state)
+
+
+def aft_simple_native_recurrent(q, k, v, *, causal=True, mask=None, initial_state=None, output_final_state=False):
+    """`aft_simple_recurrent` by the compiled kernel where it applies (a float32 state on the CPU, no gradients,
+    not under torch.compile's tracing), else that torch form."""
+
+    def torch_form(**kw):
+        return aft_simple_recurrent(q, k, v, **kw)
+
+    return _native_step(torch_form, 0, 0, (), q, k, v, causal, mask, initial_state, output_final_state)
+
+
+def aft_local_native_recurrent(
+    q, k, v, pos_u, pos_v, window, *, causal=True, mask=None, initial_state=None, output_final_state=False
+):
+    """`aft_local_recurrent` by the compiled kernel where it applies, else that torch form."""
+
+    def torch_form(**kw):
+        return aft_local_recurrent(q, k, v, pos_u, pos_v, window, **kw)
+
+    rank = pos_u.shape[-1]
+    ok = (
+        window >= 1
+        and pos_u.dim() == 3
+        and pos_u.shape == pos_v.shape
+        and pos_u.shape[0] in (1, k.shape[0])
+        and pos_u.shape[1] == k.shape[1]
+    )
+    return _native_step(
+        torch_form, window - 1 if ok else -1, rank, (pos_u, pos_v), q, k, v, causal, mask, initial_state,
+        output_final_state, pos=(pos_u, pos_v),
+    )  # fmt: skip
+
+
+def aft_conv_native_recurrent(
+    q, k, v, kernel, *, causal=True, mask=None, initial_state=None, output_final_state=False
+):
+    """`aft_conv_recurrent` by the compiled kernel where it applies, else that torch form."""
+
+    def torch_form(**kw):
+        return aft_conv_recurrent(q, k, v, kernel, **kw)
+
+    ok = kernel.dim() == 2 and kernel.shape[0] == k.shape[2]
+    return _native_step(
+        torch_form, kernel.shape[-1] - 1 if ok else -1, 0, (kernel,), q, k, v, causal, mask, initial_state,
+        output_final_state, kernel=kernel,
+    )  # fmt: skip
+
+
 def is_native_ready() -> bool:
     """Build (or find) the kernel now; False where it is not available. For a caller that wants to know before it
     runs a model."""
     return library() is not None
 
 
-__all__ = ["aft_simple_native", "cache_dir", "is_native_ready", "library", "unavailable_reason"]
+__all__ = [
+    "aft_conv_native_recurrent",
+    "aft_local_native_recurrent",
+    "aft_simple_native",
+    "aft_simple_native_recurrent",
+    "cache_dir",
+    "is_native_ready",
+    "library",
+    "unavailable_reason",
+]

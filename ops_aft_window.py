@@ -155,6 +155,9 @@ class _LocalBand(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dband):
         pos_u, pos_v = ctx.saved_tensors
+        # under autocast the band came out of a lower-precision matmul, but backward runs outside autocast: the
+        # gradient takes the factors' dtype so that the products below have one dtype
+        dband = dband.to(pos_u.dtype)
         left, right = ctx.left, ctx.right
         Bb, T, R = pos_u.shape
         C = min(BAND_CHUNK, T)

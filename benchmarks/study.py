@@ -1,14 +1,17 @@
 """The evidence study: AFT against a Transformer of the same size (transformers' GPT-2), trained here, side by side.
 
-    python scripts/run_study.py                                   # the README's Results (about 1.5 hours, 2 CPU cores)
-    python scripts/run_study.py --quick --output_dir /tmp/study   # every part at a toy size (seconds)
-    python scripts/run_study.py --size medium                     # wider, deeper, longer: for a GPU
-    python scripts/run_study.py --enwik8_file enwik8 --size large --parts steps seeds time
+    python benchmarks/study.py                                   # the README's Results (about 1.5 hours, 2 CPU cores)
+    python benchmarks/study.py --quick --output_dir /tmp/study   # every part at a toy size (seconds)
+    python benchmarks/study.py --size medium                     # wider, deeper, longer: for a GPU
+    python benchmarks/study.py --enwik8_file enwik8 --size large --parts steps seeds time
 
 Every model gets one recipe: the training scripts' AdamW (decay/no-decay groups), warm-up and cosine schedule and
 gradient clipping, one learning rate, batch size, block size, seed and data order (the same batches, in the same
 order), and the byte tokenizer of run_clm.py on its data (by default the Python standard library's sources; also
 --train_file, --dataset_name or --enwik8_file). The parts (`--parts`):
+  sweep     a learning rate per model: every text model at each of --sweep_rates for --sweep_steps steps (the same
+            short budget for each), the rate of the lowest final validation bits per byte chosen and recorded; the
+            text parts after it train each model at its own chosen rate;
   steps     equal optimizer steps: GPT-2 (SDPA attention) and AFT full/local/simple/conv at the same width, depth
             and MLP;
   seeds     GPT-2 and AFT-local again with the other --seeds (mean and spread);
@@ -48,30 +51,38 @@ import torch
 from accelerate import Accelerator
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from tqdm.auto import tqdm
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel, ViTConfig, ViTForImageClassification, set_seed
+from transformers import AutoTokenizer, PreTrainedModel, set_seed
 from transformers.utils import logging as hf_logging
 
-from aft import AFTConfig, AFTForCausalLM, AFTForImageClassification, AFTVisionConfig, aft_image_processor
-
-# isort: split
 # The training scripts' data, tokenizer, optimizer, scheduler, metrics and evaluation code.
-from benchmark import TUNED_ALLOCATOR, peak_bytes  # importing it keeps freed memory in the process
-from run_clm import evaluate as evaluate_text
-from run_image_classification import evaluate as evaluate_classifier
-from run_pixel_modeling import START, image_processor, to_sequences
-from run_pixel_modeling import evaluate as evaluate_pixels
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from allocator import keep_freed_memory
+from harness import (
+    Load,
+    causal_lm,
+    image_classifier,
+    machine,
+    markdown_table,
+    peak_bytes,
+    pyplot,
+    synchronize,
+    write_json,
+)
 from training_args import InputError, add_training_args, run_main
 from training_data import digits_dataset, text_datasets
 from training_loop import create_optimizer, create_scheduler, plan_steps
-from training_metrics import load_metric
+from training_metrics import evaluate_classifier, load_metric, next_token_cross_entropy
 from training_model import count_parameters
-from training_publish import LIMITATIONS
+from training_pixels import START, image_processor, to_sequences
+from training_publish import CARD_REQUIREMENTS, LIMITATIONS, card_folder, public_argv
 
-logger = logging.getLogger("run_study")
+from aft import aft_image_processor
 
-PARTS = ("steps", "seeds", "time", "ablation", "pixels", "classify")
+logger = logging.getLogger("study")
+
+PARTS = ("sweep", "steps", "seeds", "time", "ablation", "pixels", "classify")
 PART_KEYS = {"steps": "equal_steps", "seeds": "equal_steps", "time": "equal_time", "ablation": "window_ablation"}
-PART_KEYS |= {"pixels": "pixels", "classify": "classification"}
+PART_KEYS |= {"pixels": "pixels", "classify": "classification", "sweep": "lr_sweep"}
 LM_MODELS = ("gpt2", "aft-local", "aft-simple", "aft-conv", "aft-full")
 SEED_MODELS = ("gpt2", "aft-local")  # trained with every seed
 WINDOWS = (0, 1, 2, 4, 8, 16, 32, 64, 128)  # the ablation's s; 0 is AFT-simple
@@ -82,6 +93,11 @@ PAPER_TRANSFORMER = 1.130
 TOLERANCE = 0.03  # the study's question: is AFT-local within this many bits per byte of GPT-2 at equal steps?
 SCHEDULE_TICKS = 1000  # a time-budget run's schedule advances in steps of 1/1000 of the budget
 CALIBRATION_STEPS = 20  # steps per model, in turn, that measure the step times of the `time` part
+SWEEP_RATES = (5e-4, 1e-3, 2e-3, 4e-3)  # the sweep's learning rates: the shared 1e-3, halved, doubled, quadrupled
+# --settle: training stops once the validation gap between GPT-2 and AFT-local changes by less than SETTLE_TOLERANCE
+# bits per byte over the last SETTLE_FRACTION of the steps (at least SETTLE_POINTS curve points there), or at the cap
+SETTLE_TOLERANCE, SETTLE_FRACTION, SETTLE_POINTS = 0.01, 0.2, 3
+SETTLE_CAP = 10  # with --settle and no --steps, the cap is this many times the size's steps (30,000 at small)
 DIGITS_SIDE, DIGITS_PATCH = 8, 2  # scikit-learn's digits are 8 x 8; patches of 2 x 2 make a 4 x 4 grid
 
 
@@ -106,11 +122,13 @@ class Size:
     image_batch: int
     max_eval_blocks: int | None = None  # cap on the final validation/test blocks (None: all)
     max_images: int | None = None  # cap on the digits used (None: all 1,797)
+    sweep_steps: int | None = None  # steps of each learning-rate sweep run (None: a third of `steps`)
 
 
 SIZES = {
     "quick": Size(32, 2, 16, 8, 8, 5, 4, 64, 4, 16, 1e-3, 2, 8, 8, 16, max_eval_blocks=16, max_images=200),
     "small": Size(64, 4, 16, 32, 16, 11, 4, 256, 8, 3000, 1e-3, 24, 128, 600, 32),
+    "small128": Size(128, 4, 32, 32, 16, 11, 4, 256, 8, 3000, 1e-3, 24, 128, 600, 32),  # the second size: 2x wide
     "medium": Size(256, 6, 64, 32, 64, 11, 8, 512, 16, 10000, 1e-3, 25, 256, 2000, 64),
     "large": Size(512, 12, 64, 32, 128, 11, 16, 1024, 16, 20000, 6e-4, 40, 512, 4000, 64),
 }
@@ -126,7 +144,12 @@ def parse_args(argv=None):
         help="continue the study in --output_dir: the parts that "
         "its results.json holds are kept, the others run (same size, recipe, seeds and models).",
     )
-    parser.add_argument("--size", default="small", choices=["small", "medium", "large"], help="default: small.")
+    parser.add_argument(
+        "--size",
+        default="small",
+        choices=["small", "small128", "medium", "large"],
+        help="default: small (64 wide, 4 layers); small128: 128 wide, 4 layers, the same recipe.",
+    )
     parser.add_argument("--quick", action="store_true", help="every part at a toy size: a smoke test (seconds).")
     parser.add_argument("--plot_only", action="store_true", help="only redraw the plots and the saved models' cards "
                         "from OUTPUT_DIR/results.json (nothing is trained).")  # fmt: skip
@@ -138,10 +161,29 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps of the text models (the size's).")
     parser.add_argument("--batch_size", type=int, default=None, help="blocks per optimizer step (the size's).")
     parser.add_argument("--block_size", type=int, default=None, help="tokens per block (the size's).")
-    parser.add_argument("--learning_rate", type=float, default=None, help="for every model (the size's).")
+    parser.add_argument("--learning_rate", type=float, default=None, help="for every model without a rate chosen "
+                        "by the sweep (the size's).")  # fmt: skip
+    parser.add_argument(
+        "--sweep_rates",
+        type=float,
+        nargs="+",
+        default=list(SWEEP_RATES),
+        help=f"the sweep's learning rates (default: {' '.join(map(str, SWEEP_RATES))}).",
+    )
+    parser.add_argument("--sweep_steps", type=int, default=None, help="steps of each sweep run (default: a third of "
+                        "the size's steps).")  # fmt: skip
+    parser.add_argument("--settle", action="store_true", help="train steps and seeds until the validation gap between "
+                        f"GPT-2 and AFT-local changes by less than {SETTLE_TOLERANCE} bits per byte over the last "
+                        f"{SETTLE_FRACTION:.0%} of the steps, or to --steps, the cap (default {SETTLE_CAP} x the "
+                        "size's steps); the schedule is planned over the cap.")  # fmt: skip
+    parser.add_argument("--exit_after_steps", type=int, default=None, help=argparse.SUPPRESS)  # a kill, for tests
+    parser.add_argument("--eval_every", type=int, default=None, help="steps between learning-curve points (default: "
+                        "the size's points over the steps).")  # fmt: skip
     parser.add_argument("--time_budget", type=float, default=None, help="seconds of training per model in `time` "
                         "(default: GPT-2's training time in `steps`).")  # fmt: skip
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
+    parser.add_argument("--system_allocator", action="store_true", help="leave glibc's memory settings as they are "
+                        "(default: freed memory stays in the process, as in the training scripts).")  # fmt: skip
     data = parser.add_argument_group("text data, as run_clm.py reads it (default: the Python standard library)")
     data.add_argument("--dataset_name", default=None)
     data.add_argument("--dataset_config_name", default=None)
@@ -164,7 +206,12 @@ def check_args(args) -> Size:
         raise InputError(f"--seeds {args.seeds}: give each seed once.")
     if len(set(args.models)) != len(args.models):
         raise InputError(f"--models {' '.join(args.models)}: give each model once.")
-    for name in ("steps", "batch_size", "block_size", "threads"):
+    if len(set(args.sweep_rates)) != len(args.sweep_rates):
+        raise InputError(f"--sweep_rates {' '.join(map(str, args.sweep_rates))}: give each rate once.")
+    for value in args.sweep_rates:
+        if not (math.isfinite(value) and value > 0):
+            raise InputError(f"--sweep_rates {value}: every rate must be a positive number.")
+    for name in ("steps", "batch_size", "block_size", "threads", "sweep_steps", "eval_every"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise InputError(f"--{name}={value}: it must be a positive integer.")
@@ -182,7 +229,9 @@ def check_args(args) -> Size:
             f"--output_dir {output_dir} already holds files that this study would overwrite: choose another "
             "folder or pass --overwrite_output_dir."
         )
-    overrides = {"steps": args.steps, "batch": args.batch_size, "block": args.block_size}
+    steps = args.steps if args.steps or not args.settle else SETTLE_CAP * SIZES[args.size].steps
+    sweep_steps = args.sweep_steps or max(1, SIZES[args.size].steps // 3)
+    overrides = {"steps": steps, "batch": args.batch_size, "block": args.block_size, "sweep_steps": sweep_steps}
     overrides["learning_rate"] = args.learning_rate
     return dataclasses.replace(SIZES[args.size], **{k: v for k, v in overrides.items() if v is not None})
 
@@ -191,72 +240,23 @@ def check_args(args) -> Size:
 
 
 def build_lm(name: str, size: Size, vocab_size: int, positions: int, seed: int, window: int | None = None):
-    """GPT-2 with SDPA attention, or AFTForCausalLM of one variant ("aft-local", ...; `window` overrides s)."""
+    """GPT-2 with SDPA attention, or AFTForCausalLM of one variant ("aft-local", ...; `window` overrides s), at the
+    study's size (harness.causal_lm)."""
     set_seed(seed)
-    if name == "gpt2":
-        config = GPT2Config(
-            n_embd=size.hidden,
-            n_layer=size.layers,
-            n_head=size.hidden // size.head_size,
-            n_inner=4 * size.hidden,
-            activation_function="gelu",  # AFT's MLP activation
-            vocab_size=vocab_size,
-            n_positions=positions,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            bos_token_id=None,
-            eos_token_id=None,
-        )
-        return GPT2LMHeadModel._from_config(config, attn_implementation="sdpa")
-    config = AFTConfig(
-        aft_variant=name.removeprefix("aft-"),
-        hidden_size=size.hidden,
-        num_hidden_layers=size.layers,
-        intermediate_size=4 * size.hidden,
-        vocab_size=vocab_size,
-        max_position_embeddings=positions,
-        local_window_size=window or size.window,
-        position_bias_rank=size.bias_rank,
-        conv_kernel_size=size.conv_kernel,
-        num_heads=size.conv_heads,
-    )
-    return AFTForCausalLM(config)
+    return causal_lm(name, hidden=size.hidden, layers=size.layers, heads=size.hidden // size.head_size,
+                     vocab=vocab_size, positions=positions, window=window or size.window, bias_rank=size.bias_rank,
+                     conv_kernel=size.conv_kernel, conv_heads=size.conv_heads)  # fmt: skip
 
 
 def build_classifier(name: str, size: Size, seed: int):
     """transformers' ViT (SDPA; class token, position embeddings) or the paper's AFT-conv image classifier (global
-    average pooling, no class token, no position embedding; as many heads as channels), on 8 x 8 grey digits."""
+    average pooling, no class token, no position embedding; as many heads as channels, a 3 x 3 window), on 8 x 8
+    grey digits (harness.image_classifier)."""
     set_seed(seed)
     labels = {"id2label": {i: str(i) for i in range(10)}, "label2id": {str(i): i for i in range(10)}}
-    if name == "vit":
-        config = ViTConfig(
-            hidden_size=size.hidden,
-            num_hidden_layers=size.layers,
-            num_attention_heads=size.hidden // size.head_size,
-            intermediate_size=4 * size.hidden,
-            hidden_act="gelu",
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-            image_size=DIGITS_SIDE,
-            patch_size=DIGITS_PATCH,
-            num_channels=1,
-            **labels,
-        )
-        return ViTForImageClassification._from_config(config, attn_implementation="sdpa")
-    config = AFTVisionConfig(
-        aft_variant="conv",
-        hidden_size=size.hidden,
-        num_hidden_layers=size.layers,
-        intermediate_size=4 * size.hidden,
-        num_heads=size.hidden,
-        conv_kernel_size=3,
-        image_size=DIGITS_SIDE,
-        patch_size=DIGITS_PATCH,
-        num_channels=1,
-        **labels,
-    )
-    return AFTForImageClassification(config)
+    return image_classifier(name, hidden=size.hidden, layers=size.layers, head_size=size.head_size,
+                            image_size=DIGITS_SIDE, patch_size=DIGITS_PATCH, num_channels=1, conv_kernel=3,
+                            labels=labels)  # fmt: skip
 
 
 # 2. data
@@ -363,30 +363,43 @@ class Run:
     curve: list = dataclasses.field(default_factory=list)
     eval_at: set = dataclasses.field(default_factory=set)  # steps (or, with a budget, seconds) of the curve
     budget: float | None = None  # seconds: the run trains until its clock reaches them, on a schedule in time
+    learning_rate: float | None = None
+    last: int | None = None  # the step it stops at (None: `steps`); the schedule still runs over `steps`
     peak_bytes: int = 0
     extra: dict = dataclasses.field(default_factory=dict)
 
 
-def new_run(name, seed, model, steps, tokens_per_step, recipe, batches_per_epoch, eval_points, device, budget=None):
-    """The model on the device with the training scripts' optimizer and schedule, planned for `steps` steps; with a
-    `budget` (seconds) the schedule runs over SCHEDULE_TICKS equal parts of the budget instead, and `steps` is only
-    the estimate of the steps that fit."""
+def new_run(name, seed, model, steps, tokens_per_step, recipe, batches_per_epoch, eval_points, device, budget=None,
+            learning_rate=None, eval_every=None):  # fmt: skip
+    """The model on the device with the training scripts' optimizer and schedule (at `learning_rate`, default the
+    recipe's), planned for `steps` steps; with a `budget` (seconds) the schedule runs over SCHEDULE_TICKS equal parts
+    of the budget instead, and `steps` is only the estimate of the steps that fit. The learning curve has
+    `eval_points` points, or one every `eval_every` steps."""
     recipe = copy.copy(recipe)
+    recipe.learning_rate = learning_rate or recipe.learning_rate
     recipe.max_train_steps = steps if budget is None else SCHEDULE_TICKS
     plan_steps(recipe, batches_per_epoch)  # the warm-up: 5% of the steps (of the budget)
     model = model.to(device).train()
     optimizer = create_optimizer(model, recipe)
     scheduler = create_scheduler(optimizer, recipe, 1)
-    if budget is None:
+    if eval_every and budget is None:
+        eval_at = set(range(eval_every, steps + 1, eval_every))
+    elif budget is None:
         eval_at = {math.ceil(k * steps / eval_points) for k in range(1, eval_points + 1)}
     else:
         eval_at = {k * budget / eval_points for k in range(1, eval_points + 1)}
-    return Run(name, seed, model, steps, tokens_per_step, optimizer, scheduler, eval_at=eval_at, budget=budget)
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    return Run(
+        name,
+        seed,
+        model,
+        steps,
+        tokens_per_step,
+        optimizer,
+        scheduler,
+        eval_at=eval_at,
+        budget=budget,
+        learning_rate=recipe.learning_rate,
+    )
 
 
 def train_step(run: Run, batch: dict, compute_loss, max_grad_norm: float, device):
@@ -421,33 +434,13 @@ def peak_step_bytes(model, compute_loss, batch, device) -> int:
     return int(peak)
 
 
-class Load:
-    """The machine's 1-minute load average, sampled at the start and at every evaluation."""
-
-    def __init__(self):
-        self.samples = []
-        self.sample()
-
-    def sample(self):
-        if hasattr(os, "getloadavg"):
-            self.samples.append(os.getloadavg()[0])
-
-    def summary(self) -> dict:
-        if not self.samples:
-            return {}
-        return {
-            "min": min(self.samples),
-            "mean": statistics.fmean(self.samples),
-            "max": max(self.samples),
-            "samples": len(self.samples),
-        }
-
-
-def train_in_turn(runs, batch_at, compute_loss, evaluate, *, max_grad_norm, device, load, budget=None, desc=""):
+def train_in_turn(runs, batch_at, compute_loss, evaluate, *, max_grad_norm, device, load, budget=None, desc="",
+                  stop=None, on_step=None):  # fmt: skip
     """Train every run one optimizer step at a time, always stepping the run that is behind: in steps (round-robin),
     or with a time budget in its own training seconds. A run stops at its planned steps or, with a budget, when its
     clock reaches it. `evaluate(model)` gives the learning-curve value at the run's `eval_at` steps (with a budget:
-    the first step at or past each of its `eval_at` seconds) and at its last step."""
+    the first step at or past each of its `eval_at` seconds) and at its last step. `stop(runs)`, asked after every
+    evaluation, ends every run's training when it is true; `on_step()` is called after every step."""
     for run in runs:
         run.peak_bytes = peak_step_bytes(run.model, compute_loss, batch_at(0), device)
     active = list(runs)
@@ -456,7 +449,9 @@ def train_in_turn(runs, batch_at, compute_loss, evaluate, *, max_grad_norm, devi
         run = min(active, key=(lambda r: r.seconds) if budget else (lambda r: r.done))
         train_step(run, batch_at(run.done), compute_loss, max_grad_norm, device)
         bar.update(1)
-        finished = run.done >= run.steps if budget is None else run.seconds >= budget
+        if on_step is not None:
+            on_step()
+        finished = run.done >= (run.last or run.steps) if budget is None else run.seconds >= budget
         due = run.done in run.eval_at if budget is None else any(run.seconds >= t for t in run.eval_at)
         run.eval_at -= set() if budget is None else {t for t in run.eval_at if run.seconds >= t}
         if due or finished:
@@ -465,7 +460,12 @@ def train_in_turn(runs, batch_at, compute_loss, evaluate, *, max_grad_norm, devi
             run.curve[-1]["value"] = value
             load.sample()
             logger.info(f"{desc} {run.name} seed {run.seed}: step {run.done}, {run.seconds:.1f} s, {value:.4f}")
-        if finished:
+            if stop is not None and stop(runs):  # every run stops at the furthest step any has done
+                last = max(r.done for r in runs)
+                for other in runs:
+                    other.last = last
+                active = [r for r in active if r.done < last or r is run]
+        if finished and run in active:
             active.remove(run)
     bar.close()
 
@@ -478,6 +478,7 @@ def run_record(run: Run, metric: str, **final) -> dict:
         "parameters": count_parameters(run.model),
         "steps": run.done,
         "planned_steps": run.steps,
+        "learning_rate": run.learning_rate,
         "tokens_per_step": run.tokens_per_step,
         "tokens_seen": run.done * run.tokens_per_step,
         "train_seconds": run.seconds,
@@ -493,14 +494,55 @@ def run_record(run: Run, metric: str, **final) -> dict:
     }
 
 
+def settled(gpt2_curve: list, local_curve: list, tolerance=SETTLE_TOLERANCE, fraction=SETTLE_FRACTION,
+            points=SETTLE_POINTS) -> bool:  # fmt: skip
+    """Whether the validation gap (AFT-local minus GPT-2, at the steps both curves hold) changed by less than
+    `tolerance` over the last `fraction` of the steps, seen at `points` curve points there at least."""
+    local = {p["step"]: p["value"] for p in local_curve}
+    gaps = [(p["step"], local[p["step"]] - p["value"]) for p in gpt2_curve if p["step"] in local]
+    if not gaps:
+        return False
+    tail = [gap for step, gap in gaps if step >= (1 - fraction) * gaps[-1][0]]
+    return len(tail) >= points and max(tail) - min(tail) < tolerance
+
+
+def settle_stop(runs) -> bool:
+    """train_in_turn's `stop` for --settle: true once GPT-2's and AFT-local's curves end at the same step, settled."""
+    by_name = {run.name: run for run in runs}
+    gpt2, local = by_name.get("gpt2"), by_name.get("aft-local")
+    if gpt2 is None or local is None or not gpt2.curve or not local.curve:
+        return False
+    return gpt2.curve[-1]["step"] == local.curve[-1]["step"] and settled(gpt2.curve, local.curve)
+
+
+def ahead_from(gap_curve: list):
+    """The first step from which GPT-2 stays ahead (gap = AFT-local minus GPT-2 > 0) to the curve's end, or None
+    where it is not ahead at the end."""
+    step = None
+    for point in gap_curve:
+        step = (point["step"] if step is None else step) if point["gap"] > 0 else None
+    return step
+
+
+def best_rate(points: list) -> dict:
+    """{model: the learning rate of its lowest final validation bits per byte} (a diverged, non-finite run loses)."""
+    chosen = {}
+    for point in points:
+        value = point["validation_bits_per_byte"]
+        value = value if math.isfinite(value) else math.inf
+        if point["model"] not in chosen or value < chosen[point["model"]][1]:
+            chosen[point["model"]] = (point["learning_rate"], value)
+    return {model: rate for model, (rate, _) in chosen.items()}
+
+
 # 4. the parts
 
 
 class Study:
     """The study's shared state: arguments, size, recipe, device, data, the load record and the results so far."""
 
-    def __init__(self, args, size: Size):
-        self.args, self.size = args, size
+    def __init__(self, args, size: Size, tuned_allocator: bool):
+        self.args, self.size, self.tuned_allocator = args, size, tuned_allocator
         self.output_dir = Path(args.output_dir)
         self.accelerator = Accelerator()
         self.metric = load_metric("cross_entropy")  # the scripts' evaluate module: nats per token, bits per byte
@@ -516,17 +558,20 @@ class Study:
             "size": args.size,
             "architecture": dataclasses.asdict(size),
             "recipe": self.recipe_record(),
-            "machine": machine(self.device),
+            "procedure": {"sweep_rates": args.sweep_rates, "settle": args.settle, "eval_every": args.eval_every},
+            "machine": {**machine(self.device), "glibc_keeps_freed_memory": self.tuned_allocator},
         }
         self.text = None
         self.main_runs = {}  # the equal-steps runs of the first seed trained by this process
         self.done = []  # the parts in results.json
+        self.steps_trained = 0  # optimizer steps of text models trained by this process
 
     def recipe_record(self) -> dict:
         r = self.recipe
         return {
             "optimizer": "AdamW (training_loop.create_optimizer: no decay on biases, norms, embeddings, pos_*)",
             "learning_rate": r.learning_rate,
+            "learning_rates": "each text model's own where the sweep ran (lr_sweep.chosen), else learning_rate",
             "weight_decay": r.weight_decay,
             "betas": [r.adam_beta1, r.adam_beta2],
             "schedule": f"{r.lr_scheduler_type}, 5% linear warm-up (training_loop.plan_steps)",
@@ -545,8 +590,9 @@ class Study:
             old = json.loads(path.read_text())
         except (OSError, ValueError) as error:
             raise InputError(f"--resume: {path} cannot be read ({error}).") from None
-        for key in ("size", "architecture", "recipe"):
-            if old.get(key) != self.results[key]:
+        for key in ("size", "architecture", "recipe", "procedure"):
+            # a results.json written before the procedure was recorded ran the one the defaults give
+            if (key in old or key != "procedure") and old.get(key) != self.results[key]:
                 raise InputError(
                     f"--resume: {path} holds another study ({key} {old.get(key)!r}, this one's {self.results[key]!r})."
                 )
@@ -582,10 +628,7 @@ class Study:
         self.results["models"] = self.args.models
         self.results["load_average"] = self.load.summary()
         self.results["wall_seconds"] = time.time() - self.started
-        path = self.output_dir / "results.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.results, indent=1))
-        os.replace(tmp, path)
+        write_json(self.output_dir / "results.json", self.results)
 
     # text
 
@@ -616,8 +659,25 @@ class Study:
                 )
         return self.text
 
-    def text_comparison(self, names, seed, *, budget=None, step_times=None, windows=None, desc=""):
-        """Train text models in turn on the same batches; returns {name: Run} with the final metrics in run.extra."""
+    def count_step(self):
+        """The hidden --exit_after_steps: the process ends at once, as a killed one does (no cleanup, no save)."""
+        self.steps_trained += 1
+        if self.args.exit_after_steps is not None and self.steps_trained >= self.args.exit_after_steps:
+            os._exit(137)
+
+    def rate(self, model: str) -> float:
+        """The model's learning rate: the sweep's choice where it ran, else the recipe's."""
+        return self.results.get("lr_sweep", {}).get("chosen", {}).get(model, self.size.learning_rate)
+
+    def main_steps(self) -> int:
+        """The steps of the equal-steps comparison (with --settle, where it settled), which later parts train for."""
+        return self.results.get("equal_steps", {}).get("steps", self.size.steps)
+
+    def text_comparison(self, names, seed, *, budget=None, step_times=None, windows=None, rates=None, steps=None,
+                        last=None, stop=None, desc=""):  # fmt: skip
+        """Train text models in turn on the same batches, each at its rate (`rates`, else `rate(model)`), planned
+        for `steps` (the size's) and stopped at `last` or by `stop`; returns {name: Run}, the final metrics in
+        run.extra."""
         tokenizer, splits, ratios = self.load_text()
         size = self.size
         batches = Batches({"input_ids": splits["train"]}, size.batch, seed, self.device)
@@ -625,16 +685,20 @@ class Study:
         windows = windows or {}
         runs = []
         for name in names:
-            steps = size.steps if budget is None else max(1, int(budget / step_times[name]))
+            planned = (steps or size.steps) if budget is None else max(1, int(budget / step_times[name]))
             model = build_lm(name.split("/")[0], size, len(tokenizer), size.block, seed, windows.get(name))
-            run = new_run(name, seed, model, steps, size.batch * size.block, self.recipe, batches.per_epoch,
-                          size.eval_points, self.device, budget)  # fmt: skip
+            rate = (rates or {}).get(name) or self.rate(name.split("/")[0])
+            run = new_run(name, seed, model, planned, size.batch * size.block, self.recipe, batches.per_epoch,
+                          size.eval_points, self.device, budget, learning_rate=rate,
+                          eval_every=self.args.eval_every)  # fmt: skip
+            run.last = last
             runs.append(run)
 
         def bits(model, batch_list, split):
-            return evaluate_text(model, batch_list, self.accelerator, self.metric, ratios.get(split), "x")[
-                "x_bits_per_byte"
-            ]
+            ratio = ratios.get(split)
+            values = next_token_cross_entropy(model, batch_list, self.accelerator, self.metric,
+                                              tokens_per_byte=ratio["bytes"] if ratio else 1.0)  # fmt: skip
+            return values["bits_per_byte"]
 
         train_in_turn(
             runs,
@@ -646,6 +710,8 @@ class Study:
             load=self.load,
             budget=budget,
             desc=desc,
+            stop=stop,
+            on_step=self.count_step,
         )
         for run in runs:
             for split in ("validation", "test"):
@@ -654,21 +720,52 @@ class Study:
             logger.info(f"{desc} {run.name} seed {seed}: test {run.extra['test_bits_per_byte']:.4f} bits per byte")
         return {run.name: run for run in runs}
 
+    def part_sweep(self):
+        seed, steps = self.args.seeds[0], self.size.sweep_steps
+        names = {f"{m}/lr={r:g}": (m, r) for m in self.args.models for r in self.args.sweep_rates}
+        rates = {name: rate for name, (_, rate) in names.items()}
+        runs = self.text_comparison(list(names), seed, rates=rates, steps=steps, desc="learning-rate sweep")
+        points = [{**run_record(run, "validation_bits_per_byte"), "model": names[name][0], "run": name}
+                  for name, run in runs.items()]  # fmt: skip
+        self.results["lr_sweep"] = {
+            "steps": steps,
+            "seed": seed,
+            "rates": self.args.sweep_rates,
+            "criterion": "each model's rate of the lowest final validation bits per byte (the validation split, "
+            "not test), every rate with the same steps, schedule, seed and batches",
+            "points": points,
+            "chosen": best_rate(points),
+        }
+
     def part_steps(self):
-        seed = self.args.seeds[0]
-        self.main_runs = self.text_comparison(self.args.models, seed, desc="equal steps")
+        seed, settle = self.args.seeds[0], self.args.settle
+        self.main_runs = self.text_comparison(self.args.models, seed, stop=settle_stop if settle else None,
+                                              desc="equal steps")  # fmt: skip
+        done = max(r.done for r in self.main_runs.values())
         self.results["equal_steps"] = {
-            "steps": self.size.steps,
+            "steps": done,
+            "planned_steps": self.size.steps,
             "runs": [run_record(r, "validation_bits_per_byte") for r in self.main_runs.values()],
         }
+        if settle:
+            curves = {name: run.curve for name, run in self.main_runs.items()}
+            self.results["equal_steps"]["settle"] = {
+                "criterion": f"the validation gap AFT-local minus GPT-2 changes by less than {SETTLE_TOLERANCE} bits "
+                f"per byte over the last {SETTLE_FRACTION:.0%} of the steps ({SETTLE_POINTS} curve points at "
+                "least), or the cap; the schedule is planned over the cap",
+                "cap": self.size.steps,
+                "stopped_at": done,
+                "settled": "gpt2" in curves and "aft-local" in curves and settled(curves["gpt2"], curves["aft-local"]),
+            }
         self.save_models()
 
     def part_seeds(self):
         records = self.results.setdefault("equal_steps", {"steps": self.size.steps, "runs": []})["runs"]
+        last = self.main_steps()
         seeds = self.args.seeds if "steps" not in self.args.parts else self.args.seeds[1:]
         for seed in seeds:
             models = [m for m in SEED_MODELS if m in self.args.models]
-            runs = self.text_comparison(models, seed, desc=f"equal steps, seed {seed}")
+            runs = self.text_comparison(models, seed, last=last, desc=f"equal steps, seed {seed}")
             records += [run_record(r, "validation_bits_per_byte") for r in runs.values()]
 
     def step_seconds(self, names, seed) -> dict:
@@ -694,14 +791,14 @@ class Study:
     def part_time(self):
         seed = self.args.seeds[0]
         step_times = self.step_seconds(self.args.models, seed)
-        budget = self.args.time_budget or step_times["gpt2"] * self.size.steps
+        budget = self.args.time_budget or step_times["gpt2"] * self.main_steps()
         runs = self.text_comparison(self.args.models, seed, budget=budget, step_times=step_times,
                                     desc="equal time")  # fmt: skip
         self.results["equal_time"] = {
             "budget_seconds": budget,
             "budget_from": "--time_budget"
             if self.args.time_budget
-            else (f"GPT-2's median step time (measured at the start of this part) x {self.size.steps} steps"),
+            else (f"GPT-2's median step time (measured at the start of this part) x {self.main_steps()} steps"),
             "schedule": "the recipe's (5% warm-up, cosine) over the budget's seconds: each step's learning rate is "
             "the schedule at the fraction of the budget the model's own clock has spent",
             "planned_from": f"planned_steps: the budget over each model's median step time ({CALIBRATION_STEPS} "
@@ -720,7 +817,11 @@ class Study:
                 reused[s] = main[main_name]
         to_train = [names[s] for s in WINDOWS if s not in reused]
         windows = {names[s]: s for s in WINDOWS if s}
-        runs = self.text_comparison(to_train, seed, windows=windows, desc="window ablation") if to_train else {}
+        runs = {}
+        if to_train:
+            runs = self.text_comparison(
+                to_train, seed, windows=windows, last=self.main_steps(), desc="window ablation"
+            )
         points = []
         for s in WINDOWS:
             if s in reused:
@@ -729,7 +830,7 @@ class Study:
                 run = runs[names[s]]
                 points.append(run_record(run, "validation_bits_per_byte", window=s, reused_from_equal_steps=False))
         self.results["window_ablation"] = {
-            "steps": size.steps,
+            "steps": self.main_steps(),
             "block_size": size.block,
             "points": points,
             "paper": {"windows": PAPER_WINDOWS, "transformer": PAPER_TRANSFORMER, "setting": PAPER_SETTING},
@@ -753,8 +854,8 @@ class Study:
                 runs.append(new_run(name, seed, model, self.size.image_steps, self.size.image_batch * length,
                                     self.recipe, batches.per_epoch, self.size.eval_points, self.device))  # fmt: skip
 
-            def bits_per_dim(model, held_out=held_out):
-                return evaluate_pixels(model, held_out, self.accelerator, self.metric)["eval_bits_per_dim"]
+            def bits_per_dim(model, held_out=held_out):  # the mean negative log2-likelihood of every sub-pixel
+                return next_token_cross_entropy(model, held_out, self.accelerator, self.metric)["bits_per_token"]
 
             train_in_turn(runs, batches, lm_loss, bits_per_dim, max_grad_norm=self.recipe.max_grad_norm,
                           device=self.device, load=self.load, desc=f"pixels, seed {seed}")  # fmt: skip
@@ -762,7 +863,7 @@ class Study:
                         for r in runs]  # fmt: skip
         self.results["pixels"] = {
             "data": f"scikit-learn digits, {DIGITS_SIDE}x{DIGITS_SIDE} grey: a start token then 64 sub-pixels "
-            "(run_pixel_modeling.to_sequences)",
+            "(training_pixels.to_sequences)",
             "images": {s: len(seqs[s]) for s in seqs},
             "sequence_length": length,
             "steps": self.size.image_steps,
@@ -863,28 +964,6 @@ def corpus_name(args) -> str:
 PAPER_SETTING = "24 layers x 256 wide AFT-local, enwik8, T = 1024, test bits per character (Zhai et al. 2021)"
 
 
-def machine(device) -> dict:
-    info = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "device": str(device),
-        "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "glibc_keeps_freed_memory": TUNED_ALLOCATOR,
-    }
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
-        info["cpu"] = names[0] if names else platform.processor()
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    import transformers
-
-    info["transformers"] = transformers.__version__
-    return info
-
-
 # 5. summary: the table and the answers
 
 
@@ -947,6 +1026,7 @@ def summarize(results: dict) -> dict:
                 "seeds": len(test["aft-local"]["values"]),
                 "holds": gap <= TOLERANCE,
                 "validation_gap_curve": gap_curves,
+                "gpt2_ahead_from_step": {seed: ahead_from(curve) for seed, curve in gap_curves.items()},
             }
     timed = results.get("equal_time")
     test = {r["model"]: r["test_bits_per_byte"] for r in timed["runs"]} if timed else {}
@@ -962,6 +1042,15 @@ def summarize(results: dict) -> dict:
             "ahead": "aft-local" if gap < 0 else "gpt2",
             "by": abs(gap),
             "best_model": best,
+        }
+    sweep = results.get("lr_sweep")
+    if sweep:
+        summary["lr_sweep"] = {
+            "chosen": sweep["chosen"],
+            "validation_bits_per_byte": {
+                m: {str(p["learning_rate"]): p["validation_bits_per_byte"] for p in sweep["points"] if p["model"] == m}
+                for m in sweep["chosen"]
+            },
         }
     ablation = results.get("window_ablation")
     if ablation:
@@ -982,7 +1071,7 @@ CARD_TEMPLATE = """---
 
 # {{ name }}
 
-{{ kind }}, trained by the evidence study of the `aft` project (`scripts/run_study.py`) side by side with
+{{ kind }}, trained by the evidence study of the `aft` project (`benchmarks/study.py`) side by side with
 {{ others }}: the same data ({{ corpus }}), {{ tokenizer }}, blocks of {{ block }} tokens, recipe, seed,
 batches and {{ steps }} optimizer steps.
 
@@ -1003,6 +1092,12 @@ Every figure, the learning curves and the machine's load are in the study's `res
 
 ## Usage
 
+{{ code_note }}
+
+```bash
+pip install {{ install }}
+```
+
 ```python
 {{ usage }}
 ```
@@ -1020,28 +1115,25 @@ Every figure, the learning curves and the machine's load are in the study's `res
 {{ limitations }}
 """
 
-TABLE_HEAD = (
-    "| model | parameters | steps | tokens seen | validation bpb | test bpb | train tokens/s | peak step MiB |\n"
-    "|---|---|---|---|---|---|---|---|"
-)
+RUN_TABLE_HEADER = ["model", "parameters", "steps", "tokens seen", "validation bpb", "test bpb", "train tokens/s",
+                    "peak step MiB"]  # fmt: skip
 
 
-def table_row(run: dict) -> str:
-    return (
-        f"| {run['model']} (seed {run['seed']}) | {run['parameters']:,} | {run['steps']:,} | {run['tokens_seen']:,} | "
-        f"{run['validation_bits_per_byte']:.4f} | {run['test_bits_per_byte']:.4f} | {run['tokens_per_second']:,.0f} | "
-        f"{run['peak_step_memory_bytes'] / 2**20:.1f} |"
-    )
+def run_table(runs: list) -> str:
+    """One row per run: its size, steps, final figures, speed and memory."""
+    rows = [
+        [f"{run['model']} (seed {run['seed']})", f"{run['parameters']:,}", f"{run['steps']:,}",
+         f"{run['tokens_seen']:,}", f"{run['validation_bits_per_byte']:.4f}", f"{run['test_bits_per_byte']:.4f}",
+         f"{run['tokens_per_second']:,.0f}", f"{run['peak_step_memory_bytes'] / 2**20:.1f}"]
+        for run in runs
+    ]  # fmt: skip
+    return markdown_table(RUN_TABLE_HEADER, rows)
 
 
 def comparison_table(results: dict) -> str:
     test = results["summary"]["equal_steps"]["test_bits_per_byte"]
-    rows = [
-        "| model | seeds | test bits per byte |",
-        "|---|---|---|",
-        *[f"| {m} | {len(v['values'])} | {v['mean']:.4f} +- {v['spread']:.4f} |" for m, v in test.items()],
-    ]
-    return "\n".join(rows)
+    rows = [[m, len(v["values"]), f"{v['mean']:.4f} +- {v['spread']:.4f}"] for m, v in test.items()]
+    return markdown_table(["model", "seeds", "test bits per byte"], rows)
 
 
 def write_card(folder: Path, name: str, seed: int, results: dict):
@@ -1052,7 +1144,7 @@ def write_card(folder: Path, name: str, seed: int, results: dict):
         timed = results["equal_time"]
         time_table = (
             f"\nEqual wall-clock time ({timed['budget_seconds']:.4g} s of training per model, same machine, models "
-            "trained in turn):\n\n" + "\n".join([TABLE_HEAD, *map(table_row, timed["runs"])]) + "\n"
+            "trained in turn):\n\n" + run_table(timed["runs"]) + "\n"
         )
     is_aft = name != "gpt2"
     kind = f"An Attention Free Transformer (AFT-{name.removeprefix('aft-')})" if is_aft else "A GPT-2 (SDPA)"
@@ -1081,13 +1173,29 @@ def write_card(folder: Path, name: str, seed: int, results: dict):
     recipe_table = "\n".join(
         ["| hyper-parameter | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in recipe.items()]]
     )
-    usage = ("import aft  # registers AFT with the Auto classes\n" if is_aft else "") + (
+    # the folder itself ("./gpt2", not the Hub's GPT-2), as remote code for AFT; as many new tokens as the
+    # model's positions leave after the prompt
+    model_id, remote = card_folder(folder.name), ", trust_remote_code=True" if is_aft else ""
+    prompt = "def fibonacci(n):"
+    config = json.loads((folder / "config.json").read_text())
+    positions = config.get("max_position_embeddings") or config["n_positions"]
+    new_tokens = max(1, min(100, positions - len(AutoTokenizer.from_pretrained(folder)(prompt)["input_ids"])))
+    usage = (
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-        f'tokenizer = AutoTokenizer.from_pretrained("{folder.name}")\n'
-        f'model = AutoModelForCausalLM.from_pretrained("{folder.name}")\n'
-        'ids = tokenizer("def fibonacci(n):", return_tensors="pt").input_ids\n'
-        "print(tokenizer.decode(model.generate(ids, max_new_tokens=100, do_sample=True, top_k=20)[0]))"
+        f"tokenizer = AutoTokenizer.from_pretrained({model_id!r}{remote})\n"
+        f"model = AutoModelForCausalLM.from_pretrained({model_id!r}{remote})\n"
+        f'ids = tokenizer("{prompt}", return_tensors="pt").input_ids\n'
+        f"print(tokenizer.decode(model.generate(ids, max_new_tokens={new_tokens}, do_sample=True, top_k=20)[0]))"
     )
+    code_note = (
+        "The model's code is saved next to its weights and loads as remote code (`trust_remote_code=True`), so no "
+        "package but these is needed:"
+        if is_aft
+        else "A plain transformers GPT-2, in this folder (not the Hub's `gpt2`):"
+    )
+    command = shlex.split(results["command"])
+    command = shlex.join(command[:1] + public_argv(command[1:], str(folder.parent), "benchmarks"))
+    threads = results["machine"]["torch_threads"]
     card = ModelCard.from_template(
         card_data,
         template_str=CARD_TEMPLATE,
@@ -1100,12 +1208,14 @@ def write_card(folder: Path, name: str, seed: int, results: dict):
         steps=row["steps"],
         parameters=f"{row['parameters']:,}",
         device=results["machine"].get("gpu")
-        or f"{results['machine']['cpus']} CPU cores ({results['machine']['torch_threads']} torch threads)",
-        row="\n".join([TABLE_HEAD, table_row(row)]),
+        or f"{results['machine']['cpus']} CPU cores ({threads} torch thread{'s' if threads != 1 else ''})",
+        row=run_table([row]),
         table=comparison_table(results),
         time_table=time_table,
+        code_note=code_note,
+        install=shlex.join(CARD_REQUIREMENTS),
         usage=usage,
-        command=results["command"],
+        command=command,
         recipe=recipe_table,
         limitations=(
             LIMITATIONS
@@ -1125,13 +1235,8 @@ COLORS |= {"aft-full": "tab:red", "vit": "black", "aft-conv-vision": "tab:green"
 
 def write_plots(results: dict, folder: Path):
     """curves.png, final.png, window_ablation.png and images.png from a results dict (skipped without matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.warning("matplotlib is not installed: no plots (pip install matplotlib).")
+    plt = pyplot()
+    if plt is None:
         return
     if "equal_steps" in results:
         plot_curves(plt, results, folder / "curves.png")
@@ -1276,7 +1381,9 @@ def main(argv=None):
     hf_logging.set_verbosity_error()
     if args.threads:
         torch.set_num_threads(args.threads)
-    Study(args, size).run()
+    # freed memory stays in the process for every model alike (allocator.py says why), unless --system_allocator
+    tuned_allocator = not args.system_allocator and keep_freed_memory()
+    Study(args, size, tuned_allocator).run()
 
 
 if __name__ == "__main__":

@@ -174,9 +174,12 @@ def check_output_dir(args):
         writable, reason = os.access(existing, os.W_OK | os.X_OK), "Permission denied"
     if not writable:
         raise InputError(f"--output_dir {output_dir}: cannot write in {existing} ({reason}): choose another folder.")
+    from training_checkpoints import LOCK, check_output_lock
+
+    check_output_lock(output_dir)  # another run writing the folder now is named, whatever else it holds
     if (
         output_dir.is_dir()
-        and any(output_dir.iterdir())
+        and any(p.name != LOCK for p in output_dir.iterdir())  # the lock of a finished run is no one's file
         and not args.overwrite_output_dir
         and not args.resume_from_checkpoint
     ):

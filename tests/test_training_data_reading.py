@@ -20,7 +20,7 @@ def scripts():
     yield from import_scripts(
         clm="run_clm",
         classification="run_image_classification",
-        pixels="run_pixel_modeling",
+        pixels="training_pixels",
         args="training_args",
         data="training_data",
     )

@@ -141,8 +141,12 @@ def test_card_generation_stays_within_the_positions(folders):
 
 
 @pytest.fixture(scope="module")
-def study_cards(tmp_path_factory):
-    lab = next(import_lab(study="study", harness="harness", data="training_data"))
+def lab():
+    yield from import_lab(study="study", harness="harness", data="training_data")
+
+
+@pytest.fixture(scope="module")
+def study_cards(lab, tmp_path_factory):
     out = tmp_path_factory.mktemp("study") / "out"
     tokenizer = lab.data.byte_tokenizer()
     row = {"steps": 2, "tokens_seen": 64, "validation_bits_per_byte": 7.9, "test_bits_per_byte": 7.8,

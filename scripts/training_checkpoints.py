@@ -29,13 +29,12 @@ import time
 import uuid
 from pathlib import Path
 
-from training_args import InputError, RunError
+from training_args import LOCK, InputError, RunError
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
 RUN_STATE = "run_state.json"
-LOCK = ".run.lock"
 # Model config fields that say nothing about the architecture or that transformers sets itself.
 CONFIG_IGNORED = {"transformers_version", "architectures", "auto_map", "dtype"}
 

@@ -942,10 +942,14 @@ class AFTForImageClassification(AFTPreTrainedModel):
 
 class AFTForImageClassificationFromAFTConfig(AFTForImageClassification):
     """What the installed package's `AutoModelForImageClassification` maps `AFTConfig` to: image folders saved by
-    aft 0.1 (model_type "aft"). `from_pretrained` reads the config as an `AFTVisionConfig` and returns an
-    `AFTForImageClassification`."""
+    aft 0.1 (model_type "aft"). Building one (`from_config`, the constructor) or loading one (`from_pretrained`)
+    reads the config as an `AFTVisionConfig` and returns an `AFTForImageClassification`, so that what is saved
+    names that class and loads as remote code (this class's config_class would not match the saved config)."""
 
     config_class = AFTConfig
+
+    def __new__(cls, config, *args, **kwargs):
+        return AFTForImageClassification(config, *args, **kwargs)
 
     @classmethod
     def from_pretrained(cls, *args, config=None, **kwargs):

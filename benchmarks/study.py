@@ -51,7 +51,7 @@ import torch
 from accelerate import Accelerator
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, set_seed
+from transformers import AutoTokenizer, PreTrainedModel, set_seed
 from transformers.utils import logging as hf_logging
 
 # The training scripts' data, tokenizer, optimizer, scheduler, metrics and evaluation code.
@@ -74,7 +74,7 @@ from training_loop import create_optimizer, create_scheduler, plan_steps
 from training_metrics import evaluate_classifier, load_metric, next_token_cross_entropy
 from training_model import count_parameters
 from training_pixels import START, image_processor, to_sequences
-from training_publish import LIMITATIONS
+from training_publish import CARD_REQUIREMENTS, LIMITATIONS, card_folder, public_argv
 
 from aft import aft_image_processor
 
@@ -1092,6 +1092,12 @@ Every figure, the learning curves and the machine's load are in the study's `res
 
 ## Usage
 
+{{ code_note }}
+
+```bash
+pip install {{ install }}
+```
+
 ```python
 {{ usage }}
 ```
@@ -1167,13 +1173,29 @@ def write_card(folder: Path, name: str, seed: int, results: dict):
     recipe_table = "\n".join(
         ["| hyper-parameter | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in recipe.items()]]
     )
-    usage = ("import aft  # registers AFT with the Auto classes\n" if is_aft else "") + (
+    # the folder itself ("./gpt2", not the Hub's GPT-2), as remote code for AFT; as many new tokens as the
+    # model's positions leave after the prompt
+    model_id, remote = card_folder(folder.name), ", trust_remote_code=True" if is_aft else ""
+    prompt = "def fibonacci(n):"
+    config = json.loads((folder / "config.json").read_text())
+    positions = config.get("max_position_embeddings") or config["n_positions"]
+    new_tokens = max(1, min(100, positions - len(AutoTokenizer.from_pretrained(folder)(prompt)["input_ids"])))
+    usage = (
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-        f'tokenizer = AutoTokenizer.from_pretrained("{folder.name}")\n'
-        f'model = AutoModelForCausalLM.from_pretrained("{folder.name}")\n'
-        'ids = tokenizer("def fibonacci(n):", return_tensors="pt").input_ids\n'
-        "print(tokenizer.decode(model.generate(ids, max_new_tokens=100, do_sample=True, top_k=20)[0]))"
+        f"tokenizer = AutoTokenizer.from_pretrained({model_id!r}{remote})\n"
+        f"model = AutoModelForCausalLM.from_pretrained({model_id!r}{remote})\n"
+        f'ids = tokenizer("{prompt}", return_tensors="pt").input_ids\n'
+        f"print(tokenizer.decode(model.generate(ids, max_new_tokens={new_tokens}, do_sample=True, top_k=20)[0]))"
     )
+    code_note = (
+        "The model's code is saved next to its weights and loads as remote code (`trust_remote_code=True`), so no "
+        "package but these is needed:"
+        if is_aft
+        else "A plain transformers GPT-2, in this folder (not the Hub's `gpt2`):"
+    )
+    command = shlex.split(results["command"])
+    command = shlex.join(command[:1] + public_argv(command[1:], str(folder.parent), "benchmarks"))
+    threads = results["machine"]["torch_threads"]
     card = ModelCard.from_template(
         card_data,
         template_str=CARD_TEMPLATE,
@@ -1186,12 +1208,14 @@ def write_card(folder: Path, name: str, seed: int, results: dict):
         steps=row["steps"],
         parameters=f"{row['parameters']:,}",
         device=results["machine"].get("gpu")
-        or f"{results['machine']['cpus']} CPU cores ({results['machine']['torch_threads']} torch threads)",
+        or f"{results['machine']['cpus']} CPU cores ({threads} torch thread{'s' if threads != 1 else ''})",
         row=run_table([row]),
         table=comparison_table(results),
         time_table=time_table,
+        code_note=code_note,
+        install=shlex.join(CARD_REQUIREMENTS),
         usage=usage,
-        command=results["command"],
+        command=command,
         recipe=recipe_table,
         limitations=(
             LIMITATIONS

@@ -24,7 +24,7 @@ import training_model
 from datasets import ClassLabel
 from training_loop import Run, create_accelerator
 from training_metrics import evaluate_classifier, load_metric
-from training_publish import CardInfo, save_outputs
+from training_publish import CARD_REQUIREMENTS, CardInfo, save_outputs
 
 from aft import AFTForImageClassification, aft_image_processor
 
@@ -70,12 +70,13 @@ def label_names(dataset, label_column: str) -> list[str]:
 CLASSIFICATION_USAGE = """from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
-classify = pipeline("image-classification", model="{model_id}")
-print(classify("digit.png"))  # a file, a URL or a PIL image, colour or grey: [{'label': ..., 'score': ...}, ...]
+image = Image.new("L", (32, 32))  # your image here: Image.open(path), colour or grey, any size
+classify = pipeline("image-classification", model={model_id}, trust_remote_code=True)
+print(classify(image))  # also a file path or a URL: [{'label': ..., 'score': ...}, ...]
 
-processor = AutoImageProcessor.from_pretrained("{model_id}")
-model = AutoModelForImageClassification.from_pretrained("{model_id}")
-inputs = processor(Image.open("digit.png").convert("RGB"), return_tensors="pt")  # the model takes RGB
+processor = AutoImageProcessor.from_pretrained({model_id}, trust_remote_code=True)
+model = AutoModelForImageClassification.from_pretrained({model_id}, trust_remote_code=True)
+inputs = processor(image.convert("RGB"), return_tensors="pt")  # the model takes RGB
 print(model.config.id2label[model(**inputs).logits.argmax(-1).item()])"""
 
 
@@ -167,6 +168,7 @@ def main(argv=None):
             f"{image_size}x{image_size} in patches of {patch_size}."
         ),
         usage=CLASSIFICATION_USAGE,
+        requirements=(*CARD_REQUIREMENTS, "pillow"),
         tags=["image-classification", "vision"],
     )
     save_outputs(run, processor, results, card)

@@ -78,7 +78,7 @@ def sample_grid(model, processor, num_samples: int, seed: int) -> Image.Image:
 PIXEL_USAGE = """import torch
 from transformers import AutoModelForCausalLM
 
-model = AutoModelForCausalLM.from_pretrained("{model_id}")
+model = AutoModelForCausalLM.from_pretrained({model_id}, trust_remote_code=True)
 start = torch.full((4, 1), model.config.bos_token_id)  # 4 images, each from the start token
 ids = model.generate(input_ids=start, max_new_tokens={length}, do_sample=True)
 images = ids[:, 1:].view(4, {shape}).to(torch.uint8)  # (N, H, W, C) sub-pixel values 0..255"""

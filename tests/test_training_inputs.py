@@ -316,8 +316,10 @@ def test_model_cards_use_no_local_path_and_name_the_base_model(folders):
 
     for folder in (folders.clm, folders.tuned, folders.digits):
         usage = usage_section(folder)
-        assert str(folder.parent) not in usage and f'from_pretrained("{folder.name}")' in usage
-    assert ModelCard.load(folders.tuned / "README.md").data.base_model == "code-lm"
+        assert (
+            str(folder.parent) not in usage and f"from_pretrained('./{folder.name}', trust_remote_code=True)" in usage
+        )
+    assert ModelCard.load(folders.tuned / "README.md").data.base_model is None  # a local folder is no Hub id
     assert ModelCard.load(folders.clm / "README.md").data.base_model is None
     # the example prompts come from the model's own data, not a fixed "def fibonacci"
     usage = usage_section(folders.clm)
@@ -329,7 +331,7 @@ def test_model_card_usage_takes_the_hub_id(scripts, text_file, tmp_path):
     args = [*TINY, "--train_file", str(text_file), "--block_size", "32", "--max_train_steps", "1"]
     scripts.clm.main([*args, "--hub_model_id", "someone/aft-code", "--output_dir", str(out)])
     usage = usage_section(out)
-    assert 'from_pretrained("someone/aft-code")' in usage and "local-name" not in usage
+    assert "from_pretrained('someone/aft-code', trust_remote_code=True)" in usage and "local-name" not in usage
 
 
 # Metrics through evaluate modules, offline
@@ -387,3 +389,29 @@ def test_classification_reports_accuracy_top_k_and_a_metric_of_choice(scripts, f
     mine = json.loads((out / "all_results.json").read_text())
     assert mine["eval_error_rate"] == pytest.approx(1 - results["eval_accuracy"])  # the same run, another metric
     assert mine["eval_top_5_accuracy"] == results["eval_top_5_accuracy"] and "eval_accuracy" not in mine
+
+
+# Progress bars
+
+
+def test_a_run_that_fails_while_training_leaves_no_progress_bar_open(scripts, text_file, tmp_path, monkeypatch):
+    """A bar left open prints its line whenever it is garbage-collected: in a test session, after the summary."""
+    from tqdm import tqdm
+
+    loop = sys.modules["training_loop"]
+    steps = []
+
+    def fails_at_the_second_step(value):
+        steps.append(value)
+        if len(steps) == 2:
+            raise RuntimeError("a step fails")
+        return loop_as_loss_and_terms(value)
+
+    loop_as_loss_and_terms = loop.as_loss_and_terms
+    monkeypatch.setattr(loop, "as_loss_and_terms", fails_at_the_second_step)
+    argv = [*TINY, "--train_file", text_file, "--block_size", "32", "--max_train_steps", "3"]
+    with pytest.raises(RuntimeError, match="a step fails") as failure:
+        scripts.clm.main([*map(str, argv), "--output_dir", str(tmp_path / "out")])
+    # the traceback keeps the loop's frame alive, as a test report or a debugger does
+    assert failure.value.__traceback__ is not None
+    assert not [bar for bar in tqdm._instances if bar.total == 3 and not bar.disable]

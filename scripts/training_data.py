@@ -198,9 +198,12 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 # Each message is "role: content" ended by eos, as every training document ends; a generation prompt opens the
-# assistant's turn, so generate() stops at the eos that closes it. It uses only the tokenizer's own special tokens.
+# assistant's turn, so generate() stops at the eos that closes it. It uses only the tokenizer's own special tokens;
+# the `{% generation %}` markers are what TRL's assistant-only loss counts (the answer and its eos).
 CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + eos_token }}{% endfor %}"
+    "{% for message in messages %}{% if message['role'] == 'assistant' %}"
+    "{{ 'assistant: ' }}{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}"
+    "{% else %}{{ message['role'] + ': ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
 )
 

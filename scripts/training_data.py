@@ -10,6 +10,7 @@ byte-level and BPE tokenizers, images (scikit-learn's digits, image folders, the
 
 import codecs
 import logging
+import math
 import sysconfig
 from itertools import chain
 from pathlib import Path
@@ -170,13 +171,25 @@ def load_text_datasets(args) -> DatasetDict:
     elif args.train_file:  # checked by check_text_files at start-up
         files = {"train": args.train_file, **({"validation": args.validation_file} if args.validation_file else {})}
         builder = TEXT_BUILDERS[Path(args.train_file).suffix.lstrip(".").lower()]
-        raw = load_dataset(builder, data_files=files)
+        try:
+            raw = load_dataset(builder, data_files=files)
+        except (datasets.exceptions.DatasetGenerationError, ValueError) as error:  # pyarrow's errors are ValueErrors
+            cause = error.__cause__ or error
+            names = " or ".join(str(path) for path in files.values())
+            raise InputError(f"{names} cannot be read as {builder}: {str(cause).splitlines()[0]}") from error
     else:
         raw = stdlib_corpus()
     for split in raw:
         check_texts(raw[split], args, split)
     if "validation" not in raw:
-        split = raw["train"].train_test_split(test_size=args.validation_split_percentage / 100, seed=args.seed)
+        share = args.validation_split_percentage / 100
+        if math.ceil(len(raw["train"]) * share) >= len(raw["train"]):  # datasets holds out the ceiling
+            raise InputError(
+                f"the training data has {len(raw['train']):,} record(s), too few to hold out "
+                f"--validation_split_percentage {args.validation_split_percentage:g} for validation and train on the "
+                "rest: give more text, or a --validation_file."
+            )
+        split = raw["train"].train_test_split(test_size=share, seed=args.seed)
         raw = DatasetDict({"train": split["train"], "validation": split["test"]})
     for split in ("train", "validation"):
         if len(raw[split]) == 0:

@@ -123,6 +123,25 @@ def test_null_empty_and_blank_texts_are_refused_by_row(scripts, tmp_path, capsys
     assert not (out / "model.safetensors").exists()
 
 
+@pytest.mark.parametrize(
+    "name, content, expected",
+    [
+        # pyarrow's own words end the line ("JSON parse error: ..."), after the file's name
+        ("broken.json", b'{"text": "abc"}\n{broken', "Missing a name for object member. in row 1"),
+        ("broken.parquet", b"PAR1 not a parquet file", "cannot be read as parquet: "),
+        ("one-line.txt", b"def f(): pass\n", "has 1 record(s), too few to hold out --validation_split_percentage 5"),
+    ],
+)
+def test_unreadable_or_too_small_text_data_is_one_line(scripts, tmp_path, capsys, name, content, expected):
+    path = tmp_path / name
+    path.write_bytes(content)
+    out = tmp_path / "out"
+    argv = ["--preset", "tiny", "--train_file", str(path), "--block_size", "8", "--output_dir", str(out)]
+    stderr = one_line_error(scripts, lambda: scripts.clm.main(argv), capsys)
+    assert expected in stderr, stderr
+    assert not (out / "model.safetensors").exists()
+
+
 def test_blank_lines_between_texts_of_a_text_file_are_kept(scripts, tmp_path):
     path = tmp_path / "paragraphs.txt"
     path.write_text("".join(f"def add_{i}(a, b):\n    return a + b\n\n" for i in range(300)))

@@ -70,6 +70,17 @@ def add_training_args(parser: argparse.ArgumentParser, *, learning_rate: float, 
     group.add_argument("--max_eval_samples", type=int, default=None, help="truncate the evaluation set.")
     group.add_argument("--dataloader_num_workers", type=int, default=0)
     group.add_argument(
+        "--mixed_precision",
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="autocast the forward passes (bf16 also on a CPU); default: what `accelerate launch` or its config sets.",
+    )
+    group.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="recompute each block's activations in the backward pass instead of keeping them (less memory).",
+    )
+    group.add_argument(
         "--system_allocator",
         action="store_true",
         help="on a CPU, leave glibc's memory settings as they are (default: freed memory stays in the process, "

@@ -63,6 +63,7 @@ def create_accelerator(args) -> Accelerator:
     the main process has locked --output_dir for this run (InputError naming the run writing it, if any)."""
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=getattr(args, "mixed_precision", None),
         log_with=args.report_to if args.with_tracking else None,
         project_dir=args.output_dir,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # one shuffle order per epoch
@@ -194,6 +195,9 @@ class Run:
                 f"{args.per_device_train_batch_size}: lower --per_device_train_batch_size or add data."
             )
         model_config = model_identity(model.config)  # as built: a forward pass may still set fields
+        if getattr(args, "gradient_checkpointing", False):
+            # transformers 5.22 renamed the method; the floor has only the old name
+            (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
         optimizer = create_optimizer(model, args)
         model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
             model, optimizer, train_dataloader, eval_dataloader

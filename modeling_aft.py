@@ -240,6 +240,21 @@ class AFTFullCacheLayer:
         return sum(x[:, :filled].numel() * x.element_size() for x in self.buffers)
 
 
+def _state_fields(config: AFTConfig) -> dict:
+    """The config fields that decide the shape and meaning of a model's decoding state: a cache made for other
+    values belongs to another model."""
+    variant = AFT_VARIANTS[config.aft_variant]
+    fields = {"num_hidden_layers": config.num_hidden_layers, "aft_variant": config.aft_variant}
+    fields["hidden_size"] = config.hidden_size
+    if variant.key_per_head:
+        fields["num_heads"] = config.num_heads
+    if variant.window_field is not None:
+        fields[variant.window_field] = getattr(config, variant.window_field)
+    if variant.position_bias:
+        fields["position_bias_rank"] = config.position_bias_rank
+    return fields
+
+
 class AFTCache(Cache):
     """The decoding state of every layer of an AFT model, as a transformers `Cache` (what generate() creates,
     reorders for beam search, selects and continues).
@@ -255,6 +270,7 @@ class AFTCache(Cache):
             AFTFullCacheLayer(max_cache_len) if appends else AFTCacheLayer() for _ in range(config.num_hidden_layers)
         ]
         super().__init__(layers=layers)
+        self.state_fields = _state_fields(config)
         # Tensors, so that a compiled step advances them in place: the positions seen (padding included) and, per
         # row, the position id of the next token (the real tokens seen: left padding does not shift positions).
         self.seen = torch.zeros((), dtype=torch.long)
@@ -460,6 +476,21 @@ def _vision_config(config: AFTPreTrainedConfig) -> AFTVisionConfig:
     return AFTVisionConfig(**fields)
 
 
+def _next_positions(position_ids, mask, previous, B: int) -> torch.Tensor:
+    """Each row's position id after this call: one past its last real token, or `previous` (None: 0) for a row
+    whose tokens here are all padding, so that padding never advances a row's positions. position_ids (B|1, T),
+    mask (B, T) or None -> (B,) long. No host value is read (a compiled decoding step runs it too)."""
+    if previous is None:
+        previous = torch.zeros(B, dtype=torch.long, device=position_ids.device)
+    if position_ids.shape[-1] == 0:
+        return previous
+    if mask is None:
+        return (position_ids[:, -1] + 1).expand(B)
+    real = mask.bool()
+    last = torch.where(real, position_ids + 1, 0).amax(-1)
+    return torch.where(real.any(-1), last, previous)
+
+
 class AFTModel(AFTPreTrainedModel):
     """The bare causal AFT decoder: token (and optional absolute position) embeddings, AFT blocks, final norm."""
 
@@ -517,6 +548,14 @@ class AFTModel(AFTPreTrainedModel):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
         if cache is not None and not isinstance(cache, AFTCache):
             raise TypeError(f"The cache must be an AFTCache, got {type(cache).__name__}.")
+        if cache is not None and cache.state_fields != _state_fields(self.config):
+            ours = _state_fields(self.config)
+            differ = [k for k in {**ours, **cache.state_fields} if cache.state_fields.get(k) != ours.get(k)]
+            raise ValueError(
+                "The cache was made for another model: "
+                + ", ".join(f"its {k}={cache.state_fields.get(k)!r}, this model's {ours.get(k)!r}" for k in differ)
+                + ". Pass AFTCache(model.config) of this model, or no cache."
+            )
         B, T = input_ids.shape[:2] if input_ids is not None else inputs_embeds.shape[:2]
         if cache is not None and cache.batch_size not in (-1, B):
             raise ValueError(
@@ -556,8 +595,7 @@ class AFTModel(AFTPreTrainedModel):
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
         if cache is not None and use_cache:
-            after = position_ids[:, -1] + 1 if T else (cache.next_position if cache.next_position is not None else 0)
-            cache.advance(T, torch.as_tensor(after, device=device).expand(B))
+            cache.advance(T, _next_positions(position_ids, mask, cache.next_position, B))
         cache = cache if use_cache else None
 
         if not return_dict:

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .ops_aft_2d import aft_conv_2d, aft_local_2d, conv_kernel_2d
-from .ops_aft_core import NEG, AFTState, empty_state, mask_keys
+from .ops_aft_core import NEG, AFTState, empty_state, mask_inputs, mask_keys
 from .ops_aft_full import (
     FullState,
     aft_full_chunk,
@@ -205,8 +205,8 @@ AFT_VARIANTS = {
 
 
 def _appended_full_state(k, v, pos_v, mask):
-    k = mask_keys(k, mask)
-    return full_state(k, v.to(k.dtype), pos_v.to(k.dtype).expand(k.shape[0], -1, -1))
+    k, v = mask_inputs(k, v, mask)
+    return full_state(k, v, pos_v.to(k.dtype).expand(k.shape[0], -1, -1))
 
 
 _OPERATORS: dict[tuple[str, str], AFTOperator] = {}
@@ -265,6 +265,7 @@ __all__ = [
     "INIT_NORMAL",
     "INIT_POSITION_BIAS",
     "INIT_ZEROS",
+    "mask_inputs",
     "mask_keys",
     "NEG",
     "AFTOperator",

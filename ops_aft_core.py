@@ -11,6 +11,14 @@ Numerics: everything is computed in float32 (float64 stays float64). Every expon
 reference that is at least the largest logit it scales, so nothing overflows, and references are per position or
 per chunk of positions, never one global max, so nothing underflows to 0/0. Padding keys are the finite `NEG`
 rather than -inf, so that NEG - NEG == 0 instead of NaN.
+
+Keys and values that are not finite, the same in every form (chunked, exact, naive, recurrent, with or without a
+state): a key of -inf is a position of weight 0, exactly as padding (`mask_keys`), and a position of weight 0
+contributes nothing whatever its value, NaN included (`mask_inputs`). A NaN or +inf key, or a NaN or infinite
+value, at position t makes the outputs that read it (from t on, in the channels it enters) NaN or infinite, and
+changes nothing before t, to the last bit: the fast forms detect such an input after their work and take the rows
+before it from the same inputs with it replaced (`finite_inputs`, `finite_prefix`), the rows from it on from their
+exact twin. Without causality (a grid, causal=False) every row reads every position.
 """
 
 from typing import NamedTuple
@@ -40,22 +48,64 @@ def acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
+def is_real(keys: torch.Tensor) -> torch.Tensor:
+    """Whether a key belongs to a real position (padding and empty slots are NEG)."""
+    return keys > NEG / 2
+
+
+def not_empty(reference: torch.Tensor) -> torch.Tensor:
+    """Whether a running reference (a largest key so far) is not the empty one: True after a real key, and after a
+    NaN, so that a NaN reaches the outputs from its position on rather than reading as "only padding so far"."""
+    return ~(reference <= NEG / 2)
+
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None):
+    """A clear error, before any work, when q, k, v (and the mask) do not have the layout every form takes."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dim() != 4:
+            raise ValueError(f"`{name}` has shape {tuple(x.shape)}; expected 4 dimensions (batch, time, heads, dim).")
+    B, T, H, Dv = v.shape
+    if tuple(q.shape) != (B, T, H, Dv):
+        raise ValueError(f"`q` has shape {tuple(q.shape)} and `v` {tuple(v.shape)}: they must be the same.")
+    if tuple(k.shape[:3]) != (B, T, H) or k.shape[3] not in (Dv, 1):
+        raise ValueError(
+            f"`k` has shape {tuple(k.shape)}; with `v` of shape {tuple(v.shape)} it must be ({B}, {T}, {H}, {Dv}) "
+            f"(a key per channel) or ({B}, {T}, {H}, 1) (a key per head)."
+        )
+    if mask is not None and tuple(mask.shape) != (B, T):
+        raise ValueError(f"`mask` has shape {tuple(mask.shape)}; expected (batch, time) = ({B}, {T}).")
+
+
 def mask_keys(k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """k in the accumulation dtype, with padding keys set to NEG."""
-    k = k.to(acc_dtype(k))
+    """k in the accumulation dtype, with padding keys and -inf keys set to NEG: a key of -inf is a position of
+    weight 0, as padding is (NaN and +inf stay as they are)."""
+    k = k.to(acc_dtype(k)).clamp(min=NEG)
     if mask is None:
         return k
     return torch.where(mask.bool()[:, :, None, None], k, torch.full_like(k, NEG))
 
 
+def mask_inputs(k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
+    """`mask_keys`, and v in the same dtype with 0 at every position of weight 0 (padding, a -inf key): such a
+    position adds nothing to either sum whatever its value (0 * v would be NaN for a NaN or infinite value)."""
+    k = mask_keys(k, mask)
+    return k, torch.where(is_real(k), v.to(k.dtype), 0.0)
+
+
+def finite_prefix(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(B, T, H, Dv) bool: the rows of each output channel before the first NaN or infinite key or value it reads."""
+    finite = torch.isfinite(k) & torch.isfinite(v)
+    return finite.to(torch.uint8).cummin(1).values.bool()
+
+
+def finite_inputs(k: torch.Tensor, v: torch.Tensor):
+    """k and v with every NaN or infinite entry replaced by 0."""
+    return tuple(torch.where(torch.isfinite(x), x, 0.0) for x in (k, v))
+
+
 def gate(q: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """sigma_q(Q) * y, returned in the dtype of q."""
     return (q.to(y.dtype) * y).to(q.dtype)
-
-
-def is_real(keys: torch.Tensor) -> torch.Tensor:
-    """Whether a key belongs to a real position (padding and empty slots are NEG)."""
-    return keys > NEG / 2
 
 
 def keys_out_of_range(keys_max: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

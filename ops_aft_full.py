@@ -21,11 +21,15 @@ import torch.nn.functional as F
 
 from .ops_aft_core import (
     NEG,
+    check_inputs,
     combine,
+    finite_inputs,
+    finite_prefix,
     gate,
     is_real,
     keys_out_of_range,
-    mask_keys,
+    mask_inputs,
+    not_empty,
     reference_or_first_key,
     sums_underflow,
 )
@@ -41,20 +45,33 @@ def aft_full_chunk(
 ):  # fmt: skip
     """AFT-full with w_{t,t'} = pos_u[t] . pos_v[t']; pos_u, pos_v: (B|1, T, R). Causal: blocks of `block_size` rows;
     non-causal: one matrix product (every row sees the largest key and its own row max, so nothing underflows)."""
-    k, v, pos_u, pos_v, keys_pos, before = _inputs(k, v, pos_u, pos_v, mask, initial_state, causal, output_final_state)
+    k, v, pos_u, pos_v, keys_pos, before = _inputs(
+        q, k, v, pos_u, pos_v, mask, initial_state, causal, output_final_state
+    )
     if k.shape[1] == before or k.shape[0] == 0:  # nothing to compute
         y = v.new_zeros(v[:, before:].shape)
     elif not causal:
         y = _noncausal(k, v, pos_u, pos_v)
     else:
-        y = _full_blocked(k, v, pos_u, keys_pos, before, block_size)
-        if y is None:  # a key far above those before it, or w and the keys both spread far: the tree
+        y, finite = _full_blocked(k, v, pos_u, keys_pos, before, block_size)
+        if not finite:
+            # A NaN or infinite key or value would reach the earlier rows of its block as 0 * NaN in the product:
+            # the rows before it come from the inputs with it replaced (nothing before a position depends on it),
+            # the rows from it on from the tree, whose sums only ever look back.
+            clean, _ = _full_blocked(*finite_inputs(k, v), pos_u, keys_pos, before, block_size)
+            tree = _full_tree(k, v, pos_u, keys_pos, before)
+            if clean is None:
+                clean = _full_tree(*finite_inputs(k, v), pos_u, keys_pos, before)
+            y = torch.where(finite_prefix(k, v)[:, before:], clean, tree)
+        elif y is None:  # a key far above those before it, or w and the keys both spread far: the tree
             y = _full_tree(k, v, pos_u, keys_pos, before)
     return _finish(q, y, k, v, keys_pos, before, output_final_state, causal)
 
 
 def aft_full_exact(q, k, v, pos_u, pos_v, *, causal=True, mask=None, initial_state=None, output_final_state=False):
-    k, v, pos_u, pos_v, keys_pos, before = _inputs(k, v, pos_u, pos_v, mask, initial_state, causal, output_final_state)
+    k, v, pos_u, pos_v, keys_pos, before = _inputs(
+        q, k, v, pos_u, pos_v, mask, initial_state, causal, output_final_state
+    )
     if k.shape[1] == before or k.shape[0] == 0:  # nothing to compute
         y = v.new_zeros(v[:, before:].shape)
     else:
@@ -74,8 +91,8 @@ def aft_full_recurrent(q, k, v, pos_u, pos_v, *, causal=True, mask=None, initial
     """
     if not causal:
         raise ValueError("The recurrent form is causal: pass causal=True.")
-    k = mask_keys(k, mask)
-    v = v.to(k.dtype)
+    check_inputs(q, k, v, mask)
+    k, v = mask_inputs(k, v, mask)
     B, T = k.shape[:2]
     pos_u, pos_v = pos_u.to(k.dtype).expand(B, -1, -1), pos_v.to(k.dtype).expand(B, -1, -1)
     past = full_state(k[:, :0], v[:, :0], pos_v[:, :0]) if initial_state is None else initial_state
@@ -86,7 +103,7 @@ def aft_full_recurrent(q, k, v, pos_u, pos_v, *, causal=True, mask=None, initial
     for t in range(T):
         parts = [_pool(past, pos_u[:, t]), _pool(FullState(*(x[:, : t + 1] for x in new)), pos_u[:, t])]
         m, n, z = combine(*parts[0], *parts[1])
-        seen = is_real(m) & (z > 0)  # z = 0: only padding so far (or a channel too far below: it counts as 0)
+        seen = not_empty(m) & (z != 0)  # z = 0: only padding so far (or a channel too far below: it counts as 0)
         ys.append(torch.where(seen, n / torch.where(seen, z, 1.0), 0.0))
     y = torch.stack(ys, 1) if ys else v.new_zeros(v.shape)
     state = FullState(*(torch.cat([a, b], 1) for a, b in zip(past, new, strict=True))) if output_final_state else None
@@ -153,13 +170,13 @@ def _pool(state: FullState, u):
     return m[..., None], out[..., :Dk], out[..., Dk:]
 
 
-def _inputs(k, v, pos_u, pos_v, mask, initial_state, causal, output_final_state):
+def _inputs(q, k, v, pos_u, pos_v, mask, initial_state, causal, output_final_state):
     """Mask the keys and put the state's positions before the sequence. Returns k, v over S + T positions, the
     rows' pos_u (B|1, T, R), pos_v of the sequence, the keys' pos_v (B|1, S + T, R) and S."""
     if output_final_state and not causal:
         raise ValueError("output_final_state is the state after a causal sequence: pass causal=True.")
-    k = mask_keys(k, mask)
-    v = v.to(k.dtype)
+    check_inputs(q, k, v, mask)
+    k, v = mask_inputs(k, v, mask)
     pos_u, pos_v = pos_u.to(k.dtype), pos_v.to(k.dtype)
     keys_pos, before = pos_v, 0
     if initial_state is not None:
@@ -176,7 +193,7 @@ def _inputs(k, v, pos_u, pos_v, mask, initial_state, causal, output_final_state)
 def _finish(q, y, k, v, keys_pos, before, output_final_state, causal=True):
     """Causal rows that have seen only padding are 0; the state is every position."""
     if causal:
-        seen = is_real(torch.cummax(k[..., :1, :1], 1).values[:, before:])  # (B, T, 1, 1)
+        seen = not_empty(torch.cummax(k[..., :1, :1], 1).values[:, before:])  # (B, T, 1, 1)
         y = torch.where(seen, y, torch.zeros_like(y))
     state = full_state(k, v, keys_pos.expand(k.shape[0], -1, -1)) if output_final_state else None
     return gate(q, y), state
@@ -204,7 +221,8 @@ def _full_blocked(k, v, pos_u, keys_pos, before: int, Bs: int):
     row's terms include one of at least e^{-spread of w}. Two things can go wrong, and both are detected after all
     the work: a key more than KEY_RANGE above c inside the block (e^{k - c} could overflow), and a denominator too
     close to underflow on a row that has seen a real key (w and the keys both spread over more than ~60). Then this
-    returns None and the caller uses the tree. Returns y (B, T, H, D) or None.
+    returns None and the caller uses the tree. Returns y (B, T, H, D) or None, and whether every key and value
+    was finite (if not, y is None).
     """
     B, N, H, D = k.shape
     T = N - before
@@ -242,11 +260,14 @@ def _full_blocked(k, v, pos_u, keys_pos, before: int, Bs: int):
             out.append((e @ x.flatten(2)).view(B, Bs, H, 2 * D))
     out = torch.cat(out, tdim)
     num, den = (out.transpose(0, 1) if shared else out).split(D, -1)  # (B, nb * Bs, H, D)
-    # 3. the checks, then n / z (rows that have seen only padding have z = 0 and n = 0)
-    if bool(overflow | sums_underflow(den, seen)):  # one data-dependent branch, after all the work
-        return None
+    # 3. the checks, then n / z (rows that have seen only padding have z = 0 and n = 0). The last block's columns
+    # hold every key and value: they sum to a finite number only if all of them are finite.
+    finite = torch.isfinite(x.sum(tdim)).all()
+    declined, finite = torch.stack([overflow | sums_underflow(den, seen), finite]).tolist()  # one synchronisation
+    if declined or not finite:
+        return None, finite
     y = num / torch.where(seen, den, torch.ones_like(den))
-    return y[:, :T]
+    return y[:, :T], True
 
 
 def _full_tree(k, v, pos_u, keys_pos, before: int):

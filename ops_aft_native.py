@@ -10,11 +10,17 @@ passes over each unit). Large outputs are advised onto huge pages (Linux), so th
 Everything else is the torch form (`aft_simple_chunk`), which this form is tested against: training (any input that
 needs a gradient), non-causal calls, float64, one key per head, a device other than the CPU, torch.compile's
 tracing, and any machine where the kernel cannot be built. The kernel is C, compiled on first use with the
-machine's C compiler (`CC`, else cc, gcc or clang) and kept in `AFT_NATIVE_CACHE` (default
-~/.cache/aft-native), written under a temporary name and renamed, so that a build killed half-way leaves nothing
-that loads (a cache that cannot be written, or whose disk is full, builds in a temporary folder instead). A build
-that fails, or a library that fails its check against the torch form on a small input, is reported once as a
-warning and the torch form is used.
+machine's C compiler (`CC`, which may carry arguments, else cc, gcc or clang) and kept in `AFT_NATIVE_CACHE`
+(default ~/.cache/aft-native), written under a temporary name and renamed, so that a build killed half-way leaves
+nothing that loads (a cache that cannot be written, or whose disk is full, builds in a temporary folder instead).
+
+Loading a library runs its code, so only what this process's user built is loaded: the cache folder is created
+0700 and refused when another user owns it or others may write to it; a library is named by the SHA-256 of its
+bytes, which a record beside it holds, and is hashed again before it is loaded (a file planted under the name, or a
+corrupt one, is built again). The content-addressed name also makes a rebuilt library load afresh in a process
+that loaded an older one (the dynamic loader keeps what it loaded under a path). A compiler that hangs is killed
+after a few seconds. A refused cache, a missing compiler, a build that fails, or a library that fails its check
+against the torch form on a small input, is reported once as a warning and the torch form is used.
 """
 
 import atexit
@@ -23,7 +29,10 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
+import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -84,8 +93,9 @@ static void scan(const float *restrict q, long qt, const float *restrict k, long
             float up = (float)(d > 0.0f) * real;                    /* a new running max: rescale the pool */
             float e = real * (up + (1.0f - up) * x);
             float s = up * x + (1.0f - up);
-            m[c] = up * kk + (1.0f - up) * mm;
-            float nn = n[c] * s + e * vr[c] + (kk - kk);            /* a NaN or inf key: NaN from here on */
+            m[c] = up > 0.0f ? kk : mm;                             /* a select: 0 * -inf would be NaN */
+            float bad = kk < NEG_HALF ? 0.0f : kk - kk;             /* a NaN or +inf key: NaN from here on */
+            float nn = n[c] * s + e * vr[c] + bad;                  /* (-inf is a key of weight 0) */
             float zz = z[c] * s + e;
             n[c] = nn;
             z[c] = zz;
@@ -145,21 +155,49 @@ FLAGS = ["-O3", "-fPIC", "-shared", "-pthread", "-fno-math-errno", "-fno-trappin
 # Below this many elements one thread does it all (starting threads costs more than they save).
 THREAD_ELEMENTS = 2**16
 
+# Seconds a compiler may take to say its version, and to build the kernel (about a second on an idle machine).
+VERSION_TIMEOUT = 10
+BUILD_TIMEOUT = 60
+
 _library = None  # the loaded kernel, or the reason there is none (str)
 
 
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return shutil.which(name)
+def _compiler() -> list[str] | None:
+    """The compiler's command (its path, then any arguments CC carries); None when there is none. A CC that names
+    no command is an error, not a reason to use another compiler."""
+    if os.environ.get("CC", "").strip():
+        cc = os.environ["CC"]
+        words = shlex.split(cc)
+        found = shutil.which(words[0])
+        if found is None:
+            raise RuntimeError(f"CC={cc!r} is not a command (unset CC to use cc, gcc or clang)")
+        return [found, *words[1:]]
+    for name in ("cc", "gcc", "clang"):
+        if shutil.which(name):
+            return [shutil.which(name)]
     return None
 
 
-def _machine_key(cc: str) -> str:
+def _run(command: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run `command` in a session of its own, killed with everything it started after `timeout` seconds (a wrapper
+    script's child would otherwise keep the pipes open, and the caller waiting, after the wrapper is killed)."""
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:  # fmt: skip
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise RuntimeError(f"{shlex.join(command)[:200]} did not finish within {timeout} s") from None
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+def _machine_key(cc: list[str]) -> str:
     """What the library depends on: the source, the flags, the compiler and this CPU's instruction set."""
-    parts = [_SOURCE, " ".join(FLAGS), cc, platform.machine(), platform.system()]
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        parts.append(subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout)
+    parts = [_SOURCE, " ".join(FLAGS), *cc, platform.machine(), platform.system()]
+    with contextlib.suppress(OSError):
+        parts.append(_run([*cc, "--version"], VERSION_TIMEOUT).stdout)
     with contextlib.suppress(OSError):  # -march=native: a library built on another CPU must not be loaded here
         parts += [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")][:1]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24]
@@ -172,45 +210,96 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "aft-native"
 
 
-def _writable_dir() -> Path:
+def _check_private(folder: Path) -> None:
+    """Refuse a folder another user owns or others may write to: a library planted there would run as this user."""
+    info = folder.stat()
+    mode = stat.S_IMODE(info.st_mode)
+    if info.st_uid != os.getuid() or mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise PermissionError(
+            f"the cache folder {folder} is not this user's own (owner uid {info.st_uid}, mode {mode:04o}; "
+            f"this user is uid {os.getuid()}): a library there could have been put by another. Use a folder only "
+            "you can write (chmod go-w, or AFT_NATIVE_CACHE)"
+        )
+
+
+def _cache() -> Path | None:
+    """The cache folder, created 0700 (None when it cannot be created: a read-only parent, a file there)."""
     folder = cache_dir()
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # the umask can only take rights away
+    except OSError:
+        return None
+    if not folder.is_dir():
+        return None
+    _check_private(folder)
+    return folder
+
+
+def _writable(folder: Path | None) -> Path:
+    """`folder` when a library can be written there, else a folder of this process's own."""
+    if folder is not None:
+        with contextlib.suppress(OSError), tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
             return folder
-    except OSError:  # a read-only cache: build in a folder of this process's own
-        return _own_dir()
+    return _own_dir()
 
 
 def _own_dir() -> Path:
-    """A temporary folder of this process's own, removed at its exit."""
+    """A temporary folder of this process's own (0700), removed at its exit."""
     own = tempfile.mkdtemp(prefix="aft-native-")
     atexit.register(shutil.rmtree, own, True)
     return Path(own)
 
 
-def _build(cc: str, target: Path) -> None:
-    """Compile into a temporary file beside `target`, then rename it over `target` (atomic: no half library)."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}-", suffix=".so")
-    os.close(fd)
-    src = Path(tmp).with_suffix(".c")
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _library_path(folder: Path, key: str, digest: str) -> Path:
+    return folder / f"aft_native_{key}_{digest[:32]}.so"
+
+
+def _record_path(folder: Path, key: str) -> Path:
+    return folder / f"aft_native_{key}.sha256"
+
+
+def _build(cc: list[str], folder: Path, key: str) -> tuple[Path, str]:
+    """Compile in a temporary folder inside `folder`, then rename the library to its content-addressed name there
+    (atomic: no half library under a name that loads). -> (its path, its SHA-256)."""
+    work = Path(tempfile.mkdtemp(dir=folder, prefix=f".aft_native_{key}-"))
     try:
+        src, out = work / "aft_native.c", work / "aft_native.so"  # fixed names: the same source, the same bytes
         src.write_text(_SOURCE)
         errors = ""
         for extra in (["-march=native"], []):  # some compilers refuse -march=native
-            done = subprocess.run([cc, *FLAGS, *extra, "-o", tmp, str(src)], capture_output=True, text=True,
-                                  timeout=300)  # fmt: skip
+            done = _run([*cc, *FLAGS, *extra, "-o", str(out), str(src)], BUILD_TIMEOUT)
             if done.returncode == 0:
-                os.replace(tmp, target)
-                return
+                digest = _sha256(out)
+                target = _library_path(folder, key, digest)
+                os.replace(out, target)
+                return target, digest
             errors = done.stderr.strip()[-2000:]
-        raise RuntimeError(f"{cc} failed: {errors}")
+        raise RuntimeError(f"{shlex.join(cc)} failed: {errors}")
     finally:
-        for path in (Path(tmp), src):
-            path.unlink(missing_ok=True)
+        shutil.rmtree(work, ignore_errors=True)
 
 
-def _load(path: Path):
+def _record(folder: Path, key: str, digest: str) -> None:
+    """Write which library was built and checked (after the library, atomically); a cache that cannot take it
+    simply builds again next time."""
+    with contextlib.suppress(OSError):
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".record-")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(digest + "\n")
+            os.replace(tmp, _record_path(folder, key))
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def _load(path: Path, digest: str):
+    """dlopen `path` if its bytes still hash to `digest` (else RuntimeError, before any of its code runs)."""
+    if _sha256(path) != digest:
+        raise RuntimeError(f"{path} is not the library that was built (its SHA-256 differs from the record)")
     lib = ctypes.CDLL(str(path))
     if lib.aft_native_version() != KERNEL_VERSION:
         raise RuntimeError(f"{path} is kernel version {lib.aft_native_version()}, not {KERNEL_VERSION}")
@@ -266,25 +355,28 @@ def _find_or_build():
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install cc, gcc or clang)")
-    name = f"aft_native_{_machine_key(cc)}.so"
-    cached = cache_dir() / name
-    if cached.is_file():
-        try:
-            lib = _load(cached)
-            _self_check(lib)
-            return lib
-        except (OSError, RuntimeError, AttributeError):
-            pass  # a corrupt or foreign file: build again (beside it when the folder can be written)
-    target = _writable_dir() / name
+    key = _machine_key(cc)
+    cache = _cache()
+    if cache is not None:
+        with contextlib.suppress(OSError, ValueError, RuntimeError, AttributeError):
+            digest = _record_path(cache, key).read_text().strip()
+            if len(digest) == 64:
+                lib = _load(_library_path(cache, key, digest), digest)
+                _self_check(lib)
+                return lib
+        # no record, or a corrupt, foreign or failing library: build again (beside it when the folder can be written)
+    folder = _writable(cache)
     try:
-        _build(cc, target)
-    except (OSError, RuntimeError):
-        if target.parent != cache_dir():
+        path, digest = _build(cc, folder, key)
+    except (OSError, RuntimeError) as error:
+        if folder == cache and "did not finish" not in str(error):
+            folder = _own_dir()  # the cache's disk may be full: once more in a folder of this process's own
+            path, digest = _build(cc, folder, key)
+        else:
             raise
-        target = _own_dir() / name  # the cache's disk may be full: once more in a folder of this process's own
-        _build(cc, target)
-    lib = _load(target)
+    lib = _load(path, digest)
     _self_check(lib)
+    _record(folder, key, digest)
     return lib
 
 

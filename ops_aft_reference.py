@@ -10,7 +10,7 @@ and the `*_naive_2d` forms are the image forms over a patch grid.
 import torch
 
 from .ops_aft_2d import grid_window_index
-from .ops_aft_core import NEG, acc_dtype, causal_state, mask_keys, prepend_state
+from .ops_aft_core import NEG, acc_dtype, causal_state, check_inputs, mask_inputs, prepend_state
 from .ops_aft_full import full_bias, full_state, keys_and_values
 
 
@@ -30,7 +30,8 @@ def aft_reference(q, k, v, w=None, *, causal: bool, mask=None):
     empty = ~allowed.any(-1, keepdim=True)  # rows that see only padding: defined as 0
     logits = logits.expand(B, T, T, H, k.shape[-1]).masked_fill(~(allowed | empty)[..., None, None], float("-inf"))
     p = torch.softmax(logits, dim=2)  # over t'
-    y = (p * v.to(dtype)[:, None]).sum(2)  # (B, T, H, Dv)
+    # only the allowed terms: a NaN or infinite value at a position a row may not see never reaches it as 0 * v
+    y = torch.where(allowed[..., None, None], p * v.to(dtype)[:, None], 0.0).sum(2)  # (B, T, H, Dv)
     y = torch.where(empty[..., None], torch.zeros_like(y), y)
     return (q.to(dtype) * y).to(q.dtype)
 
@@ -109,8 +110,8 @@ def _naive(q, k, v, bias, slots, pos_u, pos_v, causal, mask, initial_state, outp
     `full` (every position)."""
     if (initial_state is not None or output_final_state) and not causal:
         raise ValueError("States belong to causal sequences: pass causal=True.")
-    k = mask_keys(k, mask)
-    v = v.to(k.dtype)
+    check_inputs(q, k, v, mask)
+    k, v = mask_inputs(k, v, mask)
     if pos_u is not None:
         pos_u, pos_v = pos_u.to(k.dtype), pos_v.to(k.dtype)
     before = 0

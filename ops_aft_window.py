@@ -23,13 +23,17 @@ from .ops_aft_core import (
     NEG,
     AFTState,
     causal_state,
+    check_inputs,
     combine,
     empty_state,
     exp_,
+    finite_inputs,
+    finite_prefix,
     gate,
     is_real,
     keys_out_of_range,
-    mask_keys,
+    mask_inputs,
+    not_empty,
     prefix_pool,
     prepend_state,
     reference_or_first_key,
@@ -201,8 +205,8 @@ def _parallel(solve, q, k, v, window: _Window, causal, mask, initial_state, outp
     """Mask the keys, put a state before the sequence, solve, and cut the state's positions off again."""
     if output_final_state and not causal:
         raise ValueError("output_final_state is the state after a causal sequence: pass causal=True.")
-    k = mask_keys(k, mask)
-    v = v.to(k.dtype)
+    check_inputs(q, k, v, mask)
+    k, v = mask_inputs(k, v, mask)
     pos_u, pos_v = window.pos_u, window.pos_v
     if pos_u is not None:
         pos_u, pos_v = pos_u.to(k.dtype), pos_v.to(k.dtype)
@@ -229,16 +233,28 @@ def band_chunk(left: int) -> int:
 
 
 def _chunked(chunk_size: int | None):
+    def causal_solve(q, k, v, band, left, mask):
+        """The chunked form, or the exact one where a key jumps far above everything before it inside one chunk;
+        and whether every key and value was finite."""
+        if band is None:
+            y, finite = _simple_chunked(q, k, v, mask, chunk_size or CHUNK)
+        else:
+            y, finite = _band_chunked(q, k, v, band, left, mask, chunk_size or band_chunk(left))
+        if y is None:
+            y = gate(q, _causal_logspace(k, v, band, left, mask))
+        return y, finite
+
     def solve(q, k, v, band, left, right, causal, mask):
         if not causal:
             return gate(q, _noncausal(k, v, band, left, right, chunk_size or CHUNK))
-        if band is None:
-            y = _simple_chunked(q, k, v, mask, chunk_size or CHUNK)
-        else:
-            y = _band_chunked(q, k, v, band, left, mask, chunk_size or band_chunk(left))
-        if y is None:  # a key jumps far above everything before it inside one chunk: the exact log-space form
-            y = gate(q, _causal_logspace(k, v, band, left, mask))
-        return y
+        y, finite = causal_solve(q, k, v, band, left, mask)
+        if finite:
+            return y
+        # A NaN or infinite key or value would reach the earlier rows of its chunk as 0 * NaN in the products:
+        # the rows before it come from the inputs with it replaced (nothing before a position depends on it),
+        # the rows from it on from the exact form, whose sums only ever look back.
+        y, _ = causal_solve(q, *finite_inputs(k, v), band, left, mask)
+        return torch.where(finite_prefix(k, v), y, gate(q, _causal_logspace(k, v, band, left, mask)))
 
     return solve
 
@@ -374,12 +390,14 @@ def _gate_grad(out, dy, q):
 def _simple_chunked(q, k, v, mask, C: int):
     """Causal AFT-simple, gated by q: `_SimpleChunked` by units, retried with one reference per chunk when a key lies
     more than KEY_RANGE above its unit's reference; None when it lies that far above its chunk's (the caller then
-    uses the exact `_causal_logspace`). q: (B, T, H, Dv); k (masked): (B, T, H, Dk); v: (B, T, H, Dv)."""
+    uses the exact `_causal_logspace`). Also returns whether every key and value was finite (if not, y is None).
+    q: (B, T, H, Dv); k (masked): (B, T, H, Dk); v: (B, T, H, Dv)."""
     for rows in (None, C):
-        y, over = _SimpleChunked.apply(q, k, v, mask is not None, C, rows)
-        if not bool(over):  # one data-dependent branch per attempt, after all the work
-            return y
-    return None
+        y, over, finite = _SimpleChunked.apply(q, k, v, mask is not None, C, rows)
+        over, finite = torch.stack([over, finite]).tolist()  # one host synchronisation per attempt, after the work
+        if not finite or not over:
+            return (y if finite else None), finite
+    return None, True
 
 
 def _simple_sums(E, v, pool, X=None):
@@ -405,7 +423,8 @@ class _SimpleChunked(torch.autograd.Function):
     The pool of the rows before a unit comes in times exp(r_{u-1} - r_u) <= 1. Backward goes through the units in
     reverse: with a = dy q / z and b = a y / q, the gradients of [e v, e] are the suffix sums A of a and -B of b,
     carried the other way by the same factors; dv = e A, dk = e (v A - B). `over` (a 0-d bool output): some key lies
-    more than KEY_RANGE above its unit's reference (exp(k - r) could overflow). Saved: e, q, v.
+    more than KEY_RANGE above its unit's reference (exp(k - r) could overflow); `finite` (another): the last row's
+    sums, which hold every position, are finite, so no NaN or infinite key or value was met. Saved: e, q, v.
     """
 
     @staticmethod
@@ -435,11 +454,12 @@ class _SimpleChunked(torch.autograd.Function):
         if keep:
             ctx.save_for_backward(q, v, E)
             ctx.units, ctx.carries, ctx.pools, ctx.padded = units, carries, pools, padded
-        ctx.mark_non_differentiable(over)
-        return y, over
+        finite = torch.isfinite(pool).all()
+        ctx.mark_non_differentiable(over, finite)
+        return y, over, finite
 
     @staticmethod
-    def backward(ctx, dy, _):
+    def backward(ctx, dy, *_):
         q, v, E = ctx.saved_tensors
         B, T, H, Dv = v.shape
         Dk = E.shape[-1]
@@ -483,7 +503,8 @@ class _SimpleChunked(torch.autograd.Function):
 def _band_chunked(q, k, v, band, left: int, mask, C: int):
     """Causal AFT with a window band, gated by q: `_BandChunked` by units, retried with one reference per chunk
     when a unit cannot represent its keys; None when a chunk cannot either (the caller then uses the exact
-    `_causal_logspace`). band: (B|1, T, 1, 1, W) (local) or (1, 1, H|1, 1, W) (conv), W = left + 1."""
+    `_causal_logspace`). Also returns whether every key and value was finite (if not, y is None).
+    band: (B|1, T, 1, 1, W) (local) or (1, 1, H|1, 1, W) (conv), W = left + 1."""
     T = k.shape[1]
     C = min(C, T)
     pad = -T % C  # whole chunks only: the sequence is padded at its end (keys NEG: nothing sees them)
@@ -492,10 +513,11 @@ def _band_chunked(q, k, v, band, left: int, mask, C: int):
         k = F.pad(k, (0, 0, 0, 0, 0, pad), value=NEG)
         band = F.pad(band, (0, 0, 0, 0, 0, 0, 0, pad)) if band.shape[1] > 1 else band
     for rows in (None, C):
-        y, over = _BandChunked.apply(q, k, v, band, left, mask is not None or pad > 0, C, rows)
-        if not bool(over):  # one data-dependent branch per attempt, after all the work
-            return y[:, :T]
-    return None
+        y, over, finite = _BandChunked.apply(q, k, v, band, left, mask is not None or pad > 0, C, rows)
+        over, finite = torch.stack([over, finite]).tolist()  # one host synchronisation per attempt, after the work
+        if not finite or not over:
+            return (y[:, :T] if finite else None), finite
+    return None, True
 
 
 class _Layout(NamedTuple):
@@ -625,7 +647,8 @@ class _BandChunked(torch.autograd.Function):
     column (the carry): per chunk read, one batched matrix product for the pool, the window and the rows before it.
     Each row's coefficients are scaled by exp(-max(0, its largest w)) <= 1. Checked (`over`): a key more than
     KEY_RANGE above its unit's reference, and a row sum too close to underflow (the window's bias far below 0 on
-    the keys that set the reference). Saved for backward: e of each unit's positions, its rows' y / q and z.
+    the keys that set the reference); `finite`: the pool after the last unit, which holds every position, is
+    finite. Saved for backward: e of each unit's positions, its rows' y / q and z.
     """
 
     @staticmethod
@@ -670,11 +693,12 @@ class _BandChunked(torch.autograd.Function):
         if keep:
             ctx.save_for_backward(q, v, band)
             ctx.units, ctx.saved, ctx.carries, ctx.left = units, saved, carries, left
-        ctx.mark_non_differentiable(over)
-        return y, over
+        finite = torch.isfinite(pool).all()
+        ctx.mark_non_differentiable(over, finite)
+        return y, over, finite
 
     @staticmethod
-    def backward(ctx, dy, _):
+    def backward(ctx, dy, *_):
         q, v, band = ctx.saved_tensors
         B, T, H, Dv = v.shape
         left = ctx.left
@@ -841,8 +865,8 @@ def _recurrent(q, k, v, slots: int, bias, pos_v, causal, mask, initial_state, ou
     of token t, (B|1, s, H|1, 1). Loops over the T tokens (one step when decoding)."""
     if not causal:
         raise ValueError("The recurrent form is causal: pass causal=True.")
-    k = mask_keys(k, mask)
-    v = v.to(k.dtype)
+    check_inputs(q, k, v, mask)
+    k, v = mask_inputs(k, v, mask)
     B, T, H, Dk = k.shape
     rank = pos_v.shape[-1] if pos_v is not None else 0
     state = initial_state
@@ -859,7 +883,7 @@ def _recurrent(q, k, v, slots: int, bias, pos_v, causal, mask, initial_state, ou
         e = torch.exp(logits - ref[:, None])
         scale = torch.exp(state.m - ref)
         den = state.z * scale + e.sum(1)
-        seen = is_real(ref)  # (B, H, Dk): False only while the row has seen nothing but padding (then y = 0)
+        seen = not_empty(ref)  # (B, H, Dk): False only while the row has seen nothing but padding (then y = 0)
         y = (state.n * scale + (e * values).sum(1)) / torch.where(seen, den, 1.0)
         ys.append(torch.where(seen, y, 0.0))
         # the oldest slot joins the pool (bias 0 from now on); an empty slot adds nothing

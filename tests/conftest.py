@@ -57,6 +57,7 @@ def _seed():
 
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+BENCHMARKS = SCRIPTS.parent / "benchmarks"
 
 
 def free_port() -> int:
@@ -75,6 +76,20 @@ def import_scripts(**modules):
     torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as patch:
         patch.syspath_prepend(str(SCRIPTS))
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        patch.setenv("HF_DATASETS_OFFLINE", "1")
+        yield Namespace(**{key: importlib.import_module(name) for key, name in modules.items()})
+    torch.set_num_threads(threads)
+
+
+def import_lab(**modules):
+    """A generator for a module-scoped fixture: the lab's modules (name=module in benchmarks/) imported as its scripts
+    import them (benchmarks/ and the scripts' plumbing in scripts/ on sys.path), with no Hub and one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(SCRIPTS))
+        patch.syspath_prepend(str(BENCHMARKS))
         patch.setenv("HF_HUB_OFFLINE", "1")
         patch.setenv("HF_DATASETS_OFFLINE", "1")
         yield Namespace(**{key: importlib.import_module(name) for key, name in modules.items()})

@@ -1,4 +1,4 @@
-"""scripts/benchmark_generation.py runs end to end on tiny sizes and reports every target of its issue."""
+"""benchmarks/benchmark_generation.py runs end to end on tiny sizes and reports every target of its issue."""
 
 import json
 import os
@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "benchmark_generation.py"
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "benchmark_generation.py"
 
 
 def test_generation_benchmark_reports_every_target(tmp_path):

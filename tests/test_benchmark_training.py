@@ -1,4 +1,4 @@
-"""scripts/benchmark_training.py runs end to end on tiny sizes, with both allocators, and evaluates every target of
+"""benchmarks/benchmark_training.py runs end to end on tiny sizes, with both allocators, and evaluates every target of
 its issue (nothing here depends on timing)."""
 
 import json
@@ -8,10 +8,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from conftest import import_lab
+
 import aft.ops_aft_native as native_kernel
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "benchmark_training.py"
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "benchmark_training.py"
 MODELS = {"floor", "simple", "local", "conv", "full", "gpt2"}
+
+
+@pytest.fixture(scope="module")
+def lab():
+    yield from import_lab(benchmark_training="benchmark_training")
 
 
 def test_training_benchmark_reports_every_target(tmp_path):
@@ -43,10 +51,9 @@ def test_training_benchmark_reports_every_target(tmp_path):
     assert len(shown) == 26 and all(line.split("]")[0].strip(" [") in ("MET", "NOT MET", "n/a") for line in shown)
 
 
-def test_a_target_whose_rounds_straddle_its_threshold_is_not_resolved(tmp_path):
+def test_a_target_whose_rounds_straddle_its_threshold_is_not_resolved(lab):
     """Paired rounds: a model's step over the floor's in the same round. The status follows the ratio of the
-    medians; `resolved` says whether every round agrees with it. In a process of its own: importing the script
-    registers its floor operator and sets glibc's allocator."""
+    medians; `resolved` says whether every round agrees with it."""
 
     def section(T, **times):
         return {"size": {"T": T}, "models": {name: {"times_s": t, "step_s": sorted(t)[len(t) // 2]} for name, t in
@@ -67,16 +74,7 @@ def test_a_target_whose_rounds_straddle_its_threshold_is_not_resolved(tmp_path):
         "operator": {"fraction_of_copy": 0.2},
     }
     run["longest"]["models"]["floor"]["peak_bytes"] = run["longest"]["models"]["simple"]["peak_bytes"] = 1
-    (tmp_path / "run.json").write_text(json.dumps(run))
-    code = f"""
-import json, sys
-sys.path.insert(0, {str(SCRIPT.parent)!r})
-from benchmark_training import evaluate
-print(json.dumps(evaluate(json.load(open({str(tmp_path / "run.json")!r})))))
-"""
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    evaluated = json.loads(done.stdout.strip().splitlines()[-1])
+    evaluated = json.loads(json.dumps(lab.benchmark_training.evaluate(run)))
     targets = {t["target"].split(":")[1].split(" step /")[0].strip(): t for t in evaluated[:4]}
     assert targets["simple"]["met"] and targets["simple"]["resolved"]  # 1.05 in every round
     assert targets["local"]["met"] and not targets["local"]["resolved"]  # median 1.075, one round 1.15

@@ -1,5 +1,8 @@
 """generate() with the recurrent AFTCache returns exactly what full forward passes would."""
 
+import itertools
+import re
+
 import pytest
 import torch
 from conftest import VARIANTS, tiny_config
@@ -191,6 +194,42 @@ def test_multi_token_continuation_equals_one_forward(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("padding", ["left", "inside"])
+def test_forward_on_a_cache_follows_the_mask(variant, padding):
+    """Chunks, then token by token, then several tokens on the filled cache, with the mask so far: padding never
+    advances a row's positions, so the real tokens get the logits of one forward pass over the whole sequence. Left
+    padding fills row 1's first chunk; padding inside fills a whole chunk of row 0 and one token step of row 1."""
+    model = _model(variant)
+    ids = torch.randint(1, 37, (2, 14))
+    mask = torch.ones(2, 14, dtype=torch.long)
+    if padding == "left":
+        mask[1, :5] = 0
+    else:
+        mask[0, 4:8] = 0
+        mask[1, 9] = 0
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).logits
+        cache, pieces = AFTCache(model.config), []
+        for a, b in itertools.pairwise([0, 4, 8, 9, 10, 11, 14]):
+            pieces.append(model(ids[:, a:b], attention_mask=mask[:, :b], **{CACHE_NAME: cache}).logits)
+    real = mask.bool()
+    torch.testing.assert_close(torch.cat(pieces, 1)[real], expected[real], atol=1e-10, rtol=1e-10)
+    assert cache.next_position.tolist() == mask.sum(1).tolist()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_generate_with_padding_inside_the_prompt_equals_no_cache(variant):
+    model = _model(variant)
+    ids = torch.randint(1, 37, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[0, 3:5] = 0
+    mask[1, :2] = 0
+    mask[1, 6] = 0
+    with_cache = _greedy(model, ids, 10, attention_mask=mask)
+    assert torch.equal(with_cache, _greedy(model, ids, 10, attention_mask=mask, use_cache=False))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_use_cache_false_reads_the_cache_as_context_and_leaves_it(variant):
     model = _model(variant)
     ids, more = torch.randint(1, 37, (2, 7)), torch.randint(1, 37, (2, 3))
@@ -214,6 +253,38 @@ def test_a_cache_of_another_batch_is_refused(variant):
         for batch in (1, 4):
             with pytest.raises(ValueError, match=f"a batch of 3, but the input has a batch of {batch}"):
                 model(torch.randint(1, 37, (batch, 1)), **{CACHE_NAME: cache})
+
+
+OTHER_MODELS = [
+    ("simple", {"num_hidden_layers": 3}, "its num_hidden_layers=3, this model's 2"),
+    ("simple", {"aft_variant": "local"}, "its aft_variant='local', this model's 'simple'"),
+    ("local", {"aft_variant": "simple"}, "its aft_variant='simple', this model's 'local'"),
+    ("local", {"hidden_size": 32}, "its hidden_size=32, this model's 16"),
+    ("local", {"local_window_size": 5}, "its local_window_size=5, this model's 3"),
+    ("local", {"position_bias_rank": 2}, "its position_bias_rank=2, this model's 4"),
+    ("conv", {"num_heads": 2}, "its num_heads=2, this model's 4"),
+    ("conv", {"conv_kernel_size": 5}, "its conv_kernel_size=5, this model's 3"),
+    ("conv", {"aft_variant": "full"}, "its aft_variant='full', this model's 'conv'"),
+    ("full", {"num_hidden_layers": 1}, "its num_hidden_layers=1, this model's 2"),
+    ("full", {"position_bias_rank": 2}, "its position_bias_rank=2, this model's 4"),
+]
+
+
+@pytest.mark.parametrize("variant,other,match", OTHER_MODELS)
+@pytest.mark.parametrize("filled", [False, True], ids=["new_cache", "filled_cache"])
+def test_a_cache_of_another_model_is_refused(variant, other, match, filled):
+    """A cache made for (or filled by) a model whose state differs in layers, variant, width, heads or window is
+    refused with one error naming what differs, by forward and by generate(); nothing is written to it."""
+    model, donor = _model(variant), _model(other.get("aft_variant", variant), **other)
+    ids = torch.randint(1, 37, (2, 5))
+    with torch.no_grad():
+        cache = getattr(donor(ids), CACHE_NAME) if filled else AFTCache(donor.config)
+        seen = cache.get_seq_length()
+        with pytest.raises(ValueError, match="The cache was made for another model: " + re.escape(match)):
+            model(ids, **{CACHE_NAME: cache})
+        with pytest.raises(ValueError, match=re.escape(match)):
+            model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0, **{CACHE_NAME: cache})
+    assert cache.get_seq_length() == seen
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

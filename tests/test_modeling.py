@@ -51,6 +51,21 @@ def test_model_is_causal(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_nonfinite_input_embedding_changes_no_earlier_logit(variant, value):
+    """A NaN or infinite input embedding at position t (a sequence longer than a chunk of the fast form): the
+    logits before t are what they were, to the last bit."""
+    model = AFTForCausalLM(tiny_config(variant, max_position_embeddings=160)).eval()
+    embeds = torch.randn(2, 150, 16)
+    with torch.no_grad():
+        clean = model(inputs_embeds=embeds).logits
+        embeds[:, 100] = value
+        y = model(inputs_embeds=embeds).logits
+    assert torch.equal(y[:, :100], clean[:, :100])
+    assert not torch.isfinite(y[:, 100]).any()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_forward_outputs_loss_and_backward(variant):
     config = tiny_config(variant)
     model = AFTForCausalLM(config)

@@ -3,8 +3,10 @@ extreme keys, dtypes, strides), the torch form wherever the kernel does not appl
 and generation through it, and how the build copes with a corrupt, read-only or missing cache and no compiler."""
 
 import os
+import shutil
 import stat
 import subprocess
+import sys
 import warnings
 
 import pytest
@@ -196,14 +198,15 @@ def test_the_model_and_generate_run_alike_on_native_and_torch(fresh, tmp_path):
 
 
 @needs_compiler
-def test_a_corrupt_cached_library_is_built_again(fresh):
-    fresh.mkdir()
-    cached = fresh / f"aft_native_{native._machine_key(native._compiler())}.so"
-    cached.write_bytes(b"not a shared library")  # as a disk fault or a run killed by an older version would leave it
+def test_a_corrupt_cached_library_is_built_again(fresh, tmp_path):
+    assert _ready_in_a_new_process(fresh, tmp_path / "marker")[0]  # built and recorded (not loaded in this process)
+    (built,) = fresh.glob("aft_native_*.so")
+    built.unlink()
+    built.write_bytes(b"not a shared library")  # as a disk fault or a run killed by an older version would leave it
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning: it is simply built again
         assert native.is_native_ready()
-    assert cached.read_bytes()[:4] == b"\x7fELF"
+    assert built.read_bytes()[:4] == b"\x7fELF"
     q, k, v = _inputs()
     torch.testing.assert_close(native.aft_simple_native(q, k, v)[0], ops.aft_simple_chunk(q, k, v)[0],
                                atol=1e-5, rtol=1e-5)  # fmt: skip
@@ -266,7 +269,9 @@ def test_a_library_that_fails_its_check_is_not_used(fresh, monkeypatch):
 @needs_compiler
 def test_a_full_cache_disk_builds_elsewhere_and_leaves_nothing_there(fresh):
     fresh.mkdir()
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(fresh)], capture_output=True)
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16k,mode=0700", "tmpfs", str(fresh)], capture_output=True
+    )
     if mount.returncode != 0:
         pytest.skip("cannot mount a tmpfs here")
     try:  # room for the probe and the source, not for the library
@@ -280,11 +285,150 @@ def test_a_full_cache_disk_builds_elsewhere_and_leaves_nothing_there(fresh):
 
 @needs_compiler
 def test_what_a_build_killed_half_way_leaves_is_never_loaded(fresh):
-    fresh.mkdir()
-    name = f"aft_native_{native._machine_key(native._compiler())}"
-    (fresh / f".{name}-x1y2z3.so").write_bytes(b"\x7fELF half a library")  # the temporary name of a killed build
+    fresh.mkdir(mode=0o700)
+    key = native._machine_key(native._compiler())
+    (fresh / f".aft_native_{key}-x1y2z3.so").write_bytes(b"\x7fELF half a library")  # a killed build's temporary
     assert native.is_native_ready()
     q, k, v = _inputs()
     torch.testing.assert_close(native.aft_simple_native(q, k, v)[0], ops.aft_simple_chunk(q, k, v)[0],
                                atol=1e-5, rtol=1e-5)  # fmt: skip
-    assert (fresh / f"{name}.so").read_bytes()[:4] == b"\x7fELF"
+    (built,) = fresh.glob("aft_native_*.so")
+    assert built.read_bytes()[:4] == b"\x7fELF"
+
+
+# The loader loads only what it built: a private cache, the recorded hash, a fresh load of a rebuilt library, a
+# compiler that hangs or does not exist.
+
+PLANTED = r"""
+#include <stdio.h>
+#include <stdlib.h>
+__attribute__((constructor)) static void planted(void) {
+    FILE *f = fopen(getenv("AFT_TEST_MARKER"), "w");
+    if (f) fclose(f);
+}
+int aft_native_version(void) { return %d; }
+"""
+
+
+def _plant(path, tmp_path):
+    """Compile a library that, when loaded, creates the file named by $AFT_TEST_MARKER, at `path`."""
+    src = tmp_path / "planted.c"
+    src.write_text(PLANTED % native.KERNEL_VERSION)
+    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(path), str(src)], check=True)
+
+
+def _ready_in_a_new_process(cache, marker):
+    """is_native_ready() in a fresh process on `cache` (dlopen in this one would hand back what it loaded before):
+    -> (its result, its warnings)."""
+    code = (
+        "import warnings, aft.ops_aft_native as n\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    ok = n.is_native_ready()\n"
+        "print(ok, *(str(x.message) for x in w), sep='\\n')\n"
+    )
+    env = {**os.environ, "AFT_NATIVE_CACHE": str(cache), "AFT_TEST_MARKER": str(marker), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return done.stdout.startswith("True"), done.stdout
+
+
+@needs_compiler
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o722], ids=oct)
+def test_a_cache_folder_others_can_write_is_refused_and_nothing_in_it_runs(fresh, tmp_path, mode):
+    fresh.mkdir()
+    fresh.chmod(mode)
+    key = native._machine_key(native._compiler())
+    for name in (f"aft_native_{key}.so", "aft_native.so"):
+        _plant(fresh / name, tmp_path)
+    marker = tmp_path / "planted-code-ran"
+    ready, said = _ready_in_a_new_process(fresh, marker)
+    assert not marker.exists()
+    assert not ready and "is not this user's own" in said and f"{mode:04o}" in said
+    with pytest.warns(RuntimeWarning, match="is not this user's own"):
+        y, _ = native.aft_simple_native(*_inputs())
+    torch.testing.assert_close(y, ops.aft_simple_chunk(*_inputs())[0])
+
+
+@needs_compiler
+def test_the_cache_folder_is_created_private_under_any_umask(fresh):
+    old = os.umask(0)
+    try:
+        assert native.is_native_ready()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o700
+
+
+@needs_compiler
+def test_a_library_whose_hash_differs_from_the_record_is_not_loaded(fresh, tmp_path):
+    assert _ready_in_a_new_process(fresh, tmp_path / "marker")[0]  # built and recorded
+    (built,) = fresh.glob("aft_native_*.so")
+    built.unlink()
+    _plant(built, tmp_path)  # another library under the recorded name
+    marker = tmp_path / "planted-code-ran"
+    ready, said = _ready_in_a_new_process(fresh, marker)
+    assert ready, said
+    assert not marker.exists()  # refused before dlopen, and built again
+    assert built.read_bytes()[:4] == b"\x7fELF"
+
+
+@needs_compiler
+def test_a_rebuilt_library_is_loaded_afresh_in_the_same_process(fresh, monkeypatch):
+    key = native._machine_key(native._compiler())
+    monkeypatch.setattr(native, "_machine_key", lambda cc: key)  # the same cache entry for both sources
+    right = native._SOURCE
+    wrong = right.replace("yr[c] = qr[c] * nn", "yr[c] = 2.0f * qr[c] * nn")
+    assert wrong != right
+    monkeypatch.setattr(native, "_SOURCE", wrong)  # a miscompiled library, loaded in this process
+    with pytest.warns(RuntimeWarning, match="differs from the torch form"):
+        assert not native.is_native_ready()
+    monkeypatch.setattr(native, "_SOURCE", right)
+    monkeypatch.setattr(native, "_library", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native.is_native_ready()  # the right one is built again and loaded, not the one dlopen holds
+    q, k, v = _inputs()
+    torch.testing.assert_close(native.aft_simple_native(q, k, v)[0], ops.aft_simple_chunk(q, k, v)[0],
+                               atol=1e-5, rtol=1e-5)  # fmt: skip
+
+
+def test_a_compiler_that_hangs_is_given_up_on(fresh, tmp_path, monkeypatch):
+    hangs = tmp_path / "hanging-cc"
+    hangs.write_text("#!/bin/sh\nsleep 600\n")  # a child of the wrapper: the whole group must go
+    hangs.chmod(0o755)
+    monkeypatch.setenv("CC", str(hangs))
+    monkeypatch.setattr(native, "VERSION_TIMEOUT", 0.5)
+    monkeypatch.setattr(native, "BUILD_TIMEOUT", 0.5)
+    with pytest.warns(RuntimeWarning, match="did not finish within 0.5 s.*torch form"):
+        y, _ = native.aft_simple_native(*_inputs())
+    torch.testing.assert_close(y, ops.aft_simple_chunk(*_inputs())[0])
+
+
+def test_a_CC_that_does_not_exist_is_said_and_no_other_compiler_is_used(fresh, monkeypatch):
+    monkeypatch.setenv("CC", "/nonexistent/bin/my-cc -O2")
+    with pytest.warns(RuntimeWarning, match=r"CC='/nonexistent/bin/my-cc -O2' is not a command.*torch form"):
+        y, _ = native.aft_simple_native(*_inputs())
+    torch.testing.assert_close(y, ops.aft_simple_chunk(*_inputs())[0])
+    assert not fresh.exists() or not any(fresh.iterdir())
+
+
+@needs_compiler
+def test_a_CC_with_arguments_is_used(fresh, monkeypatch):
+    monkeypatch.setenv("CC", f"{native._compiler()[0]} -DAFT_UNUSED=1")
+    assert native.is_native_ready(), native.unavailable_reason()
+
+
+@needs_compiler
+def test_keys_of_minus_infinity_weigh_nothing_as_in_the_torch_form(fresh):
+    q, k, v = _inputs()
+    k[0, 3:9, 1, 5] = -torch.inf  # a run of positions of weight 0 in one channel
+    k[1, :4, 0] = -torch.inf  # a row's first keys: nothing real seen yet in those channels
+    y, state = native.aft_simple_native(q, k, v, output_final_state=True)
+    assert torch.isfinite(y).all()
+    padded = torch.where(k == -torch.inf, ops.NEG, k)  # weight 0: what the torch forms give a padding key
+    want, want_state = ops.aft_simple_exact(q.double(), padded.double(), v.double(), output_final_state=True)
+    torch.testing.assert_close(y.double(), want, atol=2e-5, rtol=1e-4)
+    assert (y[1, :4, 0] == 0).all()
+    for got, exp in zip(_state_values(state), _state_values(want_state), strict=True):
+        torch.testing.assert_close(got.double(), exp, atol=2e-5, rtol=1e-5)

@@ -178,6 +178,23 @@ def test_empty_batch_and_empty_sequence(variant):
     assert y.shape == (0, T, *case.q.shape[2:])
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("implementation", ["torch", "exact", "naive"])
+@pytest.mark.parametrize("form", ["parallel", "recurrent"])
+def test_inputs_of_another_shape_are_refused(variant, implementation, form):
+    """v with another length than q and k, k of another length, a mask of another length: a clear error from every
+    form, before any work."""
+    case = Case(variant)
+    op = getattr(ops.get_operator(variant, implementation), form)
+    q, k, v, args = case.q, case.k.detach(), case.v.detach(), case.args()
+    with pytest.raises(ValueError, match=r"`q` has shape \(2, 29, .*\) and `v` \(2, 30, .*\): they must be the same"):
+        op(q, k, torch.cat([v, v[:, :1]], 1), *args)
+    with pytest.raises(ValueError, match=r"`k` has shape \(2, 28, .*\); with `v` of shape \(2, 29"):
+        op(q, k[:, 1:], v, *args)
+    with pytest.raises(ValueError, match=r"`mask` has shape \(2, 28\); expected \(batch, time\) = \(2, 29\)"):
+        op(q, k, v, *args, mask=torch.ones(2, 28))
+
+
 def test_a_state_of_another_batch_is_refused():
     case = Case("local")
     _, state = case.run(b=5, output_final_state=True)
@@ -219,6 +236,54 @@ def test_fast_form_is_bitwise_causal(variant, config, position):
         b, _ = case.run(**_small(variant))
     assert torch.equal(a[:, :position], b[:, :position])
     assert not torch.equal(a[:, position:], b[:, position:])
+
+
+NONFINITE = {"nan_key": ("k", float("nan")), "inf_key": ("k", float("inf"))}
+NONFINITE |= {"nan_value": ("v", float("nan")), "inf_value": ("v", float("inf"))}
+
+
+@pytest.mark.parametrize("variant,config", CASES, ids=IDS)
+@pytest.mark.parametrize("implementation", ["torch", "exact", "naive"])
+@pytest.mark.parametrize("form", ["parallel", "recurrent"])
+@pytest.mark.parametrize("position", [13, 16])
+@pytest.mark.parametrize("nonfinite", NONFINITE)
+def test_a_nonfinite_input_changes_nothing_before_it(variant, config, implementation, form, position, nonfinite):
+    """A NaN or +inf key, or a NaN or infinite value, at one position: every earlier output is what it was, to the
+    last bit, also when the earlier part comes from a state; from that position on the output is not finite."""
+    case, mask = Case(variant, dtype=torch.float32, **config), _mask()
+    kw = _small(variant) if implementation == "torch" and form == "parallel" else {}
+    with torch.no_grad():
+        clean, _ = case.run(implementation, mask=mask, form=form, **kw)
+        _, state = case.run(implementation, 0, 5, mask=mask, output_final_state=True, **kw)
+        clean_tail, _ = case.run(implementation, 5, T, mask=mask, form=form, initial_state=state, **kw)
+        name, value = NONFINITE[nonfinite]
+        getattr(case, name)[:, position] = value
+        y, _ = case.run(implementation, mask=mask, form=form, **kw)
+        tail, _ = case.run(implementation, 5, T, mask=mask, form=form, initial_state=state, **kw)
+    assert torch.equal(y[:, :position], clean[:, :position])
+    assert torch.equal(tail[:, : position - 5], clean_tail[:, : position - 5])
+    assert not torch.isfinite(y[:, position]).any()
+
+
+@pytest.mark.parametrize("variant,config", CASES, ids=IDS)
+@pytest.mark.parametrize("implementation", ["torch", "exact", "naive"])
+@pytest.mark.parametrize("form", ["parallel", "recurrent"])
+def test_a_minus_inf_key_is_a_position_of_weight_zero(variant, config, implementation, form):
+    """A key of -inf (with any value, NaN included) counts as padding: the outputs and the final state of the
+    sequence with that position masked out."""
+    case = Case(variant, dtype=torch.float32, **config)
+    mask = torch.ones(B, T)
+    mask[:, 13] = 0
+    mask[1, 0] = 0  # a row whose first key is -inf: it has seen nothing so far
+    kw = _small(variant) if implementation == "torch" and form == "parallel" else {}
+    with torch.no_grad():
+        padded, padded_state = case.run(implementation, mask=mask, form=form, output_final_state=True, **kw)
+        case.k[~mask.bool()] = float("-inf")
+        case.v[~mask.bool()] = float("nan")
+        y, state = case.run(implementation, form=form, output_final_state=True, **kw)
+    torch.testing.assert_close(y, padded, atol=1e-6, rtol=1e-6)
+    for a, b in zip(state, padded_state, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("variant,config", CASES, ids=IDS)

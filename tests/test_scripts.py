@@ -407,30 +407,6 @@ def test_fine_tune_from_a_saved_folder(utils, scripts, clm_folder, tmp_path):
     assert "| model_name_or_path | " in (out / "README.md").read_text()
 
 
-def test_benchmark_writes_every_figure_and_target(env, tmp_path):
-    """scripts/benchmark.py on a tiny model: every model has its training and inference rows, the operator its
-    bandwidth next to the copy, every issue target a line (met, not met or n/a), the plots exist; the memory
-    settings it applies are recorded."""
-    out = tmp_path / "bench"
-    run_script(
-        env, "benchmark.py", "--models", "simple", "full", "gpt2", "--hidden", "32", "--layers", "1",
-        "--gpt2-heads", "2", "--conv-heads", "2", "--train-lengths", "64", "128", "--context-lengths", "32", "64",
-        "--decode-tokens", "2", "--reps", "1", "--threads", "1", "--output", out,
-    )  # fmt: skip
-    results = json.loads((out / "results.json").read_text())
-    for name in ("simple", "full", "gpt2"):
-        assert [r["T"] for r in results["training"][name]] == [64, 128]
-        assert all(r["step_s"] > 0 and r["peak_bytes"] > 0 for r in results["training"][name])
-        assert all(r["decode_token_s"] > 0 and r["cache_bytes"] > 0 for r in results["inference"][name])
-    assert results["inference"]["simple"][0]["cache_bytes"] == results["inference"]["simple"][1]["cache_bytes"]
-    assert results["inference"]["gpt2"][0]["cache_bytes"] < results["inference"]["gpt2"][1]["cache_bytes"]
-    assert results["operator"]["elements"] == 2**24 and results["operator"]["fraction_of_copy"] > 0
-    assert len(results["targets"]) == 21 and {t["met"] for t in results["targets"]} <= {True, False, None}
-    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
-    assert results["machine"]["glibc_keeps_freed_memory"] is glibc
-    assert sorted(p.name for p in out.glob("*.png")) == sorted(results["plots"]) and len(results["plots"]) == 6
-
-
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="the setting is glibc's")
 def test_cpu_training_keeps_freed_memory(clm_folder):
     """On a CPU the training scripts apply the allocator setting the training benchmark measured faster."""

@@ -1,4 +1,4 @@
-"""The evidence study (scripts/run_study.py) end to end at its --quick size, as a user runs it, and its bad input.
+"""The evidence study (benchmarks/study.py) end to end at its --quick size, as a user runs it, and its bad input.
 
 One `--quick` run (a fresh process, OMP_NUM_THREADS=1, on small local text files so that tokenizing takes no time):
 results.json holds every part, its numbers are finite and agree with each other, and the saved models load and
@@ -17,22 +17,19 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+from conftest import import_lab
 
 pytest.importorskip("accelerate")
 pytest.importorskip("datasets")
 pytest.importorskip("sklearn")
 
 REPO = Path(__file__).resolve().parent.parent
-SCRIPT = REPO / "scripts" / "run_study.py"
+SCRIPT = REPO / "benchmarks" / "study.py"
 
 
 @pytest.fixture(scope="module")
 def run_study():
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        yield importlib.import_module("run_study")
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    yield from (lab.study for lab in import_lab(study="study"))
 
 
 @pytest.fixture(scope="module")
@@ -248,7 +245,7 @@ def test_plot_only_redraws_cards_and_plots_from_results(study, run_study, tmp_pa
     shutil.copytree(out, folder)
     for name in ("curves.png", "final.png", "window_ablation.png", "images.png", "aft-local/README.md"):
         (folder / name).unlink()
-    changed = {**results, "command": "python scripts/run_study.py --the-command-of-record"}
+    changed = {**results, "command": "python benchmarks/study.py --the-command-of-record"}
     (folder / "results.json").write_text(json.dumps(changed))
     run_study.main(["--plot_only", "--output_dir", str(folder)])
     assert all((folder / name).is_file() for name in ("curves.png", "final.png", "window_ablation.png", "images.png"))

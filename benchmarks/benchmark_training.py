@@ -1,16 +1,16 @@
 """Training cost of every AFT variant against the floor (the same model whose mixer does no mixing) and GPT-2.
 
-    python scripts/benchmark_training.py --threads 1           # every target of issue 14 (under 10 min, 2 cores)
-    python scripts/benchmark_training.py --quick --output /tmp/bt   # tiny sizes: a smoke test (seconds)
+    python benchmarks/benchmark_training.py --threads 1           # every target of issue 14 (under 10 min, 2 cores)
+    python benchmarks/benchmark_training.py --quick --output /tmp/bt   # tiny sizes: a smoke test (seconds)
 
 The floor is an AFT-simple model with `aft_implementation="floor"`, an operator registered here through the
 backend seam (`ops_aft.register_operator`): y = sigmoid(q) * v, with k's gradient 0, so that every projection, the
 MLP, the norms, the head and the loss cost what they cost in every AFT model, and only the mixing is gone. No AFT
 model of that size can train faster. GPT-2 (SDPA attention) has the same width, depth, MLP, vocabulary and batch
-(`benchmark.build_model`). Every training step is forward + backward of the LM loss without a cache.
+(`harness.causal_lm`). Every training step is forward + backward of the LM loss without a cache.
 
-Four measurements, each with the allocator a user gets by default (glibc as is) and with the tuned one of
-`scripts/benchmark.py` (large blocks from the heap, freed memory kept), each in a subprocess of its own:
+Four measurements, each with the allocator a user gets by default (glibc as is) and with the tuned one
+(`scripts/allocator.py`: large blocks from the heap, freed memory kept), each in a subprocess of its own:
   1. long: T = 4096, hidden 256, 4 layers, MLP 1024, vocabulary 256, batch 2: every model's step, in turn;
   2. short: hidden 128, T = 256, batch 16: tokens per second of every model, in turn;
   3. T = 16384: floor, simple, conv and GPT-2 in turn, and the peak training memory of floor and simple;
@@ -23,17 +23,33 @@ machine, its load and every target as met or not met) and overview.png into --ou
 
 import argparse
 import json
-import os
-import platform
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-from benchmark import TUNED_ALLOCATOR, bench_operator, build_model, peak_bytes, ratio, timed
 from transformers.utils import logging as hf_logging
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # the training scripts' plumbing
+from allocator import keep_freed_memory
+from benchmark import bench_operator
+from harness import (
+    causal_lm,
+    describe,
+    fmt,
+    in_turn,
+    load_average,
+    machine,
+    markdown_table,
+    medians,
+    peak_bytes,
+    pyplot,
+    ratio,
+    settings,
+    status,
+    write_json,
+)
 
 from aft.ops_aft import AFTOperator, register_operator
 
@@ -65,9 +81,10 @@ def floor_operator(q, k, v, *, causal=True, mask=None, initial_state=None, outpu
     return _NoMixing.apply(q, k, v), None
 
 
-register_operator(
-    "simple", "floor", AFTOperator(floor_operator, floor_operator, lambda q, k, v, grid: floor_operator(q, k, v)[0])
-)
+def register_floor():
+    """Make aft_implementation="floor" available to AFT-simple models (in the process that measures them)."""
+    grid = lambda q, k, v, grid: floor_operator(q, k, v)[0]  # noqa: E731
+    register_operator("simple", "floor", AFTOperator(floor_operator, floor_operator, grid))
 
 
 def parse_args(argv=None):
@@ -92,7 +109,7 @@ def parse_args(argv=None):
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worker", choices=ALLOCATORS, help=argparse.SUPPRESS)  # one allocator's run, in a subprocess
-    p.add_argument("--system-allocator", action="store_true", help=argparse.SUPPRESS)  # read by benchmark.py
+    p.add_argument("--system-allocator", action="store_true", help=argparse.SUPPRESS)  # the worker's allocator
     args = p.parse_args(argv)
     for name in ("reps", "short_reps", "long_reps"):
         if getattr(args, name) < 1:
@@ -124,26 +141,12 @@ def sizes(args):
     }
 
 
-def model_args(size, args):
-    """The namespace `benchmark.build_model` reads."""
-    return argparse.Namespace(
-        hidden=size["hidden"],
-        layers=size["layers"],
-        vocab=size["vocab"],
-        gpt2_heads=4,
-        local_window=32,
-        conv_kernel=11,
-        conv_heads=8,
-        seed=args.seed,
-        reps=args.reps,
-    )
-
-
 def build(name, size, args):
-    margs = model_args(size, args)
-    if name == "floor":
-        return build_model("simple", margs, size["T"], implementation="floor")
-    return build_model(name, margs, size["T"])
+    """The model `name` at `size` (harness.causal_lm); "floor" is AFT-simple with the floor operator."""
+    variant, implementation = ("simple", "floor") if name == "floor" else (name, "torch")
+    return causal_lm(variant, hidden=size["hidden"], layers=size["layers"], heads=4, vocab=size["vocab"],
+                     positions=size["T"], window=32, conv_kernel=11, conv_heads=8,
+                     implementation=implementation)  # fmt: skip
 
 
 def training_step(model, ids):
@@ -154,42 +157,29 @@ def training_step(model, ids):
     return step
 
 
-def in_turn(steps, reps, warmup=True, profile=(), only_once=(), cold=()):
-    """Time each step once per round, models in turn, `reps` rounds after a warm-up round (the steps named in
-    `profile` warm up under the memory profiler; those in `cold` get no warm-up; those in `only_once` run one timed
-    round and no warm-up). -> ({name: [seconds]}, {name: peak bytes})"""
-    times, peaks = {name: [] for name in steps}, {}
-    if warmup:
-        for name, step in steps.items():
-            if name in profile:
-                peaks[name] = peak_bytes(step)
-            elif name not in only_once and name not in cold:
-                step()
-    for i in range(reps):
-        for name, step in steps.items():
-            if name not in only_once or i == 0:
-                times[name].append(timed(step))
-    return times, peaks
-
-
-def measure(name_of_section, size, models, reps, args, **kw):
+def measure(name_of_section, size, models, reps, args, profile=(), cold=(), once=()):
+    """Every model's training step at `size`, timed in turn (harness.in_turn), `reps` rounds after a warm-up round;
+    the models in `profile` warm up under the memory profiler (their peak bytes), those in `cold` get no warm-up,
+    those in `once` one timed round and no warm-up."""
     gen = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, size["vocab"], (size["batch"], size["T"]), generator=gen)
     built = {name: build(name, size, args).train() for name in models}
-    load_before = os.getloadavg()
+    steps = {name: training_step(m, ids) for name, m in built.items()}
+    load_before = load_average()
     start = time.perf_counter()
-    times, peaks = in_turn({name: training_step(m, ids) for name, m in built.items()}, reps, **kw)
+    peaks = {name: peak_bytes(steps[name]) for name in profile}  # their warm-up, under the memory profiler
+    times = in_turn(steps, reps, cold=(*profile, *cold), once=once)
     section = {
         "size": size,
         "seconds": time.perf_counter() - start,
         "load_average_before": load_before,
-        "load_average_after": os.getloadavg(),
+        "load_average_after": load_average(),
         "models": {},
     }
     for name in models:
         row = {"times_s": times[name]}
         if times[name]:
-            row["step_s"] = statistics.median(times[name])
+            row["step_s"] = medians(times)[name]
             row["tokens_per_s"] = size["batch"] * size["T"] / row["step_s"]
         if name in peaks:
             row["peak_bytes"] = peaks[name]
@@ -201,12 +191,13 @@ def measure(name_of_section, size, models, reps, args, **kw):
 def worker(args):
     """One allocator's measurements (this process's glibc settings are the allocator's)."""
     hf_logging.set_verbosity_error()
+    tuned = not args.system_allocator and keep_freed_memory()
+    register_floor()
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
     s = sizes(args)
-    run = {"allocator": args.worker, "glibc_keeps_freed_memory": TUNED_ALLOCATOR, "torch_threads": None}
-    run["torch_threads"] = torch.get_num_threads()
+    run = {"allocator": args.worker, "glibc_keeps_freed_memory": tuned, "torch_threads": torch.get_num_threads()}
     run["long"] = measure("long", s["long"], MODELS, args.reps, args)
     run["short"] = measure("short", s["short"], MODELS, args.short_reps, args)
     # GPT-2 is quadratic: at T = 16384 one timed step (its own warm-up), when it fits the budget. conv runs after
@@ -222,7 +213,7 @@ def worker(args):
         args.long_reps,
         args,
         profile=("floor", "simple"),
-        only_once=("gpt2",),
+        once=("gpt2",),
         cold=("conv",),
     )
     if "gpt2" not in models:
@@ -287,40 +278,28 @@ def table(results):
     runs = results["runs"]
     d, t = runs["default"], runs["tuned"]
     T, Ts, Tl = (d[s]["size"]["T"] for s in ("long", "short", "longest"))
-
-    def f(x, fmt="{:.2f}"):
-        return "-" if x is None else fmt.format(x)
-
-    out = [
-        f"| model | step T={T} (s) | / floor | GPT-2 / model | tuned: step (s) | / floor | tokens/s T={Ts} "
-        f"| tuned: tokens/s | step T={Tl} (s) | tuned: step (s) | peak MiB T={Tl} |",
-        "|" + "---|" * 11,
-    ]
+    header = ["model", f"step T={T} (s)", "/ floor", "GPT-2 / model", "tuned: step (s)", "/ floor", f"tokens/s T={Ts}",
+              "tuned: tokens/s", f"step T={Tl} (s)", "tuned: step (s)", f"peak MiB T={Tl}"]  # fmt: skip
+    rows = []
     for name in MODELS:
         row = [name]
         for run, full in ((d, True), (t, False)):
             step = step_of(run, "long", name)
-            row += [f(step), f(ratio(step, step_of(run, "long", "floor")))]
+            row += [fmt(step), fmt(ratio(step, step_of(run, "long", "floor")))]
             if full:
-                row.append(f(ratio(step_of(run, "long", "gpt2"), step)))
+                row.append(fmt(ratio(step_of(run, "long", "gpt2"), step)))
         for run in (d, t):
-            row.append(f(run["short"]["models"][name].get("tokens_per_s"), "{:.0f}"))
+            row.append(fmt(run["short"]["models"][name].get("tokens_per_s"), ".0f"))
         for run in (d, t):
-            row.append(f(step_of(run, "longest", name)))
-        peak = d["longest"]["models"].get(name, {}).get("peak_bytes")
-        row.append(f(None if peak is None else peak / 2**20, "{:.0f}"))
-        out.append("| " + " | ".join(row) + " |")
-    return "\n".join(out)
+            row.append(fmt(step_of(run, "longest", name)))
+        row.append(fmt(d["longest"]["models"].get(name, {}).get("peak_bytes"), ".0f", 2**-20))
+        rows.append(row)
+    return markdown_table(header, rows)
 
 
 def plot(results, folder):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not importable: no plot written (results.json has every figure)")
+    plt = pyplot()
+    if plt is None:
         return []
     runs = results["runs"]
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
@@ -355,9 +334,8 @@ def plot(results, folder):
     ax.set_ylabel("GB/s (bytes read + written)")
     ax.set_title("operator forward vs copy", fontsize="medium")
     ax.legend(fontsize="small", title="allocator")
-    m = results["machine"]
-    fig.suptitle(f"AFT training against the floor and GPT-2 (SDPA): {m['cpu_count']} CPUs, torch threads "
-                 f"{results['runs']['default']['torch_threads']}")  # fmt: skip
+    m = {**results["machine"], "torch_threads": results["runs"]["default"]["torch_threads"]}
+    fig.suptitle(f"AFT training against the floor and GPT-2 (SDPA): {describe(m)}")
     fig.tight_layout()
     fig.savefig(folder / "overview.png", dpi=100)
     plt.close(fig)
@@ -370,29 +348,19 @@ def main():
         print(json.dumps(worker(args)))  # the last line of stdout: the parent reads it
         return
     args.output.mkdir(parents=True, exist_ok=True)
-    results = {
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "cpu_count": os.cpu_count(),
-            "torch": torch.__version__,
-            "load_average_at_start": os.getloadavg(),
-        },
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "worker"},
-        "runs": {},
-    }
+    results = {"machine": machine(), "settings": settings(args, drop=("worker",)), "runs": {}}
     start = time.perf_counter()
     for allocator in ALLOCATORS:
         print(f"allocator {allocator}:", file=sys.stderr, flush=True)
         cmd = [sys.executable, __file__, *sys.argv[1:], "--worker", allocator]
         if allocator == "default":
-            cmd.append("--system-allocator")  # benchmark.py leaves glibc alone
+            cmd.append("--system-allocator")  # the worker leaves glibc alone
         done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
         if done.returncode:
             print(f"the {allocator}-allocator run failed (exit {done.returncode}): see its error above")
             sys.exit(1)
         results["runs"][allocator] = json.loads(done.stdout.strip().splitlines()[-1])
-    results["machine"]["load_average_at_end"] = os.getloadavg()
+    results["machine"]["load_average_at_end"] = load_average()
     results["wall_seconds"] = time.perf_counter() - start
     results["targets"] = {a: evaluate(results["runs"][a]) for a in ALLOCATORS}
     print("\n" + table(results))
@@ -407,15 +375,14 @@ def main():
     for allocator in ALLOCATORS:
         print(f"\nTargets ({allocator} allocator):")
         for t in results["targets"][allocator]:
-            status = "n/a" if t["met"] is None else ("MET" if t["met"] else "NOT MET")
             value = "not measured" if t["value"] is None else f"{t['value']:.3g}"
             if "rounds" in t:
                 spread = f"rounds {min(t['rounds']):.3g}-{max(t['rounds']):.3g}"
                 value += f" ({spread})" if t["resolved"] else f" ({spread}: not resolved)"
-            print(f"  [{status:>7}] {t['target']}: {value}")
+            print(f"  [{status(t['met']):>7}] {t['target']}: {value}")
     results["plots"] = plot(results, args.output)
-    (args.output / "results.json").write_text(json.dumps(results, indent=1))
-    load = results["machine"]["load_average_at_start"][0], results["machine"]["load_average_at_end"][0]
+    write_json(args.output / "results.json", results)
+    load = results["machine"]["load_average"], results["machine"]["load_average_at_end"]
     print(f"\nwrote {args.output / 'results.json'} in {results['wall_seconds']:.0f} s (load {load[0]:.2f} -> "
           f"{load[1]:.2f})")  # fmt: skip
 

@@ -1,7 +1,7 @@
 """Benchmark every AFT variant against transformers' GPT-2 (SDPA attention) of the same size, on one machine.
 
-    python scripts/benchmark.py --output outputs/benchmark          # the README figures (7 min on 2 cores)
-    python scripts/benchmark.py --quick --output /tmp/bench          # smaller lengths, a minute or two
+    python benchmarks/benchmark.py --output outputs/benchmark          # the README figures (7 min on 2 cores)
+    python benchmarks/benchmark.py --quick --output /tmp/bench          # smaller lengths, a minute or two
 
 Both models get the same width, depth, MLP size (4 x hidden), vocabulary, batch, dtype (float32), thread count and
 no dropout. Four measurements, each the median of several repetitions after a warm-up:
@@ -16,31 +16,39 @@ recorded as skipped rather than run. Writes results.json and PNG plots (when mat
 """
 
 import argparse
-import json
-import os
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 
-# Memory setting for every model alike (`--system-allocator` leaves it alone): freed memory stays in the process
-# (allocator.py says why). (PyTorch's THP_MEM_ALLOC_ENABLE=1 on top of this made an allocate-and-free loop of 128 MB
-# tensors 6x slower in kernel time, so it is not used.)
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from allocator import keep_freed_memory  # noqa: E402
+import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+from transformers.utils import logging as hf_logging
 
-TUNED_ALLOCATOR = "--system-allocator" not in sys.argv and keep_freed_memory()
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # the training scripts' plumbing
+from allocator import keep_freed_memory
+from harness import (
+    causal_lm,
+    describe,
+    fmt,
+    in_turn,
+    load_average,
+    machine,
+    markdown_table,
+    medians,
+    peak_bytes,
+    pyplot,
+    ratio,
+    repeat,
+    settings,
+    status,
+    timed,
+    write_json,
+)
 
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
-
-from aft import AFTConfig, AFTForCausalLM  # noqa: E402
-from aft import ops_aft_native as native_kernel  # noqa: E402
-from aft.modeling_aft import CACHE_NAME  # noqa: E402
-from aft.ops_aft import AFT_VARIANTS, aft_simple_chunk  # noqa: E402
+from aft import ops_aft_native as native_kernel
+from aft.modeling_aft import CACHE_NAME
+from aft.ops_aft import AFT_VARIANTS, aft_simple_chunk
 
 VARIANTS = tuple(AFT_VARIANTS)
 MODELS = (*VARIANTS, "gpt2")
@@ -76,88 +84,11 @@ def parse_args():
 
 
 def build_model(name, args, max_positions, implementation="torch"):
-    """AFT of one variant (with a registered `implementation` of its operator), or GPT-2 with SDPA, at the same
-    width, depth, MLP size and vocabulary; no dropout."""
-    if name == "gpt2":
-        config = GPT2Config(
-            n_embd=args.hidden,
-            n_layer=args.layers,
-            n_head=args.gpt2_heads,
-            n_inner=4 * args.hidden,
-            vocab_size=args.vocab,
-            n_positions=max_positions,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
-        model = GPT2LMHeadModel._from_config(config, attn_implementation="sdpa")
-    else:
-        config = AFTConfig(
-            aft_variant=name,
-            hidden_size=args.hidden,
-            num_hidden_layers=args.layers,
-            intermediate_size=4 * args.hidden,
-            vocab_size=args.vocab,
-            max_position_embeddings=max_positions,
-            local_window_size=args.local_window,
-            conv_kernel_size=args.conv_kernel,
-            num_heads=args.conv_heads,
-            aft_implementation=implementation,
-        )
-        model = AFTForCausalLM(config)
-    return model.float()
-
-
-def peak_bytes(fn):
-    """Peak of the bytes allocated while fn() runs, above what was allocated before, from the profiler's record of
-    every allocation and free (CPU). On CUDA: torch.cuda.max_memory_allocated."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = []
-
-    def walk(node):
-        if node.tag == _EventType.Allocation:
-            events.append((node.start_time_ns, node.extra_fields.alloc_size))
-        for child in node.children:
-            walk(child)
-
-    for root in prof.profiler.kineto_results.experimental_event_tree():
-        walk(root)
-    live = peak = 0
-    for _, size in sorted(events):
-        live += size
-        peak = max(peak, live)
-    return peak
-
-
-def timed(fn):
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-def repeat(fn, reps, point_seconds):
-    """Timed repetitions (at least one, at most `reps`, stopping once `point_seconds` are spent)."""
-    times, start = [], time.perf_counter()
-    while len(times) < reps and (not times or time.perf_counter() - start < point_seconds):
-        times.append(timed(fn))
-    return times
+    """The model `name` (an AFT variant or "gpt2") at the benchmark's size (harness.causal_lm: the same width,
+    depth, MLP and vocabulary for every model)."""
+    return causal_lm(name, hidden=args.hidden, layers=args.layers, heads=args.gpt2_heads, vocab=args.vocab,
+                     positions=max_positions, window=args.local_window, conv_kernel=args.conv_kernel,
+                     conv_heads=args.conv_heads, implementation=implementation)  # fmt: skip
 
 
 def projected(history, length, power):
@@ -194,7 +125,7 @@ def bench_training(model, name, lengths, args, bar):
             bar.update(1)
             continue
         model.zero_grad(set_to_none=True)
-        median = statistics.median(times)
+        median = medians({"t": times})["t"]
         history.append((T, median))
         rows.append({"T": T, "step_s": median, "times_s": times, "peak_bytes": peak})
         bar.update(1)
@@ -253,8 +184,8 @@ def bench_inference(model, name, lengths, args, bar, keep_caches=None):
             if guess < args.point_seconds / 4:  # a long prefill is its own warm-up: no extra run
                 timed(prefill)
             times = repeat(prefill, args.reps, args.point_seconds)
-            row.update(prefill_s=statistics.median(times), prefill_times_s=times)
-            history.append((L, statistics.median(times)))
+            row.update(prefill_s=medians({"t": times})["t"], prefill_times_s=times)
+            history.append((L, row["prefill_s"]))
             cache = getattr(out["r"], CACHE_NAME)
             row["cache"] = "from the prefill"
         row["cache_bytes"] = cache_bytes(cache)
@@ -264,7 +195,7 @@ def bench_inference(model, name, lengths, args, bar, keep_caches=None):
             t = timed(lambda token=token, cache=cache: model(input_ids=token, use_cache=True, **{CACHE_NAME: cache}))
             if i >= 2:
                 step_times.append(t)
-        row.update(decode_token_s=statistics.median(step_times), decode_times_s=step_times)
+        row.update(decode_token_s=medians({"t": step_times})["t"], decode_times_s=step_times)
         if keep_caches is not None and L in keep_caches:
             keep_caches[L] = cache
         rows.append(row)
@@ -274,17 +205,14 @@ def bench_inference(model, name, lengths, args, bar, keep_caches=None):
 
 @torch.no_grad()
 def interleaved_decode(model, caches, args):
-    """Per-token decode time from each cache, one step per cache in turn, so that whatever else the machine does
-    slows every context length alike (timed one after the other, a few-millisecond step drifts by +-30%).
-    -> {L: median seconds}"""
+    """Per-token decode time from each cache, one step per cache in turn (harness.in_turn), after two warm-up
+    rounds. -> {L: median seconds}"""
     token = torch.randint(0, args.vocab, (args.batch, 1), generator=torch.Generator().manual_seed(args.seed + 2))
-    times = {L: [] for L in caches}
-    for i in range(args.decode_tokens + 2):
-        for L, cache in caches.items():
-            t = timed(lambda cache=cache: model(input_ids=token, use_cache=True, **{CACHE_NAME: cache}))
-            if i >= 2:
-                times[L].append(t)
-    return {L: statistics.median(ts) for L, ts in times.items()}
+
+    def step(cache):
+        return lambda: model(input_ids=token, use_cache=True, **{CACHE_NAME: cache})
+
+    return medians(in_turn({L: step(cache) for L, cache in caches.items()}, args.decode_tokens, warm_up=2))
 
 
 @torch.no_grad()
@@ -305,19 +233,14 @@ def bench_operator(args, elements=2**24):
     runs = {"copy": lambda: dst.copy_(src), "op": lambda: aft_simple_chunk(q, k, v, causal=True)}
     if native_kernel.is_native_ready():
         runs["native"] = lambda: native_kernel.aft_simple_native(q, k, v, causal=True)
-    times = {name: [] for name in runs}
-    for fn in runs.values():  # warm-up (and the kernel's build, once)
-        timed(fn)
-    for _ in range(max(3, args.reps)):
-        for name, fn in runs.items():
-            times[name].append(timed(fn))
-    copy_t = statistics.median(times["copy"])
+    times = in_turn(runs, max(3, args.reps))  # the warm-up round builds the native kernel, once
+    copy_t = medians(times)["copy"]
     out = {"shape": [B, T, 1, D], "elements": q.numel(), "copy_s": copy_t, "copy_GBps": copy_bytes / copy_t / 1e9}
     for name in ("op", "native"):
         if name not in times:
             out["native_unavailable"] = native_kernel.unavailable_reason()
             continue
-        t = statistics.median(times[name])
+        t = medians(times)[name]
         prefix = "" if name == "op" else "native_"
         out |= {
             f"{prefix}op_s": t,
@@ -332,10 +255,6 @@ def find(rows, key, value):
     return next((r for r in rows if r.get(key) == value), {})
 
 
-def ratio(a, b):
-    return None if a is None or b is None else a / b
-
-
 def summarise(results, args):
     """Print the headline ratios and every target of issue 5 (and issue 2's cache/decode checks), met or not."""
     train, infer = results["training"], results["inference"]
@@ -343,9 +262,8 @@ def summarise(results, args):
 
     def target(text, value, ok):
         targets.append({"target": text, "value": value, "met": ok})
-        status = "n/a" if ok is None else ("MET" if ok else "NOT MET")
         shown = "n/a" if value is None else (f"{value:.3g}" if isinstance(value, float) else str(value))
-        lines.append(f"  [{status:>7}] {text}: {shown}")
+        lines.append(f"  [{status(ok):>7}] {text}: {shown}")
 
     def step(name, T):
         return find(train.get(name, []), "T", T).get("step_s")
@@ -397,34 +315,23 @@ def summarise(results, args):
 def table(results):
     """Markdown table of the headline figures, one row per model."""
     train, infer = results["training"], results["inference"]
-
-    def f(x, scale=1.0, fmt="{:.2f}"):
-        return "skipped" if x is None else fmt.format(x * scale)
-
-    out = [
-        "| model | train step T=4096 (s) | peak mem T=4096 (MiB) | train step T=16384 (s) | prefill 16k (s) "
-        "| decode 16k (ms/token) | cache 16k (MiB) |",
-        "|" + "---|" * 7,
-    ]
+    header = ["model", "train step T=4096 (s)", "peak mem T=4096 (MiB)", "train step T=16384 (s)", "prefill 16k (s)",
+              "decode 16k (ms/token)", "cache 16k (MiB)"]  # fmt: skip
+    rows = []
     for name in (m for m in MODELS if m in train or m in infer):
         t4, t16 = find(train.get(name, []), "T", 4096), find(train.get(name, []), "T", 16384)
         d16 = find(infer.get(name, []), "L", 16384)
-        out.append(
-            f"| {name} | {f(t4.get('step_s'))} | {f(t4.get('peak_bytes'), 2**-20, '{:.0f}')} | {f(t16.get('step_s'))} "
-            f"| {f(d16.get('prefill_s'))} | {f(d16.get('decode_token_s'), 1e3, '{:.1f}')} "
-            f"| {f(d16.get('cache_bytes'), 2**-20, '{:.2f}')} |"
-        )
-    return "\n".join(out)
+        rows.append([name, fmt(t4.get("step_s"), missing="skipped"),
+                     fmt(t4.get("peak_bytes"), ".0f", 2**-20, "skipped"), fmt(t16.get("step_s"), missing="skipped"),
+                     fmt(d16.get("prefill_s"), missing="skipped"),
+                     fmt(d16.get("decode_token_s"), ".1f", 1e3, "skipped"),
+                     fmt(d16.get("cache_bytes"), ".2f", 2**-20, "skipped")])  # fmt: skip
+    return markdown_table(header, rows)
 
 
 def plot(results, folder):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not importable: no plots written (results.json has every figure)")
+    plt = pyplot()
+    if plt is None:
         return []
     panels = [
         ("training", "T", "step_s", "training step (s)", "train_time.png"),
@@ -466,8 +373,7 @@ def plot(results, folder):
         ax.bar(names, values, color=["0.6", "C0", "C1"][: len(names)])
         ax.set_ylabel("GB/s (bytes read + written)")
         ax.set_title(f"operator over 2^24 elements: {op['fraction_of_copy']:.1%} of the copy", fontsize="medium")
-    machine = results["machine"]
-    fig.suptitle(f"AFT vs GPT-2 (SDPA) on {machine['processor'] or 'CPU'}, torch threads: {machine['torch_threads']}")
+    fig.suptitle(f"AFT vs GPT-2 (SDPA) on {describe(results['machine'])}")
     fig.tight_layout()
     fig.savefig(folder / "overview.png", dpi=100)
     plt.close(fig)
@@ -487,18 +393,11 @@ def main():
     # decode steps after the prefill: the per-length run, then the interleaved run (issue 2), each with 2 warm-ups
     max_positions = max(max(train_lengths), max(context_lengths) + 2 * (args.decode_tokens + 2) + 8)
     args.output.mkdir(parents=True, exist_ok=True)
+    # freed memory stays in the process for every model alike (allocator.py says why), unless --system-allocator
+    tuned = not args.system_allocator and keep_freed_memory()
     results = {
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "device": "cuda" if torch.cuda.is_available() else "cpu",
-            "load_average_at_start": os.getloadavg(),
-            "glibc_keeps_freed_memory": TUNED_ALLOCATOR,
-        },
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "machine": {**machine(), "glibc_keeps_freed_memory": tuned},
+        "settings": settings(args),
         "training": {},
         "inference": {},
         "decode_interleaved": {},
@@ -520,7 +419,7 @@ def main():
         bar.set_postfix_str("operator")
         results["operator"] = bench_operator(args)
         bar.update(1)
-    results["machine"]["load_average_at_end"] = os.getloadavg()
+    results["machine"]["load_average_at_end"] = load_average()
     results["wall_seconds"] = time.perf_counter() - start
     results["targets"] = summarise(results, args)
     op = results["operator"]
@@ -533,7 +432,7 @@ def main():
               f"{op['native_fraction_of_copy']:.1%}")  # fmt: skip
     print("\n" + table(results))
     results["plots"] = plot(results, args.output)
-    (args.output / "results.json").write_text(json.dumps(results, indent=1))
+    write_json(args.output / "results.json", results)
     print(
         f"\nwrote {args.output / 'results.json'} and {len(results['plots'])} plots in {results['wall_seconds']:.0f} s"
     )

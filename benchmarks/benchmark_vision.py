@@ -3,31 +3,22 @@
 All three have the same width, depth, patch size and MLP; ViT uses transformers' default attention (SDPA),
 AFT-conv the paper's tiny recipe (one head per channel, an 11 x 11 kernel). Each model runs at 224^2 and 384^2.
 
-    python scripts/benchmark_vision.py                 # CPU: width 192, depth 4, batch 8 (minutes on 2 cores)
-    python scripts/benchmark_vision.py --quick         # a smoke run: one timed step per model and size
-    python scripts/benchmark_vision.py --device cuda   # width 192, depth 12 (DeiT-tiny), batch 64
+    python benchmarks/benchmark_vision.py                 # CPU: width 192, depth 4, batch 8 (minutes on 2 cores)
+    python benchmarks/benchmark_vision.py --quick         # a smoke run: one timed step per model and size
+    python benchmarks/benchmark_vision.py --device cuda   # width 192, depth 12 (DeiT-tiny), batch 64
 
 Peak memory is what one step allocates above what was live before it (weights and the input batch are
-excluded and reported apart): on CUDA from `torch.cuda.max_memory_allocated`, on CPU by replaying the allocator
-events that `torch.profiler` records with `profile_memory=True`, in a separate untimed step. Speed is the median
+excluded and reported apart), in a separate untimed step (harness.peak_bytes: on CUDA the allocator's counter, on CPU
+the allocation events that `torch.profiler` records). Speed is the median
 of the timed steps (robust to other processes sharing the CPU); every step's time is saved in the JSON.
 """
 
 import argparse
-import json
-import os
-import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
-import transformers
-from torch.profiler import ProfilerActivity, profile
+from harness import image_classifier, in_turn, machine, medians, peak_bytes, pyplot, settings, write_json
 from tqdm import tqdm
-from transformers import ViTConfig, ViTForImageClassification
-
-from aft import AFTForImageClassification, AFTVisionConfig
 
 MODELS = ("aft-conv", "aft-full", "vit")
 
@@ -64,27 +55,10 @@ def parse_args():
 
 
 def build_model(name, image_size, args):
-    common = {"num_labels": args.num_labels, "image_size": image_size, "patch_size": args.patch_size}
-    width, depth = args.hidden_size, args.num_layers
-    if name == "vit":
-        config = ViTConfig(
-            hidden_size=width,
-            num_hidden_layers=depth,
-            num_attention_heads=max(1, width // args.vit_head_dim),
-            intermediate_size=4 * width,
-            **common,
-        )
-        return ViTForImageClassification(config)
-    variant = name.removeprefix("aft-")
-    config = AFTVisionConfig(
-        aft_variant=variant,
-        hidden_size=width,
-        num_hidden_layers=depth,
-        num_heads=args.conv_heads if variant == "conv" else 1,
-        conv_kernel_size=args.conv_kernel_size,
-        **common,
-    )
-    return AFTForImageClassification(config)
+    """ViT, AFT-conv or AFT-full at the benchmark's width, depth and patch size (harness.image_classifier)."""
+    return image_classifier(name, hidden=args.hidden_size, layers=args.num_layers, head_size=args.vit_head_dim,
+                            image_size=image_size, patch_size=args.patch_size, num_labels=args.num_labels,
+                            conv_heads=args.conv_heads, conv_kernel=args.conv_kernel_size)  # fmt: skip
 
 
 def make_step(model, pixel_values, labels, mode):
@@ -105,38 +79,6 @@ def make_step(model, pixel_values, labels, mode):
     return step
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_step_bytes(step, device):
-    """Bytes one step allocates at its peak, above what was live before it."""
-    if device.type == "cuda":
-        sync(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        step()
-        sync(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    live = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
-def timed(step, device):
-    sync(device)
-    start = time.perf_counter()
-    step()
-    sync(device)
-    return time.perf_counter() - start
-
-
 def measure(image_size, args, device, progress):
     """Every model at one size. Timed steps take the models in turn, so that other processes sharing the machine
     slow them alike instead of whichever model happens to run at the time."""
@@ -147,16 +89,11 @@ def measure(image_size, args, device, progress):
         pixel_values = torch.randn(args.batch_size, 3, image_size, image_size, device=device)
         labels = torch.randint(0, args.num_labels, (args.batch_size,), device=device)
         steps[name] = make_step(models[name], pixel_values, labels, args.mode)
-        for _ in range(args.warmup):
-            steps[name]()
-    times = {name: [] for name in args.models}
-    for _ in range(args.steps):
-        for name in args.models:
-            times[name].append(timed(steps[name], device))
-        progress.update()
+    times = in_turn(steps, args.steps, warm_up=args.warmup, device=device)
+    progress.update(args.steps)
     results = []
     for name in args.models:
-        seconds = statistics.median(times[name])
+        seconds = medians(times)[name]
         results.append(
             {
                 "model": name,
@@ -167,7 +104,7 @@ def measure(image_size, args, device, progress):
                 "ms_per_batch_best": 1e3 * min(times[name]),
                 "ms_per_batch_each_step": [1e3 * t for t in times[name]],
                 "images_per_s": args.batch_size / seconds,
-                "peak_step_mb": peak_step_bytes(steps[name], device) / 2**20,
+                "peak_step_mb": peak_bytes(steps[name], device) / 2**20,
             }
         )
     return results
@@ -192,12 +129,8 @@ def ratios(results):
 
 
 def plot(results, path, title):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     sizes = sorted({r["image_size"] for r in results})
     models = [m for m in MODELS if any(r["model"] == m for r in results)]
@@ -245,21 +178,8 @@ def main():
         )
 
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    report = {
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "environment": {
-            "device": torch.cuda.get_device_name(device)
-            if device.type == "cuda"
-            else f"{platform.machine()} CPU, {os.cpu_count()} cores",
-            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-        },
-        "results": results,
-        "ratios": ratios(results),
-    }
-    args.output.write_text(json.dumps(report, indent=2))
+    report = {"settings": settings(args), "machine": machine(device), "results": results, "ratios": ratios(results)}
+    write_json(args.output, report)
     print(f"saved {args.output}")
     title = f"{args.mode}, batch {args.batch_size}, width {args.hidden_size}, depth {args.num_layers}, {device}"
     png = plot(results, args.output.with_suffix(".png"), title)

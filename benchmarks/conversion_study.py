@@ -2,16 +2,17 @@
 for K steps (with and without distillation from the GPT-2), against AFT-local trained from scratch for K steps
 and for the GPT-2's steps + K, and against the GPT-2 itself.
 
-    python scripts/run_conversion_study.py --source outputs/study/gpt2 --study_results outputs/study/results.json \
-        --output_dir scripts/conversion_results --steps 150 300 600
-    python scripts/run_conversion_study.py --quick --source GPT2 --study_results RESULTS --output_dir /tmp/conv \
+    python benchmarks/conversion_study.py --source outputs/study/gpt2 --study_results outputs/study/results.json \
+        --output_dir benchmarks/conversion_results --steps 150 300 600
+    python benchmarks/conversion_study.py --quick --source GPT2 --study_results RESULTS --output_dir /tmp/conv \
         --train_file code.txt                                        # a smoke test, seconds
 
 Every run uses the study's recipe, read from its results.json: the data (run_clm.py's, by default the Python
 standard library's sources, through the GPT-2's own byte tokenizer), the block and batch sizes, AdamW with its
 learning rate, betas, weight decay and clipping, the cosine schedule with 5% warm-up, and the seed; the held-out
 blocks split as the study splits them (the first half validates, the second half is the test split). The runs
-are `run_clm.py` itself (in this process, one after the other); this script converts with `convert_to_aft.py`,
+are `scripts/run_clm.py` itself (a process each, one after the other); this script converts with
+`scripts/convert_to_aft.py` (a process),
 evaluates the saved folders on both halves, times training and decoding (every model in turn), and writes
 OUTPUT_DIR/results.json, OUTPUT_DIR/conversion.png and the rows of the README's table. The training batches come
 in run_clm.py's order (seeded), not the study's: the data and the recipe are the same, the order is not.
@@ -22,30 +23,30 @@ import json
 import logging
 import math
 import os
-import platform
 import shlex
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
+from transformers import AutoModelForCausalLM, default_data_collator
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import convert_to_aft  # noqa: E402
-import run_clm  # noqa: E402
-import training_data  # noqa: E402
-from benchmark_generation import in_turn  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-from training_args import InputError, run_main  # noqa: E402
-from training_distill import DistillationLoss  # noqa: E402
-from training_loop import as_loss_and_terms, create_optimizer  # noqa: E402
-from training_metrics import load_metric, next_token_cross_entropy  # noqa: E402
-from transformers import AutoModelForCausalLM, default_data_collator  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # the training scripts' plumbing
+import training_data
+from harness import in_turn, load_average, machine, markdown_table, medians, pyplot, write_json
+from training_args import InputError, run_main
+from training_distill import DistillationLoss
+from training_loop import as_loss_and_terms, create_optimizer
+from training_metrics import load_metric, next_token_cross_entropy
 
-from aft import AFTConfig  # noqa: E402
+from aft import AFTConfig
 
-logger = logging.getLogger("run_conversion_study")
+logger = logging.getLogger("conversion_study")
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 ROWS = ("copy", "copy+distill", "fresh", "fresh+distill", "scratch")
 TOLERANCE = 0.05  # the issue's target: within this many bits per byte of the source
@@ -60,7 +61,7 @@ ARCHITECTURE = (
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", help="the study's GPT-2 folder (OUTPUT_DIR/gpt2 of run_study.py).")
+    parser.add_argument("--source", help="the study's GPT-2 folder (OUTPUT_DIR/gpt2 of study.py).")
     parser.add_argument("--study_results", help="the study's results.json (its recipe and figures).")
     parser.add_argument("--output_dir", required=True, help="results.json, conversion.png, and the runs under runs/.")
     parser.add_argument("--overwrite_output_dir", action="store_true")
@@ -104,7 +105,7 @@ def check_args(args) -> dict:
         study["recipe"], study["architecture"]  # noqa: B018
     except (OSError, ValueError, KeyError, StopIteration) as error:
         raise InputError(
-            f"--study_results {args.study_results}: not a results.json of run_study.py with its GPT-2 run ({error})."
+            f"--study_results {args.study_results}: not a results.json of study.py with its GPT-2 run ({error})."
         ) from error
     if any(k < 1 for k in args.steps) or len(set(args.steps)) != len(args.steps):
         raise InputError(f"--steps {args.steps}: give each number of steps once, each positive.")
@@ -180,14 +181,20 @@ class Evaluator:
 # 2. the runs
 
 
+def run_script(script: str, argv: list[str]):
+    """`python scripts/<script> ARGV` in a process of its own, as a user runs it (one torch thread, as this one)."""
+    command = [sys.executable, str(SCRIPTS / script), *argv]
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
+    if done.returncode:
+        raise RuntimeError(f"{shlex.join(command)} failed (exit {done.returncode}): see its error above")
+
+
 def convert(args, study, dst: Path, query_key: str) -> Path:
     architecture = study["architecture"]
-    convert_to_aft.main(
-        [
-            args.source, str(dst), "--aft_variant", "local", "--query_key", query_key,
-            "--local_window_size", str(architecture["window"]), "--position_bias_rank", str(architecture["bias_rank"]),
-        ]
-    )  # fmt: skip
+    run_script("convert_to_aft.py", [
+        args.source, str(dst), "--aft_variant", "local", "--query_key", query_key,
+        "--local_window_size", str(architecture["window"]), "--position_bias_rank", str(architecture["bias_rank"]),
+    ])  # fmt: skip
     return dst
 
 
@@ -223,7 +230,7 @@ def train(args, study, row: str, steps: int, folders: dict, out: Path, evaluator
     argv = [str(a) for a in argv]
     logger.info(f"{row}, {steps} steps: python scripts/run_clm.py {shlex.join(argv)}")
     start = time.perf_counter()
-    run_clm.main(argv)
+    run_script("run_clm.py", argv)
     wall = time.perf_counter() - start
     if row == "scratch" and not same_architecture(out, folders["copy"]):
         raise RuntimeError(f"the from-scratch model {out} does not have the converted model's architecture")
@@ -278,7 +285,7 @@ def time_training(args, study, folders: dict, blocks) -> dict:
             folders["copy"], DistillationLoss(teacher, args.distill_temperature, args.distill_weight)
         ),
     }
-    seconds = in_turn(fns, args.timing_steps)
+    seconds = medians(in_turn(fns, args.timing_steps))
     return {name: {"seconds_per_step": s, "tokens_per_second": batch_size * block / s} for name, s in seconds.items()}
 
 
@@ -298,7 +305,7 @@ def time_decoding(args, folders: dict, prompt_ids: torch.Tensor) -> dict:
         return call
 
     fns = {f"{name}/{tokens}": generate(model, tokens) for name, model in models.items() for tokens in (n, 2 * n)}
-    seconds = in_turn(fns, 5)
+    seconds = medians(in_turn(fns, 5))
     context = prompt_ids.shape[1]
     return {
         name: {
@@ -344,16 +351,13 @@ def summarize(results: dict) -> dict:
 
 def table(results: dict) -> str:
     """The README's table: one line per model and steps."""
-    lines = [
-        "| model | fine-tuning steps | validation bits/byte | test bits/byte | vs GPT-2 (validation) |",
-        "|---|---|---|---|---|",
-    ]
     source = results["source"]
+    rows = []
 
     def line(name, steps, r):
         gap = r["validation_bits_per_byte"] - source["validation_bits_per_byte"]
-        lines.append(
-            f"| {name} | {steps} | {r['validation_bits_per_byte']:.3f} | {r['test_bits_per_byte']:.3f} | {gap:+.3f} |"
+        rows.append(
+            [name, steps, f"{r['validation_bits_per_byte']:.3f}", f"{r['test_bits_per_byte']:.3f}", f"{gap:+.3f}"]
         )
 
     line(f"GPT-2 (the study's, {source['steps']} steps)", "-", source)
@@ -371,18 +375,17 @@ def table(results: dict) -> str:
     if results.get("scratch_total"):
         r = results["scratch_total"]
         line(f"AFT-local from scratch ({r['steps']} steps = the GPT-2's + {r['steps'] - source['steps']})", "-", r)
-    return "\n".join(lines)
+    header = ["model", "fine-tuning steps", "validation bits/byte", "test bits/byte", "vs GPT-2 (validation)"]
+    return markdown_table(header, rows)
 
 
 def plot(results: dict, path: Path):
     """conversion.png, validation bits per byte (every validation block) against optimizer steps. Left: the
     fine-tuning runs from step 0 (the model as converted) and AFT-local from scratch for the same K; right: the
     longest of each against total steps (the GPT-2's, then fine-tuning), with AFT-local from scratch over as many."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is None:
+        return
     source = results["source"]
     gpt2, offset = source["validation_bits_per_byte"], source["steps"]
     colors = dict(zip(ROWS, ("C0", "C1", "C2", "C3", "C7"), strict=True))
@@ -440,19 +443,6 @@ def plot(results: dict, path: Path):
     plt.close(fig)
 
 
-def machine() -> dict:
-    import transformers
-
-    return {
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "load_average_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-    }
-
-
 def main(argv=None):
     args = parse_args(argv)
     if args.plot_only:
@@ -461,7 +451,7 @@ def main(argv=None):
             raise InputError(f"--plot_only: {path} does not exist.")
         results = json.loads(path.read_text())
         results["table"] = table(results)
-        path.write_text(json.dumps(results, indent=1))
+        write_json(path, results)
         plot(results, path.parent / "conversion.png")
         print(results["table"])
         return
@@ -477,7 +467,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     results = {
-        "command": shlex.join(["python", "scripts/run_conversion_study.py", *args.argv]),
+        "command": shlex.join(["python", "benchmarks/conversion_study.py", *args.argv]),
         "machine": machine(),
         "study": {"command": study["command"], "recipe": study["recipe"], "architecture": study["architecture"]},
         "distillation": {"temperature": args.distill_temperature, "weight": args.distill_weight},
@@ -519,7 +509,7 @@ def main(argv=None):
         for row in args.rows:
             run_dir = out / "runs" / f"{row}-{steps}"
             results["runs"].append(train(args, study, row, steps, folders, run_dir, evaluator))
-            (out / "results.json").write_text(json.dumps(results, indent=1))  # progress, rewritten after each run
+            write_json(out / "results.json", results)  # progress, rewritten after each run
     if not args.no_total_row:
         total = gpt2["steps"] + max(args.steps)
         args.curve_points = 12 if not args.quick else 2
@@ -533,10 +523,10 @@ def main(argv=None):
     results["decoding"] = time_decoding(args, folders, prompt)
 
     results["targets"] = summarize(results)
-    results["machine"]["load_average_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    results["machine"]["load_average_end"] = load_average()
     results["wall_seconds"] = time.time() - started
     results["table"] = table(results)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    write_json(out / "results.json", results)
     plot(results, out / "conversion.png")
     shutil.rmtree(out / "converted")
     if not args.keep_runs:

@@ -1,9 +1,9 @@
 """The evidence study: AFT against a Transformer of the same size (transformers' GPT-2), trained here, side by side.
 
-    python scripts/run_study.py                                   # the README's Results (about 1.5 hours, 2 CPU cores)
-    python scripts/run_study.py --quick --output_dir /tmp/study   # every part at a toy size (seconds)
-    python scripts/run_study.py --size medium                     # wider, deeper, longer: for a GPU
-    python scripts/run_study.py --enwik8_file enwik8 --size large --parts steps seeds time
+    python benchmarks/study.py                                   # the README's Results (about 1.5 hours, 2 CPU cores)
+    python benchmarks/study.py --quick --output_dir /tmp/study   # every part at a toy size (seconds)
+    python benchmarks/study.py --size medium                     # wider, deeper, longer: for a GPU
+    python benchmarks/study.py --enwik8_file enwik8 --size large --parts steps seeds time
 
 Every model gets one recipe: the training scripts' AdamW (decay/no-decay groups), warm-up and cosine schedule and
 gradient clipping, one learning rate, batch size, block size, seed and data order (the same batches, in the same
@@ -34,7 +34,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import platform
 import shlex
 import shutil
@@ -48,26 +47,37 @@ import torch
 from accelerate import Accelerator
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from tqdm.auto import tqdm
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel, ViTConfig, ViTForImageClassification, set_seed
+from transformers import PreTrainedModel, set_seed
 from transformers.utils import logging as hf_logging
 
-from aft import AFTConfig, AFTForCausalLM, AFTForImageClassification, AFTVisionConfig, aft_image_processor
-
-# isort: split
 # The training scripts' data, tokenizer, optimizer, scheduler, metrics and evaluation code.
-from benchmark import TUNED_ALLOCATOR, peak_bytes  # importing it keeps freed memory in the process
-from run_clm import evaluate as evaluate_text
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from allocator import keep_freed_memory
+from harness import (
+    Load,
+    causal_lm,
+    image_classifier,
+    machine,
+    markdown_table,
+    peak_bytes,
+    pyplot,
+    synchronize,
+    write_json,
+)
+
+# The user scripts' pieces below move into the plumbing (training_*.py): switch these imports when they land.
 from run_image_classification import evaluate as evaluate_classifier
 from run_pixel_modeling import START, image_processor, to_sequences
-from run_pixel_modeling import evaluate as evaluate_pixels
 from training_args import InputError, add_training_args, run_main
 from training_data import digits_dataset, text_datasets
 from training_loop import create_optimizer, create_scheduler, plan_steps
-from training_metrics import load_metric
+from training_metrics import load_metric, next_token_cross_entropy
 from training_model import count_parameters
 from training_publish import LIMITATIONS
 
-logger = logging.getLogger("run_study")
+from aft import aft_image_processor
+
+logger = logging.getLogger("study")
 
 PARTS = ("steps", "seeds", "time", "ablation", "pixels", "classify")
 PART_KEYS = {"steps": "equal_steps", "seeds": "equal_steps", "time": "equal_time", "ablation": "window_ablation"}
@@ -142,6 +152,8 @@ def parse_args(argv=None):
     parser.add_argument("--time_budget", type=float, default=None, help="seconds of training per model in `time` "
                         "(default: GPT-2's training time in `steps`).")  # fmt: skip
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
+    parser.add_argument("--system_allocator", action="store_true", help="leave glibc's memory settings as they are "
+                        "(default: freed memory stays in the process, as in the training scripts).")  # fmt: skip
     data = parser.add_argument_group("text data, as run_clm.py reads it (default: the Python standard library)")
     data.add_argument("--dataset_name", default=None)
     data.add_argument("--dataset_config_name", default=None)
@@ -191,72 +203,23 @@ def check_args(args) -> Size:
 
 
 def build_lm(name: str, size: Size, vocab_size: int, positions: int, seed: int, window: int | None = None):
-    """GPT-2 with SDPA attention, or AFTForCausalLM of one variant ("aft-local", ...; `window` overrides s)."""
+    """GPT-2 with SDPA attention, or AFTForCausalLM of one variant ("aft-local", ...; `window` overrides s), at the
+    study's size (harness.causal_lm)."""
     set_seed(seed)
-    if name == "gpt2":
-        config = GPT2Config(
-            n_embd=size.hidden,
-            n_layer=size.layers,
-            n_head=size.hidden // size.head_size,
-            n_inner=4 * size.hidden,
-            activation_function="gelu",  # AFT's MLP activation
-            vocab_size=vocab_size,
-            n_positions=positions,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            bos_token_id=None,
-            eos_token_id=None,
-        )
-        return GPT2LMHeadModel._from_config(config, attn_implementation="sdpa")
-    config = AFTConfig(
-        aft_variant=name.removeprefix("aft-"),
-        hidden_size=size.hidden,
-        num_hidden_layers=size.layers,
-        intermediate_size=4 * size.hidden,
-        vocab_size=vocab_size,
-        max_position_embeddings=positions,
-        local_window_size=window or size.window,
-        position_bias_rank=size.bias_rank,
-        conv_kernel_size=size.conv_kernel,
-        num_heads=size.conv_heads,
-    )
-    return AFTForCausalLM(config)
+    return causal_lm(name, hidden=size.hidden, layers=size.layers, heads=size.hidden // size.head_size,
+                     vocab=vocab_size, positions=positions, window=window or size.window, bias_rank=size.bias_rank,
+                     conv_kernel=size.conv_kernel, conv_heads=size.conv_heads)  # fmt: skip
 
 
 def build_classifier(name: str, size: Size, seed: int):
     """transformers' ViT (SDPA; class token, position embeddings) or the paper's AFT-conv image classifier (global
-    average pooling, no class token, no position embedding; as many heads as channels), on 8 x 8 grey digits."""
+    average pooling, no class token, no position embedding; as many heads as channels, a 3 x 3 window), on 8 x 8
+    grey digits (harness.image_classifier)."""
     set_seed(seed)
     labels = {"id2label": {i: str(i) for i in range(10)}, "label2id": {str(i): i for i in range(10)}}
-    if name == "vit":
-        config = ViTConfig(
-            hidden_size=size.hidden,
-            num_hidden_layers=size.layers,
-            num_attention_heads=size.hidden // size.head_size,
-            intermediate_size=4 * size.hidden,
-            hidden_act="gelu",
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-            image_size=DIGITS_SIDE,
-            patch_size=DIGITS_PATCH,
-            num_channels=1,
-            **labels,
-        )
-        return ViTForImageClassification._from_config(config, attn_implementation="sdpa")
-    config = AFTVisionConfig(
-        aft_variant="conv",
-        hidden_size=size.hidden,
-        num_hidden_layers=size.layers,
-        intermediate_size=4 * size.hidden,
-        num_heads=size.hidden,
-        conv_kernel_size=3,
-        image_size=DIGITS_SIDE,
-        patch_size=DIGITS_PATCH,
-        num_channels=1,
-        **labels,
-    )
-    return AFTForImageClassification(config)
+    return image_classifier(name, hidden=size.hidden, layers=size.layers, head_size=size.head_size,
+                            image_size=DIGITS_SIDE, patch_size=DIGITS_PATCH, num_channels=1, conv_kernel=3,
+                            labels=labels)  # fmt: skip
 
 
 # 2. data
@@ -384,11 +347,6 @@ def new_run(name, seed, model, steps, tokens_per_step, recipe, batches_per_epoch
     return Run(name, seed, model, steps, tokens_per_step, optimizer, scheduler, eval_at=eval_at, budget=budget)
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def train_step(run: Run, batch: dict, compute_loss, max_grad_norm: float, device):
     """One optimizer step (forward, backward, clipping, AdamW, schedule), timed on this model's clock."""
     synchronize(device)
@@ -419,28 +377,6 @@ def peak_step_bytes(model, compute_loss, batch, device) -> int:
     peak = peak_bytes(lambda: compute_loss(model, batch).backward())
     model.zero_grad(set_to_none=True)
     return int(peak)
-
-
-class Load:
-    """The machine's 1-minute load average, sampled at the start and at every evaluation."""
-
-    def __init__(self):
-        self.samples = []
-        self.sample()
-
-    def sample(self):
-        if hasattr(os, "getloadavg"):
-            self.samples.append(os.getloadavg()[0])
-
-    def summary(self) -> dict:
-        if not self.samples:
-            return {}
-        return {
-            "min": min(self.samples),
-            "mean": statistics.fmean(self.samples),
-            "max": max(self.samples),
-            "samples": len(self.samples),
-        }
 
 
 def train_in_turn(runs, batch_at, compute_loss, evaluate, *, max_grad_norm, device, load, budget=None, desc=""):
@@ -499,8 +435,8 @@ def run_record(run: Run, metric: str, **final) -> dict:
 class Study:
     """The study's shared state: arguments, size, recipe, device, data, the load record and the results so far."""
 
-    def __init__(self, args, size: Size):
-        self.args, self.size = args, size
+    def __init__(self, args, size: Size, tuned_allocator: bool):
+        self.args, self.size, self.tuned_allocator = args, size, tuned_allocator
         self.output_dir = Path(args.output_dir)
         self.accelerator = Accelerator()
         self.metric = load_metric("cross_entropy")  # the scripts' evaluate module: nats per token, bits per byte
@@ -516,7 +452,7 @@ class Study:
             "size": args.size,
             "architecture": dataclasses.asdict(size),
             "recipe": self.recipe_record(),
-            "machine": machine(self.device),
+            "machine": {**machine(self.device), "glibc_keeps_freed_memory": self.tuned_allocator},
         }
         self.text = None
         self.main_runs = {}  # the equal-steps runs of the first seed trained by this process
@@ -582,10 +518,7 @@ class Study:
         self.results["models"] = self.args.models
         self.results["load_average"] = self.load.summary()
         self.results["wall_seconds"] = time.time() - self.started
-        path = self.output_dir / "results.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.results, indent=1))
-        os.replace(tmp, path)
+        write_json(self.output_dir / "results.json", self.results)
 
     # text
 
@@ -632,9 +565,10 @@ class Study:
             runs.append(run)
 
         def bits(model, batch_list, split):
-            return evaluate_text(model, batch_list, self.accelerator, self.metric, ratios.get(split), "x")[
-                "x_bits_per_byte"
-            ]
+            ratio = ratios.get(split)
+            values = next_token_cross_entropy(model, batch_list, self.accelerator, self.metric,
+                                              tokens_per_byte=ratio["bytes"] if ratio else 1.0)  # fmt: skip
+            return values["bits_per_byte"]
 
         train_in_turn(
             runs,
@@ -753,8 +687,8 @@ class Study:
                 runs.append(new_run(name, seed, model, self.size.image_steps, self.size.image_batch * length,
                                     self.recipe, batches.per_epoch, self.size.eval_points, self.device))  # fmt: skip
 
-            def bits_per_dim(model, held_out=held_out):
-                return evaluate_pixels(model, held_out, self.accelerator, self.metric)["eval_bits_per_dim"]
+            def bits_per_dim(model, held_out=held_out):  # the mean negative log2-likelihood of every sub-pixel
+                return next_token_cross_entropy(model, held_out, self.accelerator, self.metric)["bits_per_token"]
 
             train_in_turn(runs, batches, lm_loss, bits_per_dim, max_grad_norm=self.recipe.max_grad_norm,
                           device=self.device, load=self.load, desc=f"pixels, seed {seed}")  # fmt: skip
@@ -863,28 +797,6 @@ def corpus_name(args) -> str:
 PAPER_SETTING = "24 layers x 256 wide AFT-local, enwik8, T = 1024, test bits per character (Zhai et al. 2021)"
 
 
-def machine(device) -> dict:
-    info = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "device": str(device),
-        "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "glibc_keeps_freed_memory": TUNED_ALLOCATOR,
-    }
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
-        info["cpu"] = names[0] if names else platform.processor()
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    import transformers
-
-    info["transformers"] = transformers.__version__
-    return info
-
-
 # 5. summary: the table and the answers
 
 
@@ -982,7 +894,7 @@ CARD_TEMPLATE = """---
 
 # {{ name }}
 
-{{ kind }}, trained by the evidence study of the `aft` project (`scripts/run_study.py`) side by side with
+{{ kind }}, trained by the evidence study of the `aft` project (`benchmarks/study.py`) side by side with
 {{ others }}: the same data ({{ corpus }}), {{ tokenizer }}, blocks of {{ block }} tokens, recipe, seed,
 batches and {{ steps }} optimizer steps.
 
@@ -1020,28 +932,25 @@ Every figure, the learning curves and the machine's load are in the study's `res
 {{ limitations }}
 """
 
-TABLE_HEAD = (
-    "| model | parameters | steps | tokens seen | validation bpb | test bpb | train tokens/s | peak step MiB |\n"
-    "|---|---|---|---|---|---|---|---|"
-)
+RUN_TABLE_HEADER = ["model", "parameters", "steps", "tokens seen", "validation bpb", "test bpb", "train tokens/s",
+                    "peak step MiB"]  # fmt: skip
 
 
-def table_row(run: dict) -> str:
-    return (
-        f"| {run['model']} (seed {run['seed']}) | {run['parameters']:,} | {run['steps']:,} | {run['tokens_seen']:,} | "
-        f"{run['validation_bits_per_byte']:.4f} | {run['test_bits_per_byte']:.4f} | {run['tokens_per_second']:,.0f} | "
-        f"{run['peak_step_memory_bytes'] / 2**20:.1f} |"
-    )
+def run_table(runs: list) -> str:
+    """One row per run: its size, steps, final figures, speed and memory."""
+    rows = [
+        [f"{run['model']} (seed {run['seed']})", f"{run['parameters']:,}", f"{run['steps']:,}",
+         f"{run['tokens_seen']:,}", f"{run['validation_bits_per_byte']:.4f}", f"{run['test_bits_per_byte']:.4f}",
+         f"{run['tokens_per_second']:,.0f}", f"{run['peak_step_memory_bytes'] / 2**20:.1f}"]
+        for run in runs
+    ]  # fmt: skip
+    return markdown_table(RUN_TABLE_HEADER, rows)
 
 
 def comparison_table(results: dict) -> str:
     test = results["summary"]["equal_steps"]["test_bits_per_byte"]
-    rows = [
-        "| model | seeds | test bits per byte |",
-        "|---|---|---|",
-        *[f"| {m} | {len(v['values'])} | {v['mean']:.4f} +- {v['spread']:.4f} |" for m, v in test.items()],
-    ]
-    return "\n".join(rows)
+    rows = [[m, len(v["values"]), f"{v['mean']:.4f} +- {v['spread']:.4f}"] for m, v in test.items()]
+    return markdown_table(["model", "seeds", "test bits per byte"], rows)
 
 
 def write_card(folder: Path, name: str, seed: int, results: dict):
@@ -1052,7 +961,7 @@ def write_card(folder: Path, name: str, seed: int, results: dict):
         timed = results["equal_time"]
         time_table = (
             f"\nEqual wall-clock time ({timed['budget_seconds']:.4g} s of training per model, same machine, models "
-            "trained in turn):\n\n" + "\n".join([TABLE_HEAD, *map(table_row, timed["runs"])]) + "\n"
+            "trained in turn):\n\n" + run_table(timed["runs"]) + "\n"
         )
     is_aft = name != "gpt2"
     kind = f"An Attention Free Transformer (AFT-{name.removeprefix('aft-')})" if is_aft else "A GPT-2 (SDPA)"
@@ -1101,7 +1010,7 @@ def write_card(folder: Path, name: str, seed: int, results: dict):
         parameters=f"{row['parameters']:,}",
         device=results["machine"].get("gpu")
         or f"{results['machine']['cpus']} CPU cores ({results['machine']['torch_threads']} torch threads)",
-        row="\n".join([TABLE_HEAD, table_row(row)]),
+        row=run_table([row]),
         table=comparison_table(results),
         time_table=time_table,
         usage=usage,
@@ -1125,13 +1034,8 @@ COLORS |= {"aft-full": "tab:red", "vit": "black", "aft-conv-vision": "tab:green"
 
 def write_plots(results: dict, folder: Path):
     """curves.png, final.png, window_ablation.png and images.png from a results dict (skipped without matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.warning("matplotlib is not installed: no plots (pip install matplotlib).")
+    plt = pyplot()
+    if plt is None:
         return
     if "equal_steps" in results:
         plot_curves(plt, results, folder / "curves.png")
@@ -1276,7 +1180,9 @@ def main(argv=None):
     hf_logging.set_verbosity_error()
     if args.threads:
         torch.set_num_threads(args.threads)
-    Study(args, size).run()
+    # freed memory stays in the process for every model alike (allocator.py says why), unless --system_allocator
+    tuned_allocator = not args.system_allocator and keep_freed_memory()
+    Study(args, size, tuned_allocator).run()
 
 
 if __name__ == "__main__":

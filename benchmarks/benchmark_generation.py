@@ -1,12 +1,12 @@
 """Benchmark AFT generation on transformers' cache machinery: continuation, generate() overhead, compiled decoding,
 AFT-full decoding against GPT-2's KV cache, and constant state.
 
-    python scripts/benchmark_generation.py --output outputs/benchmark-generation      # the README figures
-    python scripts/benchmark_generation.py --quick --output /tmp/bench-generation      # smoke test, seconds
+    python benchmarks/benchmark_generation.py --output outputs/benchmark-generation      # the README figures
+    python benchmarks/benchmark_generation.py --quick --output /tmp/bench-generation      # smoke test, seconds
 
-Models as in scripts/benchmark.py (same width, depth, MLP, vocabulary, float32, no dropout; GPT-2 with SDPA), at
-batch 1. Every ratio compares two things timed in turn, one repetition of each after the other, so that what else
-the machine does slows both alike; each figure is a median.
+Models as in benchmark.py (harness.causal_lm: the same width, depth, MLP, vocabulary, float32, no dropout; GPT-2
+with SDPA), at batch 1. Every ratio compares two things timed in turn (harness.in_turn), one repetition of each after
+the other, so that what else the machine does slows both alike; each figure is a median.
   1. continuation: a `--new`-token input on a cache of `--context` tokens (the next chat turn) against a fresh
      prefill of the same `--new` tokens;
   2. generate() per token (the difference between two generate() lengths, so the prefill cancels) against the
@@ -20,21 +20,16 @@ streams). Writes results.json into --output and prints every target as met or no
 """
 
 import argparse
-import json
-import platform
-import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
+from benchmark import build_model
+from harness import in_turn, machine, medians, settings, status, write_json
+from transformers.generation.streamers import BaseStreamer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import build_model  # noqa: E402  (one definition of the compared models)
-from transformers.generation.streamers import BaseStreamer  # noqa: E402
-
-from aft import AFTCache  # noqa: E402
-from aft.modeling_aft import CACHE_NAME  # noqa: E402
+from aft import AFTCache
+from aft.modeling_aft import CACHE_NAME
 
 CONSTANT = ("simple", "local", "conv")
 
@@ -75,20 +70,6 @@ def model_for(name, args):
 
 def ids(args, length, seed=0):
     return torch.randint(0, args.vocab, (1, length), generator=torch.Generator().manual_seed(args.seed + seed))
-
-
-def in_turn(fns, reps):
-    """Each function once per round, `reps` rounds after a warm-up round. A function returns the seconds of each of
-    its steps (or None: its whole call is one sample). -> {name: median seconds per step}."""
-    for fn in fns.values():
-        fn()
-    samples = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            steps = fn()
-            samples[name] += steps if steps is not None else [time.perf_counter() - start]
-    return {name: statistics.median(t) for name, t in samples.items()}
 
 
 def cache_of(model, prompt, **cache_kwargs):
@@ -138,7 +119,7 @@ def bench_continuation(model, args):
     def prefill():
         model(new, use_cache=True)
 
-    t = in_turn({"continuation": continuation, "prefill": prefill}, args.reps)
+    t = medians(in_turn({"continuation": continuation, "prefill": prefill}, args.reps))
     return {"continuation_s": t["continuation"], "prefill_s": t["prefill"], "ratio": t["continuation"] / t["prefill"]}
 
 
@@ -157,7 +138,7 @@ def bench_generate(model, args):
     def forward_loop():
         return decode(model, cache_of(model, prompt), prompt[:, -1:], args.tokens, prompt.shape[1])
 
-    t = in_turn({"generate": generate, "forward": forward_loop}, args.reps)
+    t = medians(in_turn({"generate": generate, "forward": forward_loop}, args.reps))
     return {"generate_token_s": t["generate"], "forward_token_s": t["forward"], "ratio": t["generate"] / t["forward"]}
 
 
@@ -182,7 +163,7 @@ def bench_compiled(model, args):
     start = time.perf_counter()
     steps("compiled", compiled)()  # compiles
     compile_s = time.perf_counter() - start
-    t = in_turn({"eager": steps("eager", model), "compiled": steps("compiled", compiled)}, args.reps)
+    t = medians(in_turn({"eager": steps("eager", model), "compiled": steps("compiled", compiled)}, args.reps))
     return {
         "eager_token_s": t["eager"],
         "compiled_token_s": t["compiled"],
@@ -212,7 +193,7 @@ def bench_full_vs_gpt2(args):
 
         return run
 
-    t = in_turn({name: steps(name) for name in models}, args.reps)
+    t = medians(in_turn({name: steps(name) for name in models}, args.reps))
     row = {f"{name}_token_s": t[name] for name in models}
     row.update(context=L, prefill_s=prefill_s, ratio=row["full_token_s"] / row["gpt2_token_s"])
     row["cache_bytes"] = {"full": caches["full"].nbytes(), "gpt2": _kv_bytes(caches["gpt2"])}
@@ -238,7 +219,7 @@ def bench_constant_state(model, args):
 
         return run
 
-    t = in_turn({L: steps(L) for L in caches}, args.reps)
+    t = medians(in_turn({L: steps(L) for L in caches}, args.reps))
     return {
         "bytes": {L: c.nbytes() for L, c in caches.items()},
         "token_s": {L: t[L] for L in caches},
@@ -252,8 +233,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    machine = {"platform": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads()}
-    results = {"machine": machine, "args": {k: str(v) for k, v in vars(args).items()}}
+    results = {"machine": machine(), "args": settings(args)}
     results.update(continuation={}, generate={}, compiled={}, constant_state={})
     for name in (*CONSTANT, "full"):
         model = model_for(name, args)
@@ -271,9 +251,9 @@ def main():
     results["full_vs_gpt2"] = bench_full_vs_gpt2(args)
     results["targets"] = targets(results, args)
     args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "results.json").write_text(json.dumps(results, indent=2))
+    write_json(args.output / "results.json", results)
     for line in results["targets"]:
-        print(f"{'MET    ' if line['met'] else 'NOT MET'}  {line['target']}: {line['value']}")
+        print(f"{status(line['met']):<7}  {line['target']}: {line['value']}")
     print(f"results: {args.output / 'results.json'}")
 
 

@@ -27,8 +27,9 @@ _MIXER_ARGS = r"""
         query_activation (`str`, defaults to `"sigmoid"`): sigma_q, `"sigmoid"` or `"relu"`.
         aft_implementation (`str`, defaults to `"torch"`): the registered implementation of the operator
             (`ops_aft.register_operator`); `"torch"` is the default every other one is tested against, `"exact"`
-            and `"naive"` are its twins (slower); `"native"` (`simple` only) runs a C kernel built on first use for
-            the causal forward without gradients (CPU inference) and the torch form everywhere else."""
+            and `"naive"` are its twins (slower); `"native"` runs C kernels built on first use where no gradient is
+            needed (CPU inference: `simple`'s causal forward; the decoding step of `simple`, `local` and `conv`)
+            and the torch form everywhere else."""
 
 
 @strict

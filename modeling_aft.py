@@ -691,6 +691,35 @@ class AFTForCausalLM(AFTPreTrainedModel, GenerationMixin):
         inputs.update((k, v) for k, v in kwargs.items() if k != "next_sequence_length")
         return inputs
 
+    def generate(self, inputs=None, generation_config=None, **kwargs):
+        """GenerationMixin.generate, with two checks first: a prompt of no tokens (which generate() would meet as an
+        IndexError), and, for a model with a position limit, a prompt plus max_new_tokens (or max_length) that
+        would pass it (which forward would meet only after every token before it was generated)."""
+        ids = inputs if inputs is not None else kwargs.get("input_ids")
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None and isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[1] == 0:
+            raise ValueError(
+                f"`input_ids` has shape {tuple(ids.shape)}: a prompt needs at least one token per row (pass no "
+                "input_ids to start from config.bos_token_id, where the model has one)."
+            )
+        prompt = embeds if embeds is not None else ids
+        if self.config.has_position_limit and isinstance(prompt, torch.Tensor) and prompt.dim() >= 2:
+            config = generation_config if generation_config is not None else self.generation_config
+            new = kwargs.get("max_new_tokens", config.max_new_tokens)
+            if new is None:
+                new = kwargs.get("max_length", config.max_length) - prompt.shape[1]
+            mask = kwargs.get("attention_mask")
+            positions = int(mask.sum(-1).max()) if mask is not None else prompt.shape[1]  # real tokens of a row
+            limit = self.config.max_position_embeddings
+            if new > 0 and positions + new > limit:
+                raise ValueError(
+                    f"The prompt takes {positions} positions and max_new_tokens={new} more would reach position "
+                    f"{positions + new - 1}, but this model has max_position_embeddings={limit} positions "
+                    f"(position_embedding_type={self.config.position_embedding_type!r}, aft_variant="
+                    f"{self.config.aft_variant!r}): pass max_new_tokens <= {max(limit - positions, 0)}."
+                )
+        return super().generate(inputs, generation_config, **kwargs)
+
     def create_masks_for_generate(self, attention_mask=None, **kwargs):
         """AFT reads the 2-D padding mask itself: generate() builds no 4-D attention masks for it."""
         return attention_mask
@@ -913,10 +942,14 @@ class AFTForImageClassification(AFTPreTrainedModel):
 
 class AFTForImageClassificationFromAFTConfig(AFTForImageClassification):
     """What the installed package's `AutoModelForImageClassification` maps `AFTConfig` to: image folders saved by
-    aft 0.1 (model_type "aft"). `from_pretrained` reads the config as an `AFTVisionConfig` and returns an
-    `AFTForImageClassification`."""
+    aft 0.1 (model_type "aft"). Building one (`from_config`, the constructor) or loading one (`from_pretrained`)
+    reads the config as an `AFTVisionConfig` and returns an `AFTForImageClassification`, so that what is saved
+    names that class and loads as remote code (this class's config_class would not match the saved config)."""
 
     config_class = AFTConfig
+
+    def __new__(cls, config, *args, **kwargs):
+        return AFTForImageClassification(config, *args, **kwargs)
 
     @classmethod
     def from_pretrained(cls, *args, config=None, **kwargs):

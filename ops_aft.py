@@ -10,7 +10,8 @@ flat sibling modules (flat, so that a saved folder loads as Hub remote code), to
     ops_aft_full.py       full (a bias over every pair): aft_full_chunk, aft_full_exact, aft_full_recurrent
     ops_aft_2d.py         the image forms over a patch grid
     ops_aft_reference.py  the literal formula with dense biases, and the *_naive forms built on it
-    ops_aft_native.py     "native": a compiled CPU kernel for the causal simple forward without gradients
+    ops_aft_native.py     "native": compiled CPU kernels, simple's causal forward and the decoding step of
+                          simple, local and conv, where no gradient is needed
 
 Every sequence form has one signature,
 
@@ -22,8 +23,9 @@ is `form(q, k, v, *variant_args, grid) -> y`. An implementation of a variant is 
 (decoding: one step per token) and a grid form, registered under a name (`register_operator`) and looked up by
 the model's `config.aft_implementation` (`get_operator`), like transformers' attention-function registry.
 "torch" is the default and the one every other implementation is tested against; "exact" (no chunk references)
-and "naive" (the literal formula, O(T^2)) are its twins; "native" (simple only) runs a C kernel, built on first
-use, where no gradient is needed, and the torch form everywhere else.
+and "naive" (the literal formula, O(T^2)) are its twins; "native" runs C kernels, built on first use, where no
+gradient is needed (simple's causal forward; the decoding step of simple, local and conv), and the torch form
+everywhere else.
 
 A variant is one entry of `AFT_VARIANTS`: what it learns (`parameters`), how its learned tensors become the
 forms' arguments (`operator_args`), which config fields it needs and their checks, and what decoding keeps.
@@ -44,7 +46,12 @@ from .ops_aft_full import (
     full_state,
     keys_and_values,
 )
-from .ops_aft_native import aft_simple_native
+from .ops_aft_native import (
+    aft_conv_native_recurrent,
+    aft_local_native_recurrent,
+    aft_simple_native,
+    aft_simple_native_recurrent,
+)
 from .ops_aft_reference import (
     aft_conv_naive,
     aft_conv_naive_2d,
@@ -248,13 +255,15 @@ def _full_exact_grid(q, k, v, pos_u, pos_v, grid):
 
 register_operator("simple", "torch", AFTOperator(aft_simple_chunk, aft_simple_recurrent, _simple_grid))
 register_operator("simple", "exact", AFTOperator(aft_simple_exact, aft_simple_recurrent, _simple_grid))
-register_operator("simple", "native", AFTOperator(aft_simple_native, aft_simple_recurrent, _simple_grid))
+register_operator("simple", "native", AFTOperator(aft_simple_native, aft_simple_native_recurrent, _simple_grid))
 register_operator("simple", "naive", AFTOperator(aft_simple_naive, aft_simple_recurrent, aft_simple_naive_2d))
 register_operator("local", "torch", AFTOperator(aft_local_chunk, aft_local_recurrent, aft_local_2d))
 register_operator("local", "exact", AFTOperator(aft_local_exact, aft_local_recurrent, aft_local_2d))
+register_operator("local", "native", AFTOperator(aft_local_chunk, aft_local_native_recurrent, aft_local_2d))
 register_operator("local", "naive", AFTOperator(aft_local_naive, aft_local_recurrent, aft_local_naive_2d))
 register_operator("conv", "torch", AFTOperator(aft_conv_chunk, aft_conv_recurrent, aft_conv_2d))
 register_operator("conv", "exact", AFTOperator(aft_conv_exact, aft_conv_recurrent, aft_conv_2d))
+register_operator("conv", "native", AFTOperator(aft_conv_chunk, aft_conv_native_recurrent, aft_conv_2d))
 register_operator("conv", "naive", AFTOperator(aft_conv_naive, aft_conv_recurrent, aft_conv_naive_2d))
 register_operator("full", "torch", AFTOperator(aft_full_chunk, aft_full_recurrent, _full_grid))
 register_operator("full", "exact", AFTOperator(aft_full_exact, aft_full_recurrent, _full_exact_grid))

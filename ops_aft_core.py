@@ -103,6 +103,12 @@ def finite_inputs(k: torch.Tensor, v: torch.Tensor):
     return tuple(torch.where(torch.isfinite(x), x, 0.0) for x in (k, v))
 
 
+def host_flags(*flags: torch.Tensor) -> list[bool]:
+    """0-d bool tensors read on the host with one synchronisation: the fast forms' only data-dependent branches
+    (whether they could represent their input), taken after the work."""
+    return [bool(x) for x in torch.stack(flags).tolist()]
+
+
 def gate(q: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """sigma_q(Q) * y, returned in the dtype of q."""
     return (q.to(y.dtype) * y).to(q.dtype)

@@ -26,6 +26,7 @@ from .ops_aft_core import (
     finite_inputs,
     finite_prefix,
     gate,
+    host_flags,
     is_real,
     keys_out_of_range,
     mask_inputs,
@@ -263,7 +264,7 @@ def _full_blocked(k, v, pos_u, keys_pos, before: int, Bs: int):
     # 3. the checks, then n / z (rows that have seen only padding have z = 0 and n = 0). The last block's columns
     # hold every key and value: they sum to a finite number only if all of them are finite.
     finite = torch.isfinite(x.sum(tdim)).all()
-    declined, finite = torch.stack([overflow | sums_underflow(den, seen), finite]).tolist()  # one synchronisation
+    declined, finite = host_flags(overflow | sums_underflow(den, seen), finite)  # one host synchronisation
     if declined or not finite:
         return None, finite
     y = num / torch.where(seen, den, torch.ones_like(den))

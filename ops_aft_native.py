@@ -42,9 +42,16 @@ from pathlib import Path
 import torch
 
 from .ops_aft_core import NEG, AFTState, check_state, mask_keys, pool_as_position
-from .ops_aft_window import aft_simple_chunk, aft_simple_exact
+from .ops_aft_window import (
+    aft_conv_recurrent,
+    aft_local_chunk,
+    aft_local_recurrent,
+    aft_simple_chunk,
+    aft_simple_exact,
+    aft_simple_recurrent,
+)
 
-KERNEL_VERSION = 1
+KERNEL_VERSION = 2
 _SOURCE = r"""
 #include <stdint.h>
 #include <stdlib.h>
@@ -147,8 +154,117 @@ int aft_simple_causal(const float *q, long qb, long qt, const float *k, long kb,
     }
     return 0;
 }
+
+static inline float max_nan(float a, float b) { return (a != a || b != b) ? a + b : (a > b ? a : b); }
+
+/* e^x for x <= 0 that keeps a NaN (torch.exp does) */
+static inline float exp_step(float x) { float e = exp_nonpositive(x); return x != x ? x : e; }
+
+/* One or more tokens of the recurrent form of simple, local and conv (AFT.md's (n, z, m) pool plus a window of the
+   last S positions), op for op the torch form's step: the window slots' logits key + bias against the running max,
+   y = q (n e^(m - ref) + sum e v) / (z e^(m - ref) + sum e), then the oldest slot joins the pool and the window
+   moves by one. q, k, v: rows (b, t) at b * xb + t * xt, each H x D contiguous; k has Dk = Dv (simple, local) or
+   Dk = 1 (conv) channels per head. mask (b, t): 0 is padding, or NULL; padding and -inf keys become NEG with
+   value 0. The bias of slot j: kern
+   (H, S + 1) per head (conv), else u_t . p_j over R factors, p_j the window's pos (B, S, R) and p_S = pv_t
+   (local), else 0. The state m0, n0, z0, wk0, wv0, wp0 (contiguous) is copied to m .. wp and updated there;
+   y (B, T, H, Dv) contiguous. */
+int aft_window_step(const float *q, long qb, long qt, const float *k, long kb, long kt, const float *v, long vb,
+                    long vt, const float *mask, long mb, long mt, const float *kern, const float *pu, long pub,
+                    long put, const float *pv, long pvb, long pvt, long R, const float *m0, const float *n0,
+                    const float *z0, const float *wk0, const float *wv0, const float *wp0, float *y, float *m,
+                    float *n, float *z, float *wk, float *wv, float *wp, long B, long T, long H, long Dk, long Dv,
+                    long S) {
+    const long HK = H * Dk, HV = H * Dv, s = S + 1, g = Dv / Dk;
+    __builtin_memcpy(m, m0, sizeof(float) * B * HK);
+    __builtin_memcpy(n, n0, sizeof(float) * B * HV);
+    __builtin_memcpy(z, z0, sizeof(float) * B * HK);
+    __builtin_memcpy(wk, wk0, sizeof(float) * B * S * HK);
+    __builtin_memcpy(wv, wv0, sizeof(float) * B * S * HV);
+    __builtin_memcpy(wp, wp0, sizeof(float) * B * S * R);
+    float *scratch = malloc(sizeof(float) * (s * HK + 5 * HK + HV + s + 1));
+    if (!scratch) return 1;
+    float *e = scratch, *ref = e + s * HK, *sc = ref + HK, *den = sc + HK, *kcur = den + HK, *ab = kcur + HK;
+    float *vcur = ab + HK, *wf = vcur + HV;
+    for (long t = 0; t < T; t++) {
+        for (long b = 0; b < B; b++) {
+            const float *kr = k + b * kb + t * kt, *vr = v + b * vb + t * vt, *qr = q + b * qb + t * qt;
+            float *mb_ = m + b * HK, *nb = n + b * HV, *zb = z + b * HK;
+            float *wkb = wk + b * S * HK, *wvb = wv + b * S * HV, *wpb = wp + b * S * R;
+            int pad = mask && mask[b * mb + t * mt] == 0.0f;
+            /* padding and -inf keys are NEG, their values 0 (NaN stays NaN) */
+            for (long c = 0; c < HK; c++) kcur[c] = pad || kr[c] < NEG_KEY ? NEG_KEY : kr[c];
+            for (long cv = 0; cv < HV; cv++)
+                vcur[cv] = kcur[(cv / Dv) * Dk + (cv % Dv) / g] > NEG_HALF ? vr[cv] : 0.0f;
+            for (long j = 0; j < s && !kern; j++) {
+                const float *pj = j < S ? wpb + j * R : pv + b * pvb + t * pvt, *ut = pu + b * pub + t * put;
+                float acc = 0.0f;
+                for (long r = 0; r < R; r++) acc += ut[r] * pj[r];
+                wf[j] = acc;
+            }
+            for (long c = 0; c < HK; c++) ref[c] = mb_[c];
+            for (long j = 0; j < s; j++) {
+                const float *kj = j < S ? wkb + j * HK : kcur;
+                float *ej = e + j * HK;
+                for (long c = 0; c < HK; c++) {
+                    float x = kj[c] + (kern ? kern[(c / Dk) * s + j] : wf[j]);
+                    ej[c] = x;
+                    ref[c] = max_nan(ref[c], x);
+                }
+            }
+            for (long c = 0; c < HK; c++) {
+                sc[c] = exp_step(mb_[c] - ref[c]);
+                den[c] = zb[c] * sc[c];
+            }
+            for (long j = 0; j < s; j++) {
+                float *ej = e + j * HK;
+                for (long c = 0; c < HK; c++) {
+                    ej[c] = exp_step(ej[c] - ref[c]);
+                    den[c] += ej[c];
+                }
+            }
+            float *yr = y + (b * T + t) * HV;
+            for (long cv = 0; cv < HV; cv++) {
+                long kc = (cv / Dv) * Dk + (cv % Dv) / g;
+                float acc = nb[cv] * sc[kc];
+                for (long j = 0; j < s; j++) acc += e[j * HK + kc] * (j < S ? wvb[j * HV + cv] : vcur[cv]);
+                /* only padding so far: y = 0 (a NaN reference has seen something: NaN) */
+                yr[cv] = ref[kc] <= NEG_HALF ? 0.0f : qr[cv] * (acc / den[kc]);
+            }
+            /* the oldest slot (the token itself when S = 0) joins the pool; padding adds nothing */
+            const float *k0 = S > 0 ? wkb : kcur, *v0 = S > 0 ? wvb : vcur;
+            for (long c = 0; c < HK; c++) {
+                float mm = max_nan(mb_[c], k0[c]);
+                float real = (float)(k0[c] > NEG_HALF);
+                sc[c] = exp_step(mb_[c] - mm);
+                ab[c] = exp_step(k0[c] - mm);
+                zb[c] = zb[c] * sc[c] + real * ab[c];
+                mb_[c] = mm;
+                den[c] = real;
+            }
+            for (long cv = 0; cv < HV; cv++) {
+                long kc = (cv / Dv) * Dk + (cv % Dv) / g;
+                nb[cv] = nb[cv] * sc[kc] + (den[kc] > 0.0f ? v0[cv] : 0.0f) * ab[kc];
+            }
+            if (S > 0) {
+                __builtin_memmove(wkb, wkb + HK, sizeof(float) * (S - 1) * HK);
+                __builtin_memmove(wvb, wvb + HV, sizeof(float) * (S - 1) * HV);
+                __builtin_memcpy(wkb + (S - 1) * HK, kcur, sizeof(float) * HK);
+                __builtin_memcpy(wvb + (S - 1) * HV, vcur, sizeof(float) * HV);
+                if (R > 0) {
+                    __builtin_memmove(wpb, wpb + R, sizeof(float) * (S - 1) * R);
+                    __builtin_memcpy(wpb + (S - 1) * R, pv + b * pvb + t * pvt, sizeof(float) * R);
+                }
+            }
+        }
+    }
+    free(scratch);
+    return 0;
+}
 """
-_SOURCE = f"#define KERNEL_VERSION {KERNEL_VERSION}\n#define NEG_HALF {NEG / 2:.1e}f\n" + _SOURCE
+_SOURCE = (
+    f"#define KERNEL_VERSION {KERNEL_VERSION}\n#define NEG_HALF {NEG / 2:.1e}f\n#define NEG_KEY {NEG:.1e}f\n" + _SOURCE
+)
 # Vectorising the row loop needs -fno-trapping-math (IEEE semantics otherwise kept: NaN and inf propagate);
 # -march=native where the compiler takes it, so the library is built for this machine only.
 FLAGS = ["-O3", "-fPIC", "-shared", "-pthread", "-fno-math-errno", "-fno-trapping-math"]
@@ -310,6 +426,15 @@ def _load(path: Path, digest: str):
         *(ctypes.c_long,) * 3,
         ctypes.c_int,
     ]
+    lib.aft_window_step.restype = ctypes.c_int
+    lib.aft_window_step.argtypes = [
+        *(ctypes.c_void_p, ctypes.c_long, ctypes.c_long) * 4,
+        ctypes.c_void_p,
+        *(ctypes.c_void_p, ctypes.c_long, ctypes.c_long) * 2,
+        ctypes.c_long,
+        *(ctypes.c_void_p,) * 13,
+        *(ctypes.c_long,) * 6,
+    ]
     return lib
 
 
@@ -326,6 +451,16 @@ def _self_check(lib) -> None:
     if not torch.allclose(got[0], want[0], rtol=1e-4, atol=1e-5):
         gap = (got[0] - want[0]).abs().max()
         raise RuntimeError(f"the built kernel's output differs from the torch form's by {gap:.3g}")
+    # the decoding step, with a window, factors and padding, three tokens on from a prefilled state
+    pos_u, pos_v = (torch.randn(1, T, 3, generator=gen) for _ in range(2))
+    _, state = aft_local_chunk(q[:, :-3], k[:, :-3], v[:, :-3], pos_u[:, :-3], pos_v[:, :-3], 5, mask=mask[:, :-3],
+                               output_final_state=True)  # fmt: skip
+    tail = (q[:, -3:], k[:, -3:], v[:, -3:], pos_u[:, -3:], pos_v[:, -3:], 5)
+    want, want_state = aft_local_recurrent(*tail, initial_state=state, output_final_state=True)
+    got, got_state = _step(lib, tail[:3], state, 4, mask=None, pos=tail[3:5])
+    for a, b in zip((got, *got_state), (want, *want_state), strict=True):
+        if not torch.allclose(a, b, rtol=1e-4, atol=1e-5):
+            raise RuntimeError(f"the built decoding step differs from the torch form's by {(a - b).abs().max():.3g}")
 
 
 def library():
@@ -382,7 +517,7 @@ def _find_or_build():
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """x (B, T, H, D) in float32 with its (H, D) contiguous (any batch and row stride)."""
-    x = x.to(torch.float32)
+    x = x if x.dtype == torch.float32 else x.to(torch.float32)
     if x.stride(3) != 1 or x.stride(2) != x.shape[3]:
         x = x.contiguous()
     return x
@@ -419,11 +554,12 @@ def _forward(lib, q, k, v, mask, initial_state):
     return y, state
 
 
-def _uses_kernel(q, k, v, causal, initial_state) -> bool:
+def _uses_kernel(q, k, v, causal, initial_state, same_keys=True) -> bool:
     tensors = [q, k, v, *(initial_state[:3] if initial_state is not None else ())]
     return (
         causal
-        and q.shape == k.shape == v.shape  # one key per channel (else the torch form, or its shape error)
+        and (q.shape == k.shape == v.shape or not same_keys)  # one key per channel (else the torch form)
+        and k.dim() == 4
         and k.shape[0] * k.shape[1] > 0
         and all(x.device.type == "cpu" and x.dtype != torch.float64 for x in tensors)
         and not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors))
@@ -444,10 +580,131 @@ def aft_simple_native(q, k, v, *, causal=True, mask=None, initial_state=None, ou
     )
 
 
+# The decoding step of simple, local and conv: the recurrent forms' step (op for op, in float32) as one call per
+# layer instead of some sixty small torch operators.
+
+
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    """x in float32 and contiguous (itself when it is: a decoding step is a few microseconds of work)."""
+    x = x if x.dtype == torch.float32 else x.to(torch.float32)
+    return x if x.is_contiguous() else x.contiguous()
+
+
+def _step(lib, qkv, state, slots, mask=None, kernel=None, pos=None):
+    """The kernel's recurrent step on tokens (B, T, H, D) from `state` (not changed): -> y (float32) and the new
+    state. `kernel` (H, s) for conv, `pos` = (pos_u, pos_v) (B|1, T, R) for local."""
+    q, k, v = (_rows(x) for x in qkv)
+    B, T, H, Dk = k.shape
+    Dv = v.shape[3]
+    old = [_f32(x) for x in state]
+    new = [torch.empty(x.shape, dtype=torch.float32) for x in old]
+    y = torch.empty(B, T, H, Dv, dtype=torch.float32)
+    if mask is not None and mask.dtype != torch.float32:
+        mask = mask.to(torch.float32)
+    pu = pv = None
+    if pos is not None:
+        pu, pv = (_f32(x) for x in pos)
+
+    def rows(x):  # (pointer, batch stride, row stride), a batch of one shared by every row
+        if x is None:
+            return None, 0, 0
+        return x.data_ptr(), x.stride(0) if x.shape[0] > 1 else 0, x.stride(1)
+
+    lib.aft_window_step(
+        *rows(q), *rows(k), *rows(v), *rows(mask), _f32(kernel).data_ptr() if kernel is not None else None,
+        *rows(pu), *rows(pv), pu.shape[2] if pu is not None else 0,
+        *(x.data_ptr() for x in old), y.data_ptr(), *(x.data_ptr() for x in new), B, T, H, Dk, Dv, slots,
+    )  # fmt: skip
+    return y, AFTState(*new)
+
+
+def _step_applies(q, k, v, causal, mask, state, slots, rank, extra=()) -> bool:
+    tensors = [q, k, v, *extra]
+    if state is None or not causal or not _uses_kernel(q, k, v, causal, None, same_keys=False):
+        return False
+    B, _, H, Dk = k.shape
+    Dv = v.shape[3]
+    shapes = [(B, H, Dk), (B, H, Dv), (B, H, Dk), (B, slots, H, Dk), (B, slots, H, Dv), (B, slots, rank)]
+    return (
+        q.shape == v.shape
+        and k.shape[:3] == q.shape[:3]  # the kernel reads every row of q, k and v: no shape it does not expect
+        and (Dk == Dv or Dk == 1)
+        and (mask is None or tuple(mask.shape) == (B, k.shape[1]))
+        and all(x.device.type == "cpu" and x.dtype != torch.float64 for x in tensors)
+        and all(tuple(x.shape) == shape and x.dtype == torch.float32 for x, shape in zip(state, shapes, strict=True))
+        and not (torch.is_grad_enabled() and any(x.requires_grad for x in (*tensors, *state)))
+    )
+
+
+def _native_step(recurrent, slots, rank, extra, q, k, v, causal, mask, initial_state, output_final_state, **bias):
+    if _step_applies(q, k, v, causal, mask, initial_state, slots, rank, extra):
+        lib = library()
+        if lib is not None:
+            y, state = _step(lib, (q, k, v), initial_state, slots, mask=mask, **bias)
+            return (y if q.dtype == torch.float32 else y.to(q.dtype)), (state if output_final_state else None)
+    return recurrent(causal=causal, mask=mask, initial_state=initial_state, output_final_state=output_final_state)
+
+
+def aft_simple_native_recurrent(q, k, v, *, causal=True, mask=None, initial_state=None, output_final_state=False):
+    """`aft_simple_recurrent` by the compiled kernel where it applies (a float32 state on the CPU, no gradients,
+    not under torch.compile's tracing), else that torch form."""
+
+    def torch_form(**kw):
+        return aft_simple_recurrent(q, k, v, **kw)
+
+    return _native_step(torch_form, 0, 0, (), q, k, v, causal, mask, initial_state, output_final_state)
+
+
+def aft_local_native_recurrent(
+    q, k, v, pos_u, pos_v, window, *, causal=True, mask=None, initial_state=None, output_final_state=False
+):
+    """`aft_local_recurrent` by the compiled kernel where it applies, else that torch form."""
+
+    def torch_form(**kw):
+        return aft_local_recurrent(q, k, v, pos_u, pos_v, window, **kw)
+
+    rank = pos_u.shape[-1]
+    ok = (
+        window >= 1
+        and pos_u.dim() == 3
+        and pos_u.shape == pos_v.shape
+        and pos_u.shape[0] in (1, k.shape[0])
+        and pos_u.shape[1] == k.shape[1]
+    )
+    return _native_step(
+        torch_form, window - 1 if ok else -1, rank, (pos_u, pos_v), q, k, v, causal, mask, initial_state,
+        output_final_state, pos=(pos_u, pos_v),
+    )  # fmt: skip
+
+
+def aft_conv_native_recurrent(
+    q, k, v, kernel, *, causal=True, mask=None, initial_state=None, output_final_state=False
+):
+    """`aft_conv_recurrent` by the compiled kernel where it applies, else that torch form."""
+
+    def torch_form(**kw):
+        return aft_conv_recurrent(q, k, v, kernel, **kw)
+
+    ok = kernel.dim() == 2 and kernel.shape[0] == k.shape[2]
+    return _native_step(
+        torch_form, kernel.shape[-1] - 1 if ok else -1, 0, (kernel,), q, k, v, causal, mask, initial_state,
+        output_final_state, kernel=kernel,
+    )  # fmt: skip
+
+
 def is_native_ready() -> bool:
     """Build (or find) the kernel now; False where it is not available. For a caller that wants to know before it
     runs a model."""
     return library() is not None
 
 
-__all__ = ["aft_simple_native", "cache_dir", "is_native_ready", "library", "unavailable_reason"]
+__all__ = [
+    "aft_conv_native_recurrent",
+    "aft_local_native_recurrent",
+    "aft_simple_native",
+    "aft_simple_native_recurrent",
+    "cache_dir",
+    "is_native_ready",
+    "library",
+    "unavailable_reason",
+]

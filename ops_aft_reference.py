@@ -118,7 +118,7 @@ def _naive(q, k, v, bias, slots, pos_u, pos_v, causal, mask, initial_state, outp
     if initial_state is not None and slots is None:  # full: the past positions themselves
         past_k, past_v = keys_and_values(initial_state)
         before = past_k.shape[1]
-        real = torch.ones(k.shape[:2], dtype=torch.bool) if mask is None else mask.bool()
+        real = torch.ones(k.shape[:2], dtype=torch.bool, device=k.device) if mask is None else mask.bool()
         mask = torch.cat([past_k[:, :, 0, 0] > NEG / 2, real], 1)
         k, v = torch.cat([past_k.to(k.dtype), k], 1), torch.cat([past_v.to(v.dtype), v], 1)
         pos_v = torch.cat([initial_state.pos.to(pos_v.dtype), pos_v.expand(k.shape[0], -1, -1)], 1)

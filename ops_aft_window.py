@@ -30,6 +30,7 @@ from .ops_aft_core import (
     finite_inputs,
     finite_prefix,
     gate,
+    host_flags,
     is_real,
     keys_out_of_range,
     mask_inputs,
@@ -67,8 +68,7 @@ def aft_simple_exact(q, k, v, *, causal=True, mask=None, initial_state=None, out
 
 
 def aft_simple_recurrent(q, k, v, *, causal=True, mask=None, initial_state=None, output_final_state=False):
-    bias = lambda t: torch.zeros(1, 1, 1, 1, dtype=torch.float64)  # noqa: E731  the one slot: the token itself
-    return _recurrent(q, k, v, 0, bias, None, causal, mask, initial_state, output_final_state)
+    return _recurrent(q, k, v, 0, None, None, causal, mask, initial_state, output_final_state)
 
 
 def aft_local_chunk(
@@ -155,6 +155,9 @@ class _LocalBand(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dband):
         pos_u, pos_v = ctx.saved_tensors
+        # under autocast the band came out of a lower-precision matmul, but backward runs outside autocast: the
+        # gradient takes the factors' dtype so that the products below have one dtype
+        dband = dband.to(pos_u.dtype)
         left, right = ctx.left, ctx.right
         Bb, T, R = pos_u.shape
         C = min(BAND_CHUNK, T)
@@ -394,7 +397,7 @@ def _simple_chunked(q, k, v, mask, C: int):
     q: (B, T, H, Dv); k (masked): (B, T, H, Dk); v: (B, T, H, Dv)."""
     for rows in (None, C):
         y, over, finite = _SimpleChunked.apply(q, k, v, mask is not None, C, rows)
-        over, finite = torch.stack([over, finite]).tolist()  # one host synchronisation per attempt, after the work
+        over, finite = host_flags(over, finite)  # one host synchronisation per attempt, after the work
         if not finite or not over:
             return (y if finite else None), finite
     return None, True
@@ -514,7 +517,7 @@ def _band_chunked(q, k, v, band, left: int, mask, C: int):
         band = F.pad(band, (0, 0, 0, 0, 0, 0, 0, pad)) if band.shape[1] > 1 else band
     for rows in (None, C):
         y, over, finite = _BandChunked.apply(q, k, v, band, left, mask is not None or pad > 0, C, rows)
-        over, finite = torch.stack([over, finite]).tolist()  # one host synchronisation per attempt, after the work
+        over, finite = host_flags(over, finite)  # one host synchronisation per attempt, after the work
         if not finite or not over:
             return (y[:, :T] if finite else None), finite
     return None, True
@@ -862,7 +865,8 @@ def _from_chunks(y, T: int):
 
 def _recurrent(q, k, v, slots: int, bias, pos_v, causal, mask, initial_state, output_final_state):
     """q, v: (B, T, H, Dv); k: (B, T, H, Dk). `bias(t[, state.pos])` -> the bias of the s = slots + 1 window slots
-    of token t, (B|1, s, H|1, 1). Loops over the T tokens (one step when decoding)."""
+    of token t, (B|1, s, H|1, 1); None: no bias (simple: the one slot is the token itself). Loops over the T
+    tokens (one step when decoding)."""
     if not causal:
         raise ValueError("The recurrent form is causal: pass causal=True.")
     check_inputs(q, k, v, mask)
@@ -875,10 +879,10 @@ def _recurrent(q, k, v, slots: int, bias, pos_v, causal, mask, initial_state, ou
     state = AFTState(*(x.to(k.dtype) for x in state))
     ys = []
     for t in range(T):
-        w = bias(t, state.pos) if rank else bias(t)
+        w = None if bias is None else bias(t, state.pos) if rank else bias(t)
         keys = torch.cat([state.k, k[:, t, None]], 1)  # (B, s, H, Dk)
         values = torch.cat([state.v, v[:, t, None]], 1)
-        logits = keys + w.to(k.dtype)
+        logits = keys if w is None else keys + w.to(k.dtype)
         ref = torch.maximum(state.m, logits.amax(1))  # every exponent below is <= 0
         e = torch.exp(logits - ref[:, None])
         scale = torch.exp(state.m - ref)

@@ -24,8 +24,8 @@ setup(
     package_dir={"aft": "."},
     cmdclass={"build_py": BuildPy},
     python_requires=">=3.10",
-    # Lower bounds are the releases the test suite runs on (CI: the transformers floor and the newest release, see
-    # .ci/transformers-versions); no upper bounds, so that installing never downgrades a newer release.
+    # Lower bounds are the releases the test suite runs on (CI runs it on the floor and on the newest releases, the
+    # rows of .ci/versions); no upper bounds, so that installing never downgrades a newer release.
     install_requires=[
         "torch>=2.13",
         "transformers>=5.18",
@@ -45,7 +45,17 @@ setup(
             "scikit-learn>=1.9",
             "matplotlib>=3.11",
         ],
-        # ruff is pinned to a minor release: a new one may format the same code differently (CI checks formatting)
-        "test": ["pytest>=9", "ruff>=0.17,<0.18"],
+        # the tools users put a model in, each tested on AFT in the suite (docs/works_with.md)
+        "tools": [
+            "peft>=0.21",
+            "trl>=1.16",
+            "lm-eval>=0.4.13",
+            "onnx>=1.23",
+            "onnxscript>=0.7",
+            "onnxruntime>=1.32",
+        ],
+        # ruff is pinned to a minor release: a new one may format the same code differently (CI checks formatting);
+        # pytest-xdist runs the suite on two processes (pytest.ini)
+        "test": ["pytest>=9", "pytest-xdist>=3.8", "ruff>=0.17,<0.18"],
     },
 )

@@ -9,6 +9,9 @@ Every model gets one recipe: the training scripts' AdamW (decay/no-decay groups)
 gradient clipping, one learning rate, batch size, block size, seed and data order (the same batches, in the same
 order), and the byte tokenizer of run_clm.py on its data (by default the Python standard library's sources; also
 --train_file, --dataset_name or --enwik8_file). The parts (`--parts`):
+  sweep     a learning rate per model: every text model at each of --sweep_rates for --sweep_steps steps (the same
+            short budget for each), the rate of the lowest final validation bits per byte chosen and recorded; the
+            text parts after it train each model at its own chosen rate;
   steps     equal optimizer steps: GPT-2 (SDPA attention) and AFT full/local/simple/conv at the same width, depth
             and MLP;
   seeds     GPT-2 and AFT-local again with the other --seeds (mean and spread);
@@ -34,6 +37,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import platform
 import shlex
 import shutil
@@ -47,7 +51,7 @@ import torch
 from accelerate import Accelerator
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, set_seed
+from transformers import AutoTokenizer, PreTrainedModel, set_seed
 from transformers.utils import logging as hf_logging
 
 # The training scripts' data, tokenizer, optimizer, scheduler, metrics and evaluation code.
@@ -64,24 +68,21 @@ from harness import (
     synchronize,
     write_json,
 )
-
-# The user scripts' pieces below move into the plumbing (training_*.py): switch these imports when they land.
-from run_image_classification import evaluate as evaluate_classifier
-from run_pixel_modeling import START, image_processor, to_sequences
 from training_args import InputError, add_training_args, run_main
 from training_data import digits_dataset, text_datasets
 from training_loop import create_optimizer, create_scheduler, plan_steps
-from training_metrics import load_metric, next_token_cross_entropy
+from training_metrics import evaluate_classifier, load_metric, next_token_cross_entropy
 from training_model import count_parameters
-from training_publish import LIMITATIONS
+from training_pixels import START, image_processor, to_sequences
+from training_publish import CARD_REQUIREMENTS, LIMITATIONS, card_folder, public_argv
 
 from aft import aft_image_processor
 
 logger = logging.getLogger("study")
 
-PARTS = ("steps", "seeds", "time", "ablation", "pixels", "classify")
+PARTS = ("sweep", "steps", "seeds", "time", "ablation", "pixels", "classify")
 PART_KEYS = {"steps": "equal_steps", "seeds": "equal_steps", "time": "equal_time", "ablation": "window_ablation"}
-PART_KEYS |= {"pixels": "pixels", "classify": "classification"}
+PART_KEYS |= {"pixels": "pixels", "classify": "classification", "sweep": "lr_sweep"}
 LM_MODELS = ("gpt2", "aft-local", "aft-simple", "aft-conv", "aft-full")
 SEED_MODELS = ("gpt2", "aft-local")  # trained with every seed
 WINDOWS = (0, 1, 2, 4, 8, 16, 32, 64, 128)  # the ablation's s; 0 is AFT-simple
@@ -92,6 +93,11 @@ PAPER_TRANSFORMER = 1.130
 TOLERANCE = 0.03  # the study's question: is AFT-local within this many bits per byte of GPT-2 at equal steps?
 SCHEDULE_TICKS = 1000  # a time-budget run's schedule advances in steps of 1/1000 of the budget
 CALIBRATION_STEPS = 20  # steps per model, in turn, that measure the step times of the `time` part
+SWEEP_RATES = (5e-4, 1e-3, 2e-3, 4e-3)  # the sweep's learning rates: the shared 1e-3, halved, doubled, quadrupled
+# --settle: training stops once the validation gap between GPT-2 and AFT-local changes by less than SETTLE_TOLERANCE
+# bits per byte over the last SETTLE_FRACTION of the steps (at least SETTLE_POINTS curve points there), or at the cap
+SETTLE_TOLERANCE, SETTLE_FRACTION, SETTLE_POINTS = 0.01, 0.2, 3
+SETTLE_CAP = 10  # with --settle and no --steps, the cap is this many times the size's steps (30,000 at small)
 DIGITS_SIDE, DIGITS_PATCH = 8, 2  # scikit-learn's digits are 8 x 8; patches of 2 x 2 make a 4 x 4 grid
 
 
@@ -116,11 +122,13 @@ class Size:
     image_batch: int
     max_eval_blocks: int | None = None  # cap on the final validation/test blocks (None: all)
     max_images: int | None = None  # cap on the digits used (None: all 1,797)
+    sweep_steps: int | None = None  # steps of each learning-rate sweep run (None: a third of `steps`)
 
 
 SIZES = {
     "quick": Size(32, 2, 16, 8, 8, 5, 4, 64, 4, 16, 1e-3, 2, 8, 8, 16, max_eval_blocks=16, max_images=200),
     "small": Size(64, 4, 16, 32, 16, 11, 4, 256, 8, 3000, 1e-3, 24, 128, 600, 32),
+    "small128": Size(128, 4, 32, 32, 16, 11, 4, 256, 8, 3000, 1e-3, 24, 128, 600, 32),  # the second size: 2x wide
     "medium": Size(256, 6, 64, 32, 64, 11, 8, 512, 16, 10000, 1e-3, 25, 256, 2000, 64),
     "large": Size(512, 12, 64, 32, 128, 11, 16, 1024, 16, 20000, 6e-4, 40, 512, 4000, 64),
 }
@@ -136,7 +144,12 @@ def parse_args(argv=None):
         help="continue the study in --output_dir: the parts that "
         "its results.json holds are kept, the others run (same size, recipe, seeds and models).",
     )
-    parser.add_argument("--size", default="small", choices=["small", "medium", "large"], help="default: small.")
+    parser.add_argument(
+        "--size",
+        default="small",
+        choices=["small", "small128", "medium", "large"],
+        help="default: small (64 wide, 4 layers); small128: 128 wide, 4 layers, the same recipe.",
+    )
     parser.add_argument("--quick", action="store_true", help="every part at a toy size: a smoke test (seconds).")
     parser.add_argument("--plot_only", action="store_true", help="only redraw the plots and the saved models' cards "
                         "from OUTPUT_DIR/results.json (nothing is trained).")  # fmt: skip
@@ -148,7 +161,24 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps of the text models (the size's).")
     parser.add_argument("--batch_size", type=int, default=None, help="blocks per optimizer step (the size's).")
     parser.add_argument("--block_size", type=int, default=None, help="tokens per block (the size's).")
-    parser.add_argument("--learning_rate", type=float, default=None, help="for every model (the size's).")
+    parser.add_argument("--learning_rate", type=float, default=None, help="for every model without a rate chosen "
+                        "by the sweep (the size's).")  # fmt: skip
+    parser.add_argument(
+        "--sweep_rates",
+        type=float,
+        nargs="+",
+        default=list(SWEEP_RATES),
+        help=f"the sweep's learning rates (default: {' '.join(map(str, SWEEP_RATES))}).",
+    )
+    parser.add_argument("--sweep_steps", type=int, default=None, help="steps of each sweep run (default: a third of "
+                        "the size's steps).")  # fmt: skip
+    parser.add_argument("--settle", action="store_true", help="train steps and seeds until the validation gap between "
+                        f"GPT-2 and AFT-local changes by less than {SETTLE_TOLERANCE} bits per byte over the last "
+                        f"{SETTLE_FRACTION:.0%} of the steps, or to --steps, the cap (default {SETTLE_CAP} x the "
+                        "size's steps); the schedule is planned over the cap.")  # fmt: skip
+    parser.add_argument("--exit_after_steps", type=int, default=None, help=argparse.SUPPRESS)  # a kill, for tests
+    parser.add_argument("--eval_every", type=int, default=None, help="steps between learning-curve points (default: "
+                        "the size's points over the steps).")  # fmt: skip
     parser.add_argument("--time_budget", type=float, default=None, help="seconds of training per model in `time` "
                         "(default: GPT-2's training time in `steps`).")  # fmt: skip
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
@@ -176,7 +206,12 @@ def check_args(args) -> Size:
         raise InputError(f"--seeds {args.seeds}: give each seed once.")
     if len(set(args.models)) != len(args.models):
         raise InputError(f"--models {' '.join(args.models)}: give each model once.")
-    for name in ("steps", "batch_size", "block_size", "threads"):
+    if len(set(args.sweep_rates)) != len(args.sweep_rates):
+        raise InputError(f"--sweep_rates {' '.join(map(str, args.sweep_rates))}: give each rate once.")
+    for value in args.sweep_rates:
+        if not (math.isfinite(value) and value > 0):
+            raise InputError(f"--sweep_rates {value}: every rate must be a positive number.")
+    for name in ("steps", "batch_size", "block_size", "threads", "sweep_steps", "eval_every"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise InputError(f"--{name}={value}: it must be a positive integer.")
@@ -194,7 +229,9 @@ def check_args(args) -> Size:
             f"--output_dir {output_dir} already holds files that this study would overwrite: choose another "
             "folder or pass --overwrite_output_dir."
         )
-    overrides = {"steps": args.steps, "batch": args.batch_size, "block": args.block_size}
+    steps = args.steps if args.steps or not args.settle else SETTLE_CAP * SIZES[args.size].steps
+    sweep_steps = args.sweep_steps or max(1, SIZES[args.size].steps // 3)
+    overrides = {"steps": steps, "batch": args.batch_size, "block": args.block_size, "sweep_steps": sweep_steps}
     overrides["learning_rate"] = args.learning_rate
     return dataclasses.replace(SIZES[args.size], **{k: v for k, v in overrides.items() if v is not None})
 
@@ -326,25 +363,43 @@ class Run:
     curve: list = dataclasses.field(default_factory=list)
     eval_at: set = dataclasses.field(default_factory=set)  # steps (or, with a budget, seconds) of the curve
     budget: float | None = None  # seconds: the run trains until its clock reaches them, on a schedule in time
+    learning_rate: float | None = None
+    last: int | None = None  # the step it stops at (None: `steps`); the schedule still runs over `steps`
     peak_bytes: int = 0
     extra: dict = dataclasses.field(default_factory=dict)
 
 
-def new_run(name, seed, model, steps, tokens_per_step, recipe, batches_per_epoch, eval_points, device, budget=None):
-    """The model on the device with the training scripts' optimizer and schedule, planned for `steps` steps; with a
-    `budget` (seconds) the schedule runs over SCHEDULE_TICKS equal parts of the budget instead, and `steps` is only
-    the estimate of the steps that fit."""
+def new_run(name, seed, model, steps, tokens_per_step, recipe, batches_per_epoch, eval_points, device, budget=None,
+            learning_rate=None, eval_every=None):  # fmt: skip
+    """The model on the device with the training scripts' optimizer and schedule (at `learning_rate`, default the
+    recipe's), planned for `steps` steps; with a `budget` (seconds) the schedule runs over SCHEDULE_TICKS equal parts
+    of the budget instead, and `steps` is only the estimate of the steps that fit. The learning curve has
+    `eval_points` points, or one every `eval_every` steps."""
     recipe = copy.copy(recipe)
+    recipe.learning_rate = learning_rate or recipe.learning_rate
     recipe.max_train_steps = steps if budget is None else SCHEDULE_TICKS
     plan_steps(recipe, batches_per_epoch)  # the warm-up: 5% of the steps (of the budget)
     model = model.to(device).train()
     optimizer = create_optimizer(model, recipe)
     scheduler = create_scheduler(optimizer, recipe, 1)
-    if budget is None:
+    if eval_every and budget is None:
+        eval_at = set(range(eval_every, steps + 1, eval_every))
+    elif budget is None:
         eval_at = {math.ceil(k * steps / eval_points) for k in range(1, eval_points + 1)}
     else:
         eval_at = {k * budget / eval_points for k in range(1, eval_points + 1)}
-    return Run(name, seed, model, steps, tokens_per_step, optimizer, scheduler, eval_at=eval_at, budget=budget)
+    return Run(
+        name,
+        seed,
+        model,
+        steps,
+        tokens_per_step,
+        optimizer,
+        scheduler,
+        eval_at=eval_at,
+        budget=budget,
+        learning_rate=recipe.learning_rate,
+    )
 
 
 def train_step(run: Run, batch: dict, compute_loss, max_grad_norm: float, device):
@@ -379,11 +434,13 @@ def peak_step_bytes(model, compute_loss, batch, device) -> int:
     return int(peak)
 
 
-def train_in_turn(runs, batch_at, compute_loss, evaluate, *, max_grad_norm, device, load, budget=None, desc=""):
+def train_in_turn(runs, batch_at, compute_loss, evaluate, *, max_grad_norm, device, load, budget=None, desc="",
+                  stop=None, on_step=None):  # fmt: skip
     """Train every run one optimizer step at a time, always stepping the run that is behind: in steps (round-robin),
     or with a time budget in its own training seconds. A run stops at its planned steps or, with a budget, when its
     clock reaches it. `evaluate(model)` gives the learning-curve value at the run's `eval_at` steps (with a budget:
-    the first step at or past each of its `eval_at` seconds) and at its last step."""
+    the first step at or past each of its `eval_at` seconds) and at its last step. `stop(runs)`, asked after every
+    evaluation, ends every run's training when it is true; `on_step()` is called after every step."""
     for run in runs:
         run.peak_bytes = peak_step_bytes(run.model, compute_loss, batch_at(0), device)
     active = list(runs)
@@ -392,7 +449,9 @@ def train_in_turn(runs, batch_at, compute_loss, evaluate, *, max_grad_norm, devi
         run = min(active, key=(lambda r: r.seconds) if budget else (lambda r: r.done))
         train_step(run, batch_at(run.done), compute_loss, max_grad_norm, device)
         bar.update(1)
-        finished = run.done >= run.steps if budget is None else run.seconds >= budget
+        if on_step is not None:
+            on_step()
+        finished = run.done >= (run.last or run.steps) if budget is None else run.seconds >= budget
         due = run.done in run.eval_at if budget is None else any(run.seconds >= t for t in run.eval_at)
         run.eval_at -= set() if budget is None else {t for t in run.eval_at if run.seconds >= t}
         if due or finished:
@@ -401,7 +460,12 @@ def train_in_turn(runs, batch_at, compute_loss, evaluate, *, max_grad_norm, devi
             run.curve[-1]["value"] = value
             load.sample()
             logger.info(f"{desc} {run.name} seed {run.seed}: step {run.done}, {run.seconds:.1f} s, {value:.4f}")
-        if finished:
+            if stop is not None and stop(runs):  # every run stops at the furthest step any has done
+                last = max(r.done for r in runs)
+                for other in runs:
+                    other.last = last
+                active = [r for r in active if r.done < last or r is run]
+        if finished and run in active:
             active.remove(run)
     bar.close()
 
@@ -414,6 +478,7 @@ def run_record(run: Run, metric: str, **final) -> dict:
         "parameters": count_parameters(run.model),
         "steps": run.done,
         "planned_steps": run.steps,
+        "learning_rate": run.learning_rate,
         "tokens_per_step": run.tokens_per_step,
         "tokens_seen": run.done * run.tokens_per_step,
         "train_seconds": run.seconds,
@@ -427,6 +492,47 @@ def run_record(run: Run, metric: str, **final) -> dict:
         **run.extra,
         **final,
     }
+
+
+def settled(gpt2_curve: list, local_curve: list, tolerance=SETTLE_TOLERANCE, fraction=SETTLE_FRACTION,
+            points=SETTLE_POINTS) -> bool:  # fmt: skip
+    """Whether the validation gap (AFT-local minus GPT-2, at the steps both curves hold) changed by less than
+    `tolerance` over the last `fraction` of the steps, seen at `points` curve points there at least."""
+    local = {p["step"]: p["value"] for p in local_curve}
+    gaps = [(p["step"], local[p["step"]] - p["value"]) for p in gpt2_curve if p["step"] in local]
+    if not gaps:
+        return False
+    tail = [gap for step, gap in gaps if step >= (1 - fraction) * gaps[-1][0]]
+    return len(tail) >= points and max(tail) - min(tail) < tolerance
+
+
+def settle_stop(runs) -> bool:
+    """train_in_turn's `stop` for --settle: true once GPT-2's and AFT-local's curves end at the same step, settled."""
+    by_name = {run.name: run for run in runs}
+    gpt2, local = by_name.get("gpt2"), by_name.get("aft-local")
+    if gpt2 is None or local is None or not gpt2.curve or not local.curve:
+        return False
+    return gpt2.curve[-1]["step"] == local.curve[-1]["step"] and settled(gpt2.curve, local.curve)
+
+
+def ahead_from(gap_curve: list):
+    """The first step from which GPT-2 stays ahead (gap = AFT-local minus GPT-2 > 0) to the curve's end, or None
+    where it is not ahead at the end."""
+    step = None
+    for point in gap_curve:
+        step = (point["step"] if step is None else step) if point["gap"] > 0 else None
+    return step
+
+
+def best_rate(points: list) -> dict:
+    """{model: the learning rate of its lowest final validation bits per byte} (a diverged, non-finite run loses)."""
+    chosen = {}
+    for point in points:
+        value = point["validation_bits_per_byte"]
+        value = value if math.isfinite(value) else math.inf
+        if point["model"] not in chosen or value < chosen[point["model"]][1]:
+            chosen[point["model"]] = (point["learning_rate"], value)
+    return {model: rate for model, (rate, _) in chosen.items()}
 
 
 # 4. the parts
@@ -452,17 +558,20 @@ class Study:
             "size": args.size,
             "architecture": dataclasses.asdict(size),
             "recipe": self.recipe_record(),
+            "procedure": {"sweep_rates": args.sweep_rates, "settle": args.settle, "eval_every": args.eval_every},
             "machine": {**machine(self.device), "glibc_keeps_freed_memory": self.tuned_allocator},
         }
         self.text = None
         self.main_runs = {}  # the equal-steps runs of the first seed trained by this process
         self.done = []  # the parts in results.json
+        self.steps_trained = 0  # optimizer steps of text models trained by this process
 
     def recipe_record(self) -> dict:
         r = self.recipe
         return {
             "optimizer": "AdamW (training_loop.create_optimizer: no decay on biases, norms, embeddings, pos_*)",
             "learning_rate": r.learning_rate,
+            "learning_rates": "each text model's own where the sweep ran (lr_sweep.chosen), else learning_rate",
             "weight_decay": r.weight_decay,
             "betas": [r.adam_beta1, r.adam_beta2],
             "schedule": f"{r.lr_scheduler_type}, 5% linear warm-up (training_loop.plan_steps)",
@@ -481,8 +590,9 @@ class Study:
             old = json.loads(path.read_text())
         except (OSError, ValueError) as error:
             raise InputError(f"--resume: {path} cannot be read ({error}).") from None
-        for key in ("size", "architecture", "recipe"):
-            if old.get(key) != self.results[key]:
+        for key in ("size", "architecture", "recipe", "procedure"):
+            # a results.json written before the procedure was recorded ran the one the defaults give
+            if (key in old or key != "procedure") and old.get(key) != self.results[key]:
                 raise InputError(
                     f"--resume: {path} holds another study ({key} {old.get(key)!r}, this one's {self.results[key]!r})."
                 )
@@ -549,8 +659,25 @@ class Study:
                 )
         return self.text
 
-    def text_comparison(self, names, seed, *, budget=None, step_times=None, windows=None, desc=""):
-        """Train text models in turn on the same batches; returns {name: Run} with the final metrics in run.extra."""
+    def count_step(self):
+        """The hidden --exit_after_steps: the process ends at once, as a killed one does (no cleanup, no save)."""
+        self.steps_trained += 1
+        if self.args.exit_after_steps is not None and self.steps_trained >= self.args.exit_after_steps:
+            os._exit(137)
+
+    def rate(self, model: str) -> float:
+        """The model's learning rate: the sweep's choice where it ran, else the recipe's."""
+        return self.results.get("lr_sweep", {}).get("chosen", {}).get(model, self.size.learning_rate)
+
+    def main_steps(self) -> int:
+        """The steps of the equal-steps comparison (with --settle, where it settled), which later parts train for."""
+        return self.results.get("equal_steps", {}).get("steps", self.size.steps)
+
+    def text_comparison(self, names, seed, *, budget=None, step_times=None, windows=None, rates=None, steps=None,
+                        last=None, stop=None, desc=""):  # fmt: skip
+        """Train text models in turn on the same batches, each at its rate (`rates`, else `rate(model)`), planned
+        for `steps` (the size's) and stopped at `last` or by `stop`; returns {name: Run}, the final metrics in
+        run.extra."""
         tokenizer, splits, ratios = self.load_text()
         size = self.size
         batches = Batches({"input_ids": splits["train"]}, size.batch, seed, self.device)
@@ -558,10 +685,13 @@ class Study:
         windows = windows or {}
         runs = []
         for name in names:
-            steps = size.steps if budget is None else max(1, int(budget / step_times[name]))
+            planned = (steps or size.steps) if budget is None else max(1, int(budget / step_times[name]))
             model = build_lm(name.split("/")[0], size, len(tokenizer), size.block, seed, windows.get(name))
-            run = new_run(name, seed, model, steps, size.batch * size.block, self.recipe, batches.per_epoch,
-                          size.eval_points, self.device, budget)  # fmt: skip
+            rate = (rates or {}).get(name) or self.rate(name.split("/")[0])
+            run = new_run(name, seed, model, planned, size.batch * size.block, self.recipe, batches.per_epoch,
+                          size.eval_points, self.device, budget, learning_rate=rate,
+                          eval_every=self.args.eval_every)  # fmt: skip
+            run.last = last
             runs.append(run)
 
         def bits(model, batch_list, split):
@@ -580,6 +710,8 @@ class Study:
             load=self.load,
             budget=budget,
             desc=desc,
+            stop=stop,
+            on_step=self.count_step,
         )
         for run in runs:
             for split in ("validation", "test"):
@@ -588,21 +720,52 @@ class Study:
             logger.info(f"{desc} {run.name} seed {seed}: test {run.extra['test_bits_per_byte']:.4f} bits per byte")
         return {run.name: run for run in runs}
 
+    def part_sweep(self):
+        seed, steps = self.args.seeds[0], self.size.sweep_steps
+        names = {f"{m}/lr={r:g}": (m, r) for m in self.args.models for r in self.args.sweep_rates}
+        rates = {name: rate for name, (_, rate) in names.items()}
+        runs = self.text_comparison(list(names), seed, rates=rates, steps=steps, desc="learning-rate sweep")
+        points = [{**run_record(run, "validation_bits_per_byte"), "model": names[name][0], "run": name}
+                  for name, run in runs.items()]  # fmt: skip
+        self.results["lr_sweep"] = {
+            "steps": steps,
+            "seed": seed,
+            "rates": self.args.sweep_rates,
+            "criterion": "each model's rate of the lowest final validation bits per byte (the validation split, "
+            "not test), every rate with the same steps, schedule, seed and batches",
+            "points": points,
+            "chosen": best_rate(points),
+        }
+
     def part_steps(self):
-        seed = self.args.seeds[0]
-        self.main_runs = self.text_comparison(self.args.models, seed, desc="equal steps")
+        seed, settle = self.args.seeds[0], self.args.settle
+        self.main_runs = self.text_comparison(self.args.models, seed, stop=settle_stop if settle else None,
+                                              desc="equal steps")  # fmt: skip
+        done = max(r.done for r in self.main_runs.values())
         self.results["equal_steps"] = {
-            "steps": self.size.steps,
+            "steps": done,
+            "planned_steps": self.size.steps,
             "runs": [run_record(r, "validation_bits_per_byte") for r in self.main_runs.values()],
         }
+        if settle:
+            curves = {name: run.curve for name, run in self.main_runs.items()}
+            self.results["equal_steps"]["settle"] = {
+                "criterion": f"the validation gap AFT-local minus GPT-2 changes by less than {SETTLE_TOLERANCE} bits "
+                f"per byte over the last {SETTLE_FRACTION:.0%} of the steps ({SETTLE_POINTS} curve points at "
+                "least), or the cap; the schedule is planned over the cap",
+                "cap": self.size.steps,
+                "stopped_at": done,
+                "settled": "gpt2" in curves and "aft-local" in curves and settled(curves["gpt2"], curves["aft-local"]),
+            }
         self.save_models()
 
     def part_seeds(self):
         records = self.results.setdefault("equal_steps", {"steps": self.size.steps, "runs": []})["runs"]
+        last = self.main_steps()
         seeds = self.args.seeds if "steps" not in self.args.parts else self.args.seeds[1:]
         for seed in seeds:
             models = [m for m in SEED_MODELS if m in self.args.models]
-            runs = self.text_comparison(models, seed, desc=f"equal steps, seed {seed}")
+            runs = self.text_comparison(models, seed, last=last, desc=f"equal steps, seed {seed}")
             records += [run_record(r, "validation_bits_per_byte") for r in runs.values()]
 
     def step_seconds(self, names, seed) -> dict:
@@ -628,14 +791,14 @@ class Study:
     def part_time(self):
         seed = self.args.seeds[0]
         step_times = self.step_seconds(self.args.models, seed)
-        budget = self.args.time_budget or step_times["gpt2"] * self.size.steps
+        budget = self.args.time_budget or step_times["gpt2"] * self.main_steps()
         runs = self.text_comparison(self.args.models, seed, budget=budget, step_times=step_times,
                                     desc="equal time")  # fmt: skip
         self.results["equal_time"] = {
             "budget_seconds": budget,
             "budget_from": "--time_budget"
             if self.args.time_budget
-            else (f"GPT-2's median step time (measured at the start of this part) x {self.size.steps} steps"),
+            else (f"GPT-2's median step time (measured at the start of this part) x {self.main_steps()} steps"),
             "schedule": "the recipe's (5% warm-up, cosine) over the budget's seconds: each step's learning rate is "
             "the schedule at the fraction of the budget the model's own clock has spent",
             "planned_from": f"planned_steps: the budget over each model's median step time ({CALIBRATION_STEPS} "
@@ -654,7 +817,11 @@ class Study:
                 reused[s] = main[main_name]
         to_train = [names[s] for s in WINDOWS if s not in reused]
         windows = {names[s]: s for s in WINDOWS if s}
-        runs = self.text_comparison(to_train, seed, windows=windows, desc="window ablation") if to_train else {}
+        runs = {}
+        if to_train:
+            runs = self.text_comparison(
+                to_train, seed, windows=windows, last=self.main_steps(), desc="window ablation"
+            )
         points = []
         for s in WINDOWS:
             if s in reused:
@@ -663,7 +830,7 @@ class Study:
                 run = runs[names[s]]
                 points.append(run_record(run, "validation_bits_per_byte", window=s, reused_from_equal_steps=False))
         self.results["window_ablation"] = {
-            "steps": size.steps,
+            "steps": self.main_steps(),
             "block_size": size.block,
             "points": points,
             "paper": {"windows": PAPER_WINDOWS, "transformer": PAPER_TRANSFORMER, "setting": PAPER_SETTING},
@@ -696,7 +863,7 @@ class Study:
                         for r in runs]  # fmt: skip
         self.results["pixels"] = {
             "data": f"scikit-learn digits, {DIGITS_SIDE}x{DIGITS_SIDE} grey: a start token then 64 sub-pixels "
-            "(run_pixel_modeling.to_sequences)",
+            "(training_pixels.to_sequences)",
             "images": {s: len(seqs[s]) for s in seqs},
             "sequence_length": length,
             "steps": self.size.image_steps,
@@ -859,6 +1026,7 @@ def summarize(results: dict) -> dict:
                 "seeds": len(test["aft-local"]["values"]),
                 "holds": gap <= TOLERANCE,
                 "validation_gap_curve": gap_curves,
+                "gpt2_ahead_from_step": {seed: ahead_from(curve) for seed, curve in gap_curves.items()},
             }
     timed = results.get("equal_time")
     test = {r["model"]: r["test_bits_per_byte"] for r in timed["runs"]} if timed else {}
@@ -874,6 +1042,15 @@ def summarize(results: dict) -> dict:
             "ahead": "aft-local" if gap < 0 else "gpt2",
             "by": abs(gap),
             "best_model": best,
+        }
+    sweep = results.get("lr_sweep")
+    if sweep:
+        summary["lr_sweep"] = {
+            "chosen": sweep["chosen"],
+            "validation_bits_per_byte": {
+                m: {str(p["learning_rate"]): p["validation_bits_per_byte"] for p in sweep["points"] if p["model"] == m}
+                for m in sweep["chosen"]
+            },
         }
     ablation = results.get("window_ablation")
     if ablation:
@@ -914,6 +1091,12 @@ Equal optimizer steps (test bits per byte; mean and half-range over the seeds wh
 Every figure, the learning curves and the machine's load are in the study's `results.json`.
 
 ## Usage
+
+{{ code_note }}
+
+```bash
+pip install {{ install }}
+```
 
 ```python
 {{ usage }}
@@ -990,13 +1173,29 @@ def write_card(folder: Path, name: str, seed: int, results: dict):
     recipe_table = "\n".join(
         ["| hyper-parameter | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in recipe.items()]]
     )
-    usage = ("import aft  # registers AFT with the Auto classes\n" if is_aft else "") + (
+    # the folder itself ("./gpt2", not the Hub's GPT-2), as remote code for AFT; as many new tokens as the
+    # model's positions leave after the prompt
+    model_id, remote = card_folder(folder.name), ", trust_remote_code=True" if is_aft else ""
+    prompt = "def fibonacci(n):"
+    config = json.loads((folder / "config.json").read_text())
+    positions = config.get("max_position_embeddings") or config["n_positions"]
+    new_tokens = max(1, min(100, positions - len(AutoTokenizer.from_pretrained(folder)(prompt)["input_ids"])))
+    usage = (
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-        f'tokenizer = AutoTokenizer.from_pretrained("{folder.name}")\n'
-        f'model = AutoModelForCausalLM.from_pretrained("{folder.name}")\n'
-        'ids = tokenizer("def fibonacci(n):", return_tensors="pt").input_ids\n'
-        "print(tokenizer.decode(model.generate(ids, max_new_tokens=100, do_sample=True, top_k=20)[0]))"
+        f"tokenizer = AutoTokenizer.from_pretrained({model_id!r}{remote})\n"
+        f"model = AutoModelForCausalLM.from_pretrained({model_id!r}{remote})\n"
+        f'ids = tokenizer("{prompt}", return_tensors="pt").input_ids\n'
+        f"print(tokenizer.decode(model.generate(ids, max_new_tokens={new_tokens}, do_sample=True, top_k=20)[0]))"
     )
+    code_note = (
+        "The model's code is saved next to its weights and loads as remote code (`trust_remote_code=True`), so no "
+        "package but these is needed:"
+        if is_aft
+        else "A plain transformers GPT-2, in this folder (not the Hub's `gpt2`):"
+    )
+    command = shlex.split(results["command"])
+    command = shlex.join(command[:1] + public_argv(command[1:], str(folder.parent), "benchmarks"))
+    threads = results["machine"]["torch_threads"]
     card = ModelCard.from_template(
         card_data,
         template_str=CARD_TEMPLATE,
@@ -1009,12 +1208,14 @@ def write_card(folder: Path, name: str, seed: int, results: dict):
         steps=row["steps"],
         parameters=f"{row['parameters']:,}",
         device=results["machine"].get("gpu")
-        or f"{results['machine']['cpus']} CPU cores ({results['machine']['torch_threads']} torch threads)",
+        or f"{results['machine']['cpus']} CPU cores ({threads} torch thread{'s' if threads != 1 else ''})",
         row=run_table([row]),
         table=comparison_table(results),
         time_table=time_table,
+        code_note=code_note,
+        install=shlex.join(CARD_REQUIREMENTS),
         usage=usage,
-        command=results["command"],
+        command=command,
         recipe=recipe_table,
         limitations=(
             LIMITATIONS

@@ -26,9 +26,9 @@ import torch
 import transformers
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.errors import StrictDataclassError
-from training_args import InputError, run_main
+from training_args import InputError, check_ranges, run_main
 from training_model import count_parameters
-from training_publish import LIMITATIONS
+from training_publish import CARD_REQUIREMENTS, HUB_ID, LIMITATIONS, card_folder, public_argv, public_path
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedConfig
 
 from aft import AFTConfig, AFTForCausalLM
@@ -40,6 +40,10 @@ SUPPORTED = "GPT-2 (model_type 'gpt2', GPT2LMHeadModel)"
 LLAMA_FAMILY = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2"}
 LLAMA_FAMILY |= {"gemma3_text", "phi3", "olmo", "olmo2", "granite", "cohere", "starcoder2", "smollm3"}
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")  # a GPT-2 tokenizer has one of them (vocab.json with merges.txt)
+NO_TOKENIZER = (
+    "{src} has no tokenizer (none of " + ", ".join(TOKENIZER_FILES) + "), so this folder holds none: use the "
+    "tokenizer it was trained with (convert_to_aft.py --tokenizer_name copies one in)."
+)
 
 
 def parse_args(argv=None):
@@ -89,7 +93,10 @@ def parse_args(argv=None):
     source.add_argument("--license", default=None, help="the card's license (default: the source card's, if any).")
     source.add_argument("--overwrite", action="store_true", help="replace DST when it already holds files.")
     args = parser.parse_args(argv)
+    check_ranges(args)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for the card
+    if args.base_model is not None and not HUB_ID.fullmatch(args.base_model):
+        raise InputError(f"--base_model {args.base_model!r} is not a Hub id: give owner/name or name (the card's).")
     return args
 
 
@@ -190,11 +197,14 @@ def has_file(repo: str, filename: str, revision: str | None) -> bool:
 
 
 def load_tokenizer(args, config: AFTConfig):
-    """The source's tokenizer (or --tokenizer_name's). transformers builds an empty GPT-2 tokenizer from a folder
-    without tokenizer files, so their presence is checked first."""
+    """The source's tokenizer (or --tokenizer_name's), or None when SRC has none (a model saved with save_pretrained
+    alone: the weights convert all the same). transformers builds an empty GPT-2 tokenizer from a folder without
+    tokenizer files, so their presence is checked first."""
     name = args.tokenizer_name or args.src
     revision = None if args.tokenizer_name else args.revision
     if not any(has_file(name, filename, revision) for filename in TOKENIZER_FILES):
+        if not args.tokenizer_name:
+            return None
         raise InputError(
             f"{name} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): pass --tokenizer_name with the "
             "folder or Hub id of the tokenizer SRC was trained with."
@@ -212,15 +222,23 @@ def load_tokenizer(args, config: AFTConfig):
 
 
 def load_source_model(args) -> GPT2LMHeadModel:
-    """The GPT-2 in float32 (fp16/bf16 checkpoints are upcast exactly), every weight present."""
+    """The GPT-2 in float32 (fp16/bf16 checkpoints are upcast exactly), every weight present in the shape its
+    config gives (a tensor of another shape is reported with the missing ones, not raised by transformers)."""
     try:
         source, info = GPT2LMHeadModel.from_pretrained(
-            args.src, revision=args.revision, dtype=torch.float32, output_loading_info=True
+            args.src,
+            revision=args.revision,
+            dtype=torch.float32,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
         )
     except (OSError, ValueError) as error:
         raise InputError(f"cannot load the weights of SRC {args.src}: {one_line(error)}") from error
     if info["missing_keys"] or info["mismatched_keys"]:
-        missing = sorted(info["missing_keys"]) + sorted(str(k) for k in info["mismatched_keys"])
+        missing = sorted(info["missing_keys"]) + [
+            f"{name} (shape {tuple(saved)}, the config gives {tuple(expected)})"
+            for name, saved, expected in sorted(info["mismatched_keys"])
+        ]
         raise InputError(f"SRC {args.src} lacks weights of a GPT2LMHeadModel: {', '.join(missing)[:300]}.")
     if info["unexpected_keys"]:
         print(
@@ -295,7 +313,7 @@ CARD_TEMPLATE = """---
 # {{ name }}
 
 An **Attention Free Transformer** (AFT-{{ variant }}; Zhai et al., 2021) causal language model converted from the
-GPT-2 checkpoint `{{ base_model }}` ({{ architecture }}, {{ num_parameters }} parameters) by the `aft` package's
+GPT-2 checkpoint `{{ source }}` ({{ architecture }}, {{ num_parameters }} parameters) by the `aft` package's
 `scripts/convert_to_aft.py`. It has not been trained since: AFT's token mixer computes something other than
 attention, so this checkpoint is a starting point for fine-tuning, not a finished model.
 
@@ -304,7 +322,7 @@ attention, so this checkpoint is a starting point for fine-tuning, not a finishe
 ```bash
 {{ command }}
 ```
-
+{{ base_model_note }}
 | | parameters |
 |---|---|
 | carried over exactly from GPT-2 | {{ carried }} |
@@ -316,20 +334,29 @@ query, key and value parts. {{ query_key_note }}
 
 ## Fine-tuning and usage
 
+{{ tokenizer_note }}
+
+Fine-tuning, with the `aft` repository's training scripts:
+
 ```bash
-python scripts/run_clm.py --model_name_or_path {{ model_id }} --block_size {{ block_size }} --output_dir aft-finetuned
+python scripts/run_clm.py --model_name_or_path {{ folder }} --block_size {{ block_size }} --output_dir aft-finetuned
+```
+
+The model's code is saved next to its weights and loads as remote code (`trust_remote_code=True`), so no
+package but these is needed to use it:
+
+```bash
+pip install {{ install }}
 ```
 
 ```python
-import aft  # registers the AFT classes with transformers' Auto classes
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
-tokenizer = AutoTokenizer.from_pretrained("{{ model_id }}")
-model = AutoModelForCausalLM.from_pretrained("{{ model_id }}")
+tokenizer = AutoTokenizer.from_pretrained({{ model_id }}, trust_remote_code=True)
+model = AutoModelForCausalLM.from_pretrained({{ model_id }}, trust_remote_code=True)
+generator = pipeline("text-generation", model={{ model_id }}, trust_remote_code=True)
+print(generator("The", max_new_tokens={{ max_new_tokens }}, do_sample=False))  # untrained mixer: not yet fluent
 ```
-
-Without the package, the code files saved next to the weights load as remote code: add `trust_remote_code=True`
-and drop `import aft`.
 
 ## Limitations
 
@@ -357,9 +384,22 @@ def source_license(args) -> str | None:
         return None
 
 
-def model_card(args, model: AFTForCausalLM, new: list[str]) -> ModelCard:
+def card_base_model(args) -> tuple[str | None, str]:
+    """The card's `base_model`, which the Hub reads as a Hub id (--base_model, else SRC when it is one, not a
+    local folder), and the card's line saying why there is none."""
+    if args.base_model:
+        return args.base_model, ""
+    if HUB_ID.fullmatch(args.src) and not Path(args.src).exists():
+        return args.src, ""
+    return None, (
+        f"\nThe card has no `base_model`: the source is the local folder `{public_path(args.src)}` and no "
+        "`--base_model` named its Hub id.\n"
+    )
+
+
+def model_card(args, model: AFTForCausalLM, new: list[str], has_tokenizer: bool = True) -> ModelCard:
     config = model.config
-    base_model = args.base_model or args.src
+    base_model, base_model_note = card_base_model(args)
     new_kinds = sorted({n.split(".")[-2] if n.endswith((".weight", ".bias")) else n.split(".")[-1] for n in new})
     copied_query_key = sorted({"q_proj", "k_proj"} - set(new_kinds))
     carried = ["token embeddings"] + (["position embeddings"] if config.position_embedding_type == "absolute" else [])
@@ -389,17 +429,25 @@ def model_card(args, model: AFTForCausalLM, new: list[str]) -> ModelCard:
         template_str=CARD_TEMPLATE,
         name=Path(args.dst).resolve().name,
         variant=config.aft_variant,
-        base_model=base_model,
+        source=base_model or public_path(args.src),
+        base_model_note=base_model_note,
         architecture=f"{config.num_hidden_layers} layers x {config.hidden_size} wide, vocabulary {config.vocab_size}",
         num_parameters=f"{count_parameters(model):,}",
-        command=shlex.join(["python", "scripts/convert_to_aft.py", *args.argv]),
+        command=shlex.join(["python", *public_argv(["scripts/convert_to_aft.py", *args.argv], args.dst)]),
         carried=", ".join(carried),
         new=", ".join(f"`{kind}`" for kind in new_kinds) or "none",
         dropped=", ".join(dropped),
         query_key_note=query_key_note,
-        model_id=args.dst,
+        model_id=repr(card_folder(args.dst)),
+        folder=shlex.quote(card_folder(args.dst)),
+        install=shlex.join(CARD_REQUIREMENTS),
+        # "The" is at most 3 byte-level tokens, and a start token
+        max_new_tokens=min(20, max(1, config.max_position_embeddings - 4)) if config.has_position_limit else 20,
         block_size=min(256, config.max_position_embeddings) if config.has_position_limit else 256,
         limitations=LIMITATIONS,
+        tokenizer_note=""
+        if has_tokenizer
+        else "\n" + NO_TOKENIZER.format(src=f"The source `{public_path(args.src)}`") + "\n",
     )
 
 
@@ -448,15 +496,16 @@ def main(argv=None):
     source = load_source_model(args)
     model, new = convert(source, config, args.query_key)
     model.generation_config = source.generation_config  # the source's decoding defaults (special tokens, ...)
-    if config.has_position_limit:
+    if tokenizer is not None and config.has_position_limit:
         tokenizer.model_max_length = min(tokenizer.model_max_length, config.max_position_embeddings)
 
     # 3. the folder
-    card = model_card(args, model, new)
+    card = model_card(args, model, new, has_tokenizer=tokenizer is not None)
 
     def write(folder: Path):
         model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
         card.save(folder / "README.md")
 
     write_folder(dst.resolve(), write, args.overwrite)
@@ -467,8 +516,10 @@ def main(argv=None):
         f"parameters carried over from {args.src}; new: "
         f"{', '.join(sorted({n.split('.', 3)[-1] for n in new})) or 'none'}"
     )
-    if Path(args.src).exists() and not args.base_model:
-        print(f"note: the card's base_model is the local path {args.src}; pass --base_model with its Hub id.")
+    if tokenizer is None:
+        print(f"note: {NO_TOKENIZER.format(src=args.src)}")
+    if card_base_model(args)[0] is None:
+        print(f"note: the card has no base_model: {args.src} is a local folder; pass --base_model with its Hub id.")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import torch
+from training_args import InputError, check_ranges
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
@@ -25,8 +26,10 @@ def parse_args():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trust_remote_code", action="store_true", help="use the code saved in the folder")
     args = parser.parse_args()
-    if args.max_new_tokens < 1:
-        parser.error(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    try:
+        check_ranges(args)
+    except InputError as error:
+        parser.error(str(error))
     if Path(args.model).exists() and not (Path(args.model) / "config.json").is_file():
         parser.error(f"{args.model} has no config.json: pass a folder written by save_pretrained")
     return args

@@ -23,13 +23,14 @@ import sysconfig
 from pathlib import Path
 
 import training_args
+import training_checks
 import training_data
 import training_distill
 import training_model
 from torch.utils.data import DataLoader
 from training_loop import Run, create_accelerator
 from training_metrics import load_metric, next_token_cross_entropy
-from training_publish import CardInfo, base_model_id, save_outputs
+from training_publish import CardInfo, model_reference, save_outputs, tokens_to_generate
 from transformers import default_data_collator
 
 from aft import AFTForCausalLM
@@ -61,14 +62,12 @@ def parse_args(argv=None):
     tok.add_argument("--train_tokenizer", action="store_true", help="train a byte-level BPE on the training data.")
     tok.add_argument("--tokenizer_vocab_size", type=int, default=4096)
     parser.add_argument("--eval_at_start", action="store_true", help="also evaluate the untrained model.")
-    training_args.add_model_args(parser, default_preset="small")
+    training_model.add_model_args(parser, default_preset="small")
     training_distill.add_args(parser)
     training_args.add_training_args(parser, learning_rate=1e-3, batch_size=16, epochs=1)
     training_args.add_output_args(parser)
     args = parser.parse_args(argv)
-    if args.block_size < 2:
-        raise training_args.InputError(f"--block_size={args.block_size}: a block needs at least 2 tokens.")
-    training_args.check_args(args)
+    training_checks.check_args(args)
     training_data.check_text_files(args)
     training_distill.check_args(args)
     return args
@@ -91,15 +90,15 @@ def evaluate(model, dataloader, accelerator, metric, ratio: dict | None, prefix:
 
 CLM_USAGE = """from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
-tokenizer = AutoTokenizer.from_pretrained("{model_id}")
-model = AutoModelForCausalLM.from_pretrained("{model_id}")
+tokenizer = AutoTokenizer.from_pretrained({model_id}, trust_remote_code=True)
+model = AutoModelForCausalLM.from_pretrained({model_id}, trust_remote_code=True)
 inputs = tokenizer({prompt}, return_tensors="pt")
-output = model.generate(**inputs, max_new_tokens=200, do_sample=True, top_k=20)  # or until <|endoftext|>
+output = model.generate(**inputs, max_new_tokens={long}, do_sample=True, top_k=20)  # or until end of text
 print(tokenizer.decode(output[0], skip_special_tokens=True))
 
 # several prompts at once: the tokenizer pads them on the left, as generate() needs
-generator = pipeline("text-generation", model="{model_id}", batch_size=2)
-print(generator({prompts}, max_new_tokens=50, do_sample=False))"""
+generator = pipeline("text-generation", model={model_id}, trust_remote_code=True, batch_size=2)
+print(generator({prompts}, max_new_tokens={short}, do_sample=False))"""
 
 
 def dataset_names(args) -> tuple[str, str]:
@@ -200,10 +199,11 @@ def main(argv=None):
     )
     if teacher is not None:
         description += (
-            f" Distilled from `{base_model_id(args.teacher_model)}`: the loss is (1 - a) * CE + "
+            f" Distilled from `{model_reference(args.teacher_model)}`: the loss is (1 - a) * CE + "
             f"a * T^2 * KL(teacher_T || student_T) with T = {args.distill_temperature:g}, a = "
             f"{args.distill_weight:g}."
         )
+    prompts = training_data.example_prompts(tokenizer, eval_dataset)
     card = CardInfo(
         task_type="text-generation",
         task_name="Causal language modelling",
@@ -214,9 +214,11 @@ def main(argv=None):
         dataset_split="validation",
         metrics=metrics,
         description=description,
-        usage=CLM_USAGE,
+        usage=CLM_USAGE.replace("{long}", str(tokens_to_generate(model.config, tokenizer, prompts[:1], 200))).replace(
+            "{short}", str(tokens_to_generate(model.config, tokenizer, prompts, 50))
+        ),
         tags=["text-generation", "causal-lm", *(["distillation"] if teacher is not None else [])],
-        example_prompts=training_data.example_prompts(tokenizer, eval_dataset),
+        example_prompts=prompts,
     )
     save_outputs(run, tokenizer, results, card)
 

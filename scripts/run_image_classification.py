@@ -16,15 +16,15 @@ image processor (transformers' ViT processor, PIL based); no augmentation.
 import argparse
 import logging
 
-import numpy as np
 import torch
 import training_args
+import training_checks
 import training_data
 import training_model
 from datasets import ClassLabel
 from training_loop import Run, create_accelerator
-from training_metrics import load_metric
-from training_publish import CardInfo, save_outputs
+from training_metrics import evaluate_classifier, load_metric
+from training_publish import CARD_REQUIREMENTS, CardInfo, save_outputs
 
 from aft import AFTForImageClassification, aft_image_processor
 
@@ -37,7 +37,7 @@ def parse_args(argv=None):
     training_args.add_image_data_args(parser)
     parser.add_argument("--image_size", type=int, default=None, help="square side (default: the first image's).")
     parser.add_argument("--patch_size", type=int, default=None, help="default: image_size / 4, at least 1.")
-    training_args.add_model_args(parser, default_preset="small")
+    training_model.add_model_args(parser, default_preset="small")
     training_args.add_training_args(parser, learning_rate=1e-3, batch_size=32, epochs=10)
     metrics = parser.add_argument_group("metrics")
     metrics.add_argument(
@@ -51,9 +51,7 @@ def parse_args(argv=None):
     )
     training_args.add_output_args(parser)
     args = parser.parse_args(argv)
-    if args.top_k_accuracy < 0:
-        raise training_args.InputError(f"--top_k_accuracy={args.top_k_accuracy}: use 0 (none) or a positive K.")
-    training_args.check_args(args)
+    training_checks.check_args(args)
     training_data.check_image_folders(args)
     return args
 
@@ -69,37 +67,16 @@ def label_names(dataset, label_column: str) -> list[str]:
     return [str(label) for label in sorted(set(dataset[label_column]))]
 
 
-def evaluate(model, dataloader, accelerator, metrics: dict, top_k: int) -> dict:
-    """Cross-entropy, --metric (accuracy) and top-k accuracy over the whole evaluation set, gathered over
-    processes, through evaluate modules."""
-    model.eval()
-    for batch in dataloader:
-        with torch.no_grad():
-            logits = model(pixel_values=batch["pixel_values"]).logits.float()  # (B, num_labels)
-        nats = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")  # (B,)
-        ranked = logits.topk(max(top_k, 1), dim=-1).indices  # (B, k), best first
-        nats, ranked, labels = accelerator.gather_for_metrics((nats, ranked, batch["labels"]))
-        metrics["loss"].add_batch(nats=nats.tolist(), tokens=[1] * len(nats))
-        metrics["metric"].add_batch(predictions=ranked[:, 0].tolist(), references=labels.tolist())
-        if top_k:
-            metrics["top_k"].add_batch(predictions=ranked.tolist(), references=labels.tolist())
-    model.train()
-    values = {"loss": metrics["loss"].compute()["loss"]} | metrics["metric"].compute()
-    if top_k:
-        values |= metrics["top_k"].compute(k=[top_k])
-    # the scalars (a Hub module may return numpy numbers, or lists such as per-class scores)
-    return {f"eval_{k}": float(v) for k, v in values.items() if isinstance(v, int | float | np.number)}
-
-
 CLASSIFICATION_USAGE = """from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
-classify = pipeline("image-classification", model="{model_id}")
-print(classify("digit.png"))  # a file, a URL or a PIL image, colour or grey: [{'label': ..., 'score': ...}, ...]
+image = Image.new("L", (32, 32))  # your image here: Image.open(path), colour or grey, any size
+classify = pipeline("image-classification", model={model_id}, trust_remote_code=True)
+print(classify(image))  # also a file path or a URL: [{'label': ..., 'score': ...}, ...]
 
-processor = AutoImageProcessor.from_pretrained("{model_id}")
-model = AutoModelForImageClassification.from_pretrained("{model_id}")
-inputs = processor(Image.open("digit.png").convert("RGB"), return_tensors="pt")  # the model takes RGB
+processor = AutoImageProcessor.from_pretrained({model_id}, trust_remote_code=True)
+model = AutoModelForImageClassification.from_pretrained({model_id}, trust_remote_code=True)
+inputs = processor(image.convert("RGB"), return_tensors="pt")  # the model takes RGB
 print(model.config.id2label[model(**inputs).logits.argmax(-1).item()])"""
 
 
@@ -167,11 +144,11 @@ def main(argv=None):
     # 4. training
     run.train(
         compute_loss=lambda model, batch: model(**batch).loss,
-        evaluate=lambda: evaluate(run.model, run.eval_dataloader, accelerator, metrics, top_k),
+        evaluate=lambda: evaluate_classifier(run.model, run.eval_dataloader, accelerator, metrics, top_k),
     )
 
     # 5. final evaluation
-    results = evaluate(run.model, run.eval_dataloader, accelerator, metrics, top_k)
+    results = evaluate_classifier(run.model, run.eval_dataloader, accelerator, metrics, top_k)
     run.log(results.copy())
     results |= run.results(len(train_dataset), len(eval_dataset))
 
@@ -191,6 +168,7 @@ def main(argv=None):
             f"{image_size}x{image_size} in patches of {patch_size}."
         ),
         usage=CLASSIFICATION_USAGE,
+        requirements=(*CARD_REQUIREMENTS, "pillow"),
         tags=["image-classification", "vision"],
     )
     save_outputs(run, processor, results, card)

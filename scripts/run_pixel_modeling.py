@@ -19,19 +19,18 @@ import math
 import numpy as np
 import torch
 import training_args
+import training_checks
 import training_data
 import training_model
 from PIL import Image
 from training_loop import Run, create_accelerator
 from training_metrics import load_metric, next_token_cross_entropy
+from training_pixels import START, image_processor, to_sequences
 from training_publish import CardInfo, save_outputs
-from transformers import ViTImageProcessorPil
 
 from aft import AFTForCausalLM
 
 logger = logging.getLogger(__name__)
-
-START = 256  # the start token; sub-pixel values are 0..255
 
 
 def parse_args(argv=None):
@@ -40,36 +39,13 @@ def parse_args(argv=None):
     training_args.add_image_data_args(parser)
     parser.add_argument("--image_size", type=int, default=None, help="resize to this square side (default: as is).")
     parser.add_argument("--num_samples", type=int, default=16, help="images to generate into samples.png (0: none).")
-    training_args.add_model_args(parser, default_preset="small")
+    training_model.add_model_args(parser, default_preset="small")
     training_args.add_training_args(parser, learning_rate=1e-3, batch_size=32, epochs=10)
     training_args.add_output_args(parser)
     args = parser.parse_args(argv)
-    training_args.check_args(args)
+    training_checks.check_args(args)
     training_data.check_image_folders(args)
     return args
-
-
-def image_processor(images, image_size: int | None) -> ViTImageProcessorPil:
-    """Resize only: values stay 0..255 (no rescaling, no normalisation), so they are the 256 classes."""
-    height, width = (image_size, image_size) if image_size else images[0].size[::-1]
-    channels = 1 if training_data.image_mode(images[0]) == "L" else 3
-    return ViTImageProcessorPil(
-        do_resize=True,
-        size={"height": height, "width": width},
-        resample=Image.Resampling.BILINEAR,
-        do_rescale=False,
-        do_normalize=False,
-        image_mean=[0.5] * channels,
-        image_std=[0.5] * channels,
-    )
-
-
-def to_sequences(images, processor) -> np.ndarray:
-    """PIL images -> (N, 1 + H*W*C) token ids: the start token, then sub-pixels in (row, column, channel) order."""
-    mode = "L" if len(processor.image_mean) == 1 else "RGB"
-    pixels = processor([img.convert(mode) for img in images], return_tensors="np")["pixel_values"]  # (N, C, H, W)
-    pixels = np.rint(pixels).clip(0, 255).astype(np.int64).transpose(0, 2, 3, 1).reshape(len(images), -1)
-    return np.concatenate([np.full((len(images), 1), START), pixels], axis=1)
 
 
 def evaluate(model, dataloader, accelerator, metric) -> dict:
@@ -102,7 +78,7 @@ def sample_grid(model, processor, num_samples: int, seed: int) -> Image.Image:
 PIXEL_USAGE = """import torch
 from transformers import AutoModelForCausalLM
 
-model = AutoModelForCausalLM.from_pretrained("{model_id}")
+model = AutoModelForCausalLM.from_pretrained({model_id}, trust_remote_code=True)
 start = torch.full((4, 1), model.config.bos_token_id)  # 4 images, each from the start token
 ids = model.generate(input_ids=start, max_new_tokens={length}, do_sample=True)
 images = ids[:, 1:].view(4, {shape}).to(torch.uint8)  # (N, H, W, C) sub-pixel values 0..255"""

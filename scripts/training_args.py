@@ -2,20 +2,27 @@
 one-line error for bad input.
 
     parser = argparse.ArgumentParser()
-    training_args.add_model_args(parser, default_preset="small")
+    training_model.add_model_args(parser, default_preset="small")
     training_args.add_training_args(parser, learning_rate=1e-3, batch_size=16, epochs=1)
     training_args.add_output_args(parser)
     args = parser.parse_args()
-    training_args.check_args(args)       # raises InputError; run_main turns it into one line and exit code 2
+    training_checks.check_args(args)     # raises InputError; run_main turns it into one line and exit code 2
+
+It imports no other module of the scripts (they all import it, for InputError).
 """
 
 import argparse
+import dataclasses
+import logging
+import math
 import os
 import sys
 import tempfile
 from pathlib import Path
 
 from transformers import SchedulerType
+
+logger = logging.getLogger(__name__)
 
 
 class InputError(ValueError):
@@ -38,28 +45,6 @@ def run_main(main):
     except RunError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
-
-
-def add_model_args(parser: argparse.ArgumentParser, default_preset: str = "small"):
-    from training_model import PRESETS
-
-    group = parser.add_argument_group("model")
-    group.add_argument(
-        "--preset",
-        default=None,
-        help=f"architecture for a new model: one of {sorted(PRESETS)} (default {default_preset!r}).",
-    )
-    group.add_argument(
-        "--config_overrides",
-        default=None,
-        help="comma-separated AFTConfig fields for a new model, e.g. 'num_hidden_layers=4,aft_variant=simple'.",
-    )
-    group.add_argument(
-        "--model_name_or_path",
-        default=None,
-        help="start from this checkpoint (a saved folder or a Hub id) instead of a new model.",
-    )
-    parser.set_defaults(default_preset=default_preset)
 
 
 def add_training_args(parser: argparse.ArgumentParser, *, learning_rate: float, batch_size: int, epochs: int):
@@ -139,17 +124,91 @@ def add_image_data_args(parser: argparse.ArgumentParser):
     )
 
 
-POSITIVE = (
-    "per_device_train_batch_size",
-    "per_device_eval_batch_size",
-    "gradient_accumulation_steps",
-    "num_train_epochs",
-    "max_train_steps",
-    "logging_steps",
-    "eval_steps",
-    "max_train_samples",
-    "max_eval_samples",
-)
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric flag allows: `low <= value <= high` (a bound of None: none on that side; `open`: the
+    bound itself excluded). NaN is in no range."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    meaning: str = ""  # what a value at the edge means, for the error (e.g. "<= 0: no clipping")
+
+    def __contains__(self, value) -> bool:
+        if isinstance(value, float) and math.isnan(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        if self.low is not None and self.high is not None:
+            interval = f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        elif self.low is not None:
+            interval = f"{'>' if self.low_open else '>='} {self.low:g}"
+        elif self.high is not None:
+            interval = f"{'<' if self.high_open else '<='} {self.high:g}"
+        else:
+            interval = "any number but NaN"
+        return f"{interval}; {self.meaning}" if self.meaning else interval
+
+
+POSITIVE = Range(low=1)
+NON_NEGATIVE = Range(low=0)
+PROBABILITY = Range(low=0, high=1)
+# Every numeric flag of the training scripts, convert_to_aft.py and generate.py: checked before any work by
+# check_ranges, so that no value (0 included) silently means another one. A flag a script lacks is skipped, and
+# so is an unset optional one (None: the documented default). The meanings are HF Trainer's where it has one.
+RANGES = {
+    "per_device_train_batch_size": POSITIVE,
+    "per_device_eval_batch_size": POSITIVE,
+    "gradient_accumulation_steps": POSITIVE,
+    "num_train_epochs": POSITIVE,
+    "max_train_steps": POSITIVE,
+    "logging_steps": POSITIVE,
+    "eval_steps": POSITIVE,
+    "max_train_samples": POSITIVE,
+    "max_eval_samples": POSITIVE,
+    "learning_rate": Range(low=0, low_open=True),
+    "weight_decay": NON_NEGATIVE,
+    "adam_beta1": Range(low=0, high=1, high_open=True),
+    "adam_beta2": Range(low=0, high=1, high_open=True),
+    "max_grad_norm": Range(meaning="<= 0: no clipping"),
+    "num_warmup_steps": NON_NEGATIVE,
+    "seed": Range(low=0, high=2**32 - 1),  # numpy's seeds, which transformers.set_seed sets
+    "dataloader_num_workers": Range(low=0, meaning="0: load in the main process"),
+    "validation_split_percentage": Range(low=0, high=100, low_open=True, high_open=True),
+    "block_size": Range(low=2),  # a block's first token predicts its second
+    "tokenizer_vocab_size": Range(low=259),  # the 256 bytes, the two special tokens and at least one merge
+    "image_size": POSITIVE,
+    "patch_size": POSITIVE,
+    "num_samples": Range(low=0, meaning="0: no samples"),
+    "top_k_accuracy": Range(low=0, meaning="0: no top-k accuracy"),
+    "distill_temperature": Range(low=0, low_open=True),
+    "distill_weight": Range(low=0, high=1, meaning="0: cross-entropy only"),
+    "local_window_size": POSITIVE,
+    "position_bias_rank": POSITIVE,
+    "conv_kernel_size": POSITIVE,
+    "num_heads": POSITIVE,
+    "max_position_embeddings": POSITIVE,
+    "hidden_dropout_prob": PROBABILITY,
+    "max_new_tokens": POSITIVE,
+    "top_k": Range(low=0, meaning="0: no top-k filtering"),
+    "temperature": Range(low=0, low_open=True),
+    "num_beams": POSITIVE,
+}
+
+
+def check_ranges(args):
+    """Every numeric flag of `args` in its range (RANGES), else an InputError naming the flag, the value and the
+    range. Logs what an edge value means where it changes the run (--max_grad_norm <= 0: no clipping)."""
+    for name, allowed in RANGES.items():
+        value = getattr(args, name, None)
+        if value is not None and value not in allowed:
+            raise InputError(f"--{name}={value}: allowed: {allowed}.")
+    if getattr(args, "max_grad_norm", None) is not None and args.max_grad_norm <= 0:
+        logger.info(f"--max_grad_norm={args.max_grad_norm:g}: gradients are not clipped")
 
 
 def check_output_dir(args):
@@ -184,27 +243,3 @@ def check_output_dir(args):
             f"--output_dir {output_dir} already holds files that this run would overwrite: choose another folder, "
             "pass --overwrite_output_dir, or --resume_from_checkpoint to continue a run saved there."
         )
-
-
-def check_args(args):
-    """Checks that need no data: numbers, output folder, checkpointing value, preset, the checkpoint to resume
-    from, Hub access (raises InputError). Sets `args.checkpoint` (the checkpoint folder to resume from, or None)
-    and `args.hub_repo_id` (None without --push_to_hub)."""
-    from training_checkpoints import find_checkpoint
-    from training_model import PRESETS
-    from training_publish import check_hub
-
-    for name in POSITIVE:
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            raise InputError(f"--{name}={value}: it must be a positive integer.")
-    steps = args.checkpointing_steps
-    if steps not in (None, "epoch") and not (str(steps).isdigit() and int(steps) > 0):
-        raise InputError(f"--checkpointing_steps={args.checkpointing_steps!r}: use a positive integer or 'epoch'.")
-    if args.model_name_or_path and (args.preset or args.config_overrides):
-        raise InputError("--preset and --config_overrides build a new model: drop them with --model_name_or_path.")
-    if args.preset is not None and args.preset not in PRESETS:
-        raise InputError(f"unknown --preset {args.preset!r}: use one of {sorted(PRESETS)}.")
-    check_output_dir(args)
-    args.checkpoint = find_checkpoint(args) if args.resume_from_checkpoint else None
-    args.hub_repo_id = check_hub(args) if args.push_to_hub else None

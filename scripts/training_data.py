@@ -162,10 +162,19 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, map(chr, chars), strict=True))
 
 
+# Each message is "role: content" ended by eos, as every training document ends; a generation prompt opens the
+# assistant's turn, so generate() stops at the eos that closes it. It uses only the tokenizer's own special tokens.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+)
+
+
 def causal_lm_tokenizer(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
     """The transformers tokenizer of a causal LM: <|endoftext|> is bos and eos, <|pad|> pads, on the left (the
-    padding generate() needs for a batch of prompts)."""
-    return PreTrainedTokenizerFast(
+    padding generate() needs for a batch of prompts); with a chat template (CHAT_TEMPLATE) for apply_chat_template
+    and TRL's SFTTrainer."""
+    causal_lm = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token=END_OF_TEXT,
         eos_token=END_OF_TEXT,
@@ -173,6 +182,8 @@ def causal_lm_tokenizer(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
         padding_side="left",
         model_input_names=["input_ids", "attention_mask"],
     )
+    causal_lm.chat_template = CHAT_TEMPLATE
+    return causal_lm
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:

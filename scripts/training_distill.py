@@ -13,7 +13,6 @@ gradients on the scale of the hard term's at any temperature.
                                                              args.distill_weight), ...)  # logs ce_loss, kl_loss
 """
 
-import math
 from pathlib import Path
 
 import torch
@@ -56,10 +55,6 @@ def check_args(args):
         args.distill_temperature = DEFAULT_TEMPERATURE
     if args.distill_weight is None:
         args.distill_weight = DEFAULT_WEIGHT
-    if not (math.isfinite(args.distill_temperature) and args.distill_temperature > 0):
-        raise InputError(f"--distill_temperature={args.distill_temperature}: it must be a positive number.")
-    if not 0 <= args.distill_weight <= 1:
-        raise InputError(f"--distill_weight={args.distill_weight}: it must be in [0, 1] (0: cross-entropy only).")
     name = args.teacher_model
     if Path(name).exists() and not Path(name, "config.json").is_file():
         raise InputError(f"--teacher_model {name} has no config.json: pass a folder written by save_pretrained.")

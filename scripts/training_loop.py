@@ -242,60 +242,61 @@ class Run:
         start_epoch, skip_batches = resume_position(
             state.completed_steps, self.steps_per_epoch, args.gradient_accumulation_steps
         )
-        progress = tqdm(
+        # closed also when a step raises: a bar left open prints when it is garbage-collected, wherever
+        # that is (a test runner's output after its summary)
+        with tqdm(
             total=args.max_train_steps, initial=state.completed_steps, disable=not accelerator.is_local_main_process
-        )
-        for epoch in range(start_epoch, args.num_train_epochs):
-            if state.completed_steps >= args.max_train_steps:
-                break
-            model.train()
-            self.train_dataloader.set_epoch(epoch)
-            batches = self.train_dataloader
-            if epoch == start_epoch and skip_batches:  # a resumed run: the batches this epoch already used
-                batches = accelerator.skip_first_batches(self.train_dataloader, skip_batches)
-            step_loss, step_terms = 0.0, {}
-            for batch in batches:
-                with accelerator.accumulate(model):
-                    loss, terms = as_loss_and_terms(compute_loss(model, batch))
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad()
-                step_loss += loss.detach() / args.gradient_accumulation_steps
-                for name, term in terms.items():
-                    step_terms[name] = step_terms.get(name, 0.0) + term.detach() / args.gradient_accumulation_steps
-                if not accelerator.sync_gradients:
-                    continue
-                state.completed_steps += 1
-                step = state.completed_steps
-                progress.update(1)
-                values = accelerator.gather(torch.stack([step_loss, *step_terms.values()])[None]).mean(0).tolist()
-                state.window_losses.append(values[0])
-                if step_terms:
-                    state.window_terms.append(dict(zip(step_terms, values[1:], strict=True)))
-                step_loss, step_terms = 0.0, {}
-                end_of_epoch = step % self.steps_per_epoch == 0
-                finished = step >= args.max_train_steps
-                if step % args.logging_steps == 0 or finished:
-                    window = float(np.mean(state.window_losses))
-                    names = state.window_terms[0] if state.window_terms else {}
-                    terms = {name: float(np.mean([t[name] for t in state.window_terms])) for name in names}
-                    lr = lr_scheduler.get_last_lr()[0]
-                    self.log({"loss": window, **terms, "learning_rate": lr, "epoch": epoch})
-                    progress.set_postfix(loss=f"{window:.3f}")
-                    state.window_losses, state.window_terms = [], []
-                due = step % args.eval_steps == 0 if args.eval_steps else end_of_epoch
-                if due and not finished:
-                    self.log(evaluate())
-                    model.train()
-                name = checkpoint_name(args, step, epoch, end_of_epoch)
-                if name:
-                    self.save_checkpoint(name)
-                if finished:
+        ) as progress:
+            for epoch in range(start_epoch, args.num_train_epochs):
+                if state.completed_steps >= args.max_train_steps:
                     break
-        progress.close()
+                model.train()
+                self.train_dataloader.set_epoch(epoch)
+                batches = self.train_dataloader
+                if epoch == start_epoch and skip_batches:  # a resumed run: the batches this epoch already used
+                    batches = accelerator.skip_first_batches(self.train_dataloader, skip_batches)
+                step_loss, step_terms = 0.0, {}
+                for batch in batches:
+                    with accelerator.accumulate(model):
+                        loss, terms = as_loss_and_terms(compute_loss(model, batch))
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients and args.max_grad_norm > 0:  # HF Trainer's: <= 0 does not clip
+                            accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                        optimizer.step()
+                        lr_scheduler.step()
+                        optimizer.zero_grad()
+                    step_loss += loss.detach() / args.gradient_accumulation_steps
+                    for name, term in terms.items():
+                        step_terms[name] = step_terms.get(name, 0.0) + term.detach() / args.gradient_accumulation_steps
+                    if not accelerator.sync_gradients:
+                        continue
+                    state.completed_steps += 1
+                    step = state.completed_steps
+                    progress.update(1)
+                    values = accelerator.gather(torch.stack([step_loss, *step_terms.values()])[None]).mean(0).tolist()
+                    state.window_losses.append(values[0])
+                    if step_terms:
+                        state.window_terms.append(dict(zip(step_terms, values[1:], strict=True)))
+                    step_loss, step_terms = 0.0, {}
+                    end_of_epoch = step % self.steps_per_epoch == 0
+                    finished = step >= args.max_train_steps
+                    if step % args.logging_steps == 0 or finished:
+                        window = float(np.mean(state.window_losses))
+                        names = state.window_terms[0] if state.window_terms else {}
+                        terms = {name: float(np.mean([t[name] for t in state.window_terms])) for name in names}
+                        lr = lr_scheduler.get_last_lr()[0]
+                        self.log({"loss": window, **terms, "learning_rate": lr, "epoch": epoch})
+                        progress.set_postfix(loss=f"{window:.3f}")
+                        state.window_losses, state.window_terms = [], []
+                    due = step % args.eval_steps == 0 if args.eval_steps else end_of_epoch
+                    if due and not finished:
+                        self.log(evaluate())
+                        model.train()
+                    name = checkpoint_name(args, step, epoch, end_of_epoch)
+                    if name:
+                        self.save_checkpoint(name)
+                    if finished:
+                        break
 
     def results(self, num_train: int, num_eval: int) -> dict:
         """The run's summary for all_results.json: last logged train loss, steps, runtime, sizes."""

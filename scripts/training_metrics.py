@@ -12,6 +12,7 @@ online, or any local module folder.
 from pathlib import Path
 
 import evaluate
+import numpy as np
 import torch
 import torch.nn.functional as F
 from training_args import InputError
@@ -48,3 +49,25 @@ def next_token_cross_entropy(model, dataloader, accelerator, metric, **compute_k
         metric.add_batch(nats=nats.tolist(), tokens=tokens.long().tolist())
     model.train()
     return metric.compute(**compute_kwargs)
+
+
+def evaluate_classifier(model, dataloader, accelerator, metrics: dict, top_k: int) -> dict:
+    """Cross-entropy, --metric (accuracy) and top-k accuracy over the whole evaluation set, gathered over
+    processes, through evaluate modules."""
+    model.eval()
+    for batch in dataloader:
+        with torch.no_grad():
+            logits = model(pixel_values=batch["pixel_values"]).logits.float()  # (B, num_labels)
+        nats = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")  # (B,)
+        ranked = logits.topk(max(top_k, 1), dim=-1).indices  # (B, k), best first
+        nats, ranked, labels = accelerator.gather_for_metrics((nats, ranked, batch["labels"]))
+        metrics["loss"].add_batch(nats=nats.tolist(), tokens=[1] * len(nats))
+        metrics["metric"].add_batch(predictions=ranked[:, 0].tolist(), references=labels.tolist())
+        if top_k:
+            metrics["top_k"].add_batch(predictions=ranked.tolist(), references=labels.tolist())
+    model.train()
+    values = {"loss": metrics["loss"].compute()["loss"]} | metrics["metric"].compute()
+    if top_k:
+        values |= metrics["top_k"].compute(k=[top_k])
+    # the scalars (a Hub module may return numpy numbers, or lists such as per-class scores)
+    return {f"eval_{k}": float(v) for k, v in values.items() if isinstance(v, int | float | np.number)}

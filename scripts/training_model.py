@@ -5,11 +5,14 @@
     training_model.check_sequence_length(model.config, args.block_size, "--block_size")
 """
 
+import argparse
 import ast
 import dataclasses
+from pathlib import Path
 
 from huggingface_hub.errors import StrictDataclassError
 from training_args import InputError
+from transformers import PreTrainedConfig
 
 from aft import AFTConfig
 
@@ -57,6 +60,26 @@ PRESETS = {
 }
 
 
+def add_model_args(parser: argparse.ArgumentParser, default_preset: str = "small"):
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--preset",
+        default=None,
+        help=f"architecture for a new model: one of {sorted(PRESETS)} (default {default_preset!r}).",
+    )
+    group.add_argument(
+        "--config_overrides",
+        default=None,
+        help="comma-separated AFTConfig fields for a new model, e.g. 'num_hidden_layers=4,aft_variant=simple'.",
+    )
+    group.add_argument(
+        "--model_name_or_path",
+        default=None,
+        help="start from this checkpoint (a saved folder or a Hub id) instead of a new model.",
+    )
+    parser.set_defaults(default_preset=default_preset)
+
+
 def parse_config_overrides(text: str | None, config_class=AFTConfig) -> dict:
     """'a=1,b=local,c=0.1' -> {'a': 1, 'b': 'local', 'c': 0.1}, with the names checked against the config class."""
     if not text:
@@ -89,6 +112,26 @@ def build_config(args, config_class=AFTConfig, **task_fields):
     except (ValueError, TypeError, StrictDataclassError) as error:
         cause = error.__cause__ or error
         raise InputError(f"invalid model configuration: {cause}") from error
+
+
+def check_model_name(name: str):
+    """--model_name_or_path must be an AFT model (model_type "aft"): a model of another type would load as a new,
+    randomly initialised AFT model with that folder's name. A GPT-2 is converted with convert_to_aft.py first."""
+    if Path(name).exists() and not Path(name, "config.json").is_file():
+        raise InputError(f"--model_name_or_path {name} has no config.json: pass a folder written by save_pretrained.")
+    try:
+        config_dict, _ = PreTrainedConfig.get_config_dict(name)
+    except (OSError, ValueError) as error:
+        reason = " ".join(str(error).split())[:300]
+        raise InputError(f"--model_name_or_path {name}: cannot read its config ({reason}).") from error
+    model_type = config_dict.get("model_type")
+    if model_type != AFTConfig.model_type:
+        convert = "scripts/convert_to_aft.py converts a GPT-2" if model_type == "gpt2" else "start from an AFT model"
+        raise InputError(
+            f"--model_name_or_path {name} is not an AFT model (model_type {model_type!r}, not "
+            f"{AFTConfig.model_type!r}): {convert} into an AFT folder first, e.g. `python scripts/convert_to_aft.py "
+            f"{name} outputs/aft-model --aft_variant local`, and pass that folder."
+        )
 
 
 def load_model(model_class, args, **task_fields):

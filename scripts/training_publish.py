@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 MODEL_CARDS_DIR = Path(__file__).resolve().parent.parent / "model_cards"
 HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")  # "gpt2", "openai-community/gpt2"
+# What a card's usage code needs: the model's own code is saved next to its weights and loads as remote code.
+CARD_REQUIREMENTS = ("transformers>=5.18", "torch")
 
 LIMITATIONS = (
     "AFT is weaker than attention at long-range recall: AFT-conv reaches 28.2 perplexity on WikiText-103 at "
@@ -48,10 +50,11 @@ class CardInfo:
     dataset_split: str
     metrics: dict  # all_results.json key -> metric type, e.g. {"eval_bits_per_byte": "bits_per_byte"}
     description: str
-    usage: str  # Python code using the saved folder; "{model_id}", "{prompt}" and "{prompts}" are replaced
+    usage: str  # Python code using the saved folder; {model_id}, {prompt} and {prompts} become Python literals
     tags: list = dataclasses.field(default_factory=list)
     dataset_config: str | None = None
     example_prompts: list = dataclasses.field(default_factory=list)  # from the model's own data
+    requirements: tuple = CARD_REQUIREMENTS  # what the usage code imports, as `pip install` arguments
 
 
 def check_hub(args) -> str:
@@ -70,6 +73,31 @@ def check_hub(args) -> str:
     except Exception as error:
         raise InputError(f"--push_to_hub: cannot create the repository {repo_id} ({error}).") from error
     return repo_id
+
+
+def public_path(value: str) -> str:
+    """A path as a card shows it: a relative path as given, an absolute one (or one climbing out with "..") by its
+    name alone, so that no card names a folder of the machine it was written on."""
+    path = Path(value)
+    return path.name if path.is_absolute() or ".." in path.parts else value
+
+
+def public_argv(argv: list, output_dir: str, script_dir: str = "scripts") -> list:
+    """A command line as a card shows it: the script as `<script_dir>/<name>`, the output folder as the card's usage
+    names it (card_folder) and any other absolute path by its name (public_path), in `--flag value` and
+    `--flag=value` form alike."""
+    output = Path(output_dir).resolve()
+
+    def public(value: str) -> str:
+        if value.startswith("-") and "=" in value:
+            flag, _, path = value.partition("=")
+            return f"{flag}={public(path)}"
+        if not value or value.startswith("-"):
+            return value
+        return card_folder(value) if Path(value).resolve() == output else public_path(value)
+
+    script = [f"{script_dir}/{Path(argv[0]).name}" if Path(argv[0]).is_absolute() else argv[0]] if argv else []
+    return script + [public(value) for value in argv[1:]]
 
 
 def hyperparameter_table(args, accelerator, num_parameters: int) -> str:
@@ -94,7 +122,12 @@ def hyperparameter_table(args, accelerator, num_parameters: int) -> str:
         "distill_temperature",
         "distill_weight",
     ]
-    rows = [(k, getattr(args, k)) for k in keys if getattr(args, k, None) is not None]
+    paths = ("model_name_or_path", "teacher_model")
+    rows = [
+        (k, public_path(getattr(args, k)) if k in paths else getattr(args, k))
+        for k in keys
+        if getattr(args, k, None) is not None
+    ]
     global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     rows += [
         ("processes", accelerator.num_processes),
@@ -115,11 +148,11 @@ ACCELERATE_CONFIGS = {
 }
 
 
-def training_command(accelerator) -> str:
-    """The command line of this run (launcher, script and arguments), with a Hub token masked. Several processes
-    are started with the shipped Accelerate config of the run's distributed type (on CPU with
-    ACCELERATE_USE_CPU=true, which makes them gloo processes)."""
-    argv = list(sys.argv)
+def training_command(accelerator, output_dir: str) -> str:
+    """The command line of this run (launcher, script and arguments) without the machine's absolute paths
+    (public_argv), with a Hub token masked. Several processes are started with the shipped Accelerate config of
+    the run's distributed type (on CPU with ACCELERATE_USE_CPU=true, which makes them gloo processes)."""
+    argv = public_argv(list(sys.argv), output_dir)
     for i, arg in enumerate(argv[:-1]):
         if arg == "--hub_token":
             argv[i + 1] = "<token>"
@@ -141,32 +174,52 @@ def training_command(accelerator) -> str:
     return shlex.join(launcher + argv)
 
 
+def card_folder(output_dir: str) -> str:
+    """A local model folder as a card's code names it: relative, as given (its name alone when given as an
+    absolute path), and starting with "./", so that transformers reads the folder and never a Hub model of the
+    same name (a folder "gpt2" is not OpenAI's GPT-2)."""
+    return "./" + Path(public_path(str(output_dir))).as_posix().removeprefix("./")
+
+
 def card_model_id(args) -> str:
-    """What the card's usage code passes to from_pretrained: the Hub id when known, else the output folder as a
-    relative path (as given, or its name when given as an absolute path): never an absolute local path."""
-    if args.hub_repo_id or args.hub_model_id:
-        return args.hub_repo_id or args.hub_model_id
-    path = Path(args.output_dir)
-    return path.as_posix() if not path.is_absolute() and ".." not in path.parts else path.resolve().name
+    """What the card's usage code passes to from_pretrained: the Hub id when known, else the output folder
+    (card_folder): never an absolute local path."""
+    return args.hub_repo_id or args.hub_model_id or card_folder(args.output_dir)
 
 
 def base_model_id(model_name_or_path: str | None) -> str | None:
-    """The `base_model` of a fine-tuned model's card: the Hub id it was loaded from, or for a local folder the Hub
-    id its own card names (`model_name` with an owner), else the Hub id of the model that folder came from (its
-    card's `base_model`, e.g. the GPT-2 of a folder written by convert_to_aft.py), else the folder's name."""
+    """The `base_model` of a fine-tuned model's card, which the Hub reads as a Hub id: the id the model was loaded
+    from, or for a local folder the Hub id its own card names (`model_name` with an owner), else the Hub id of the
+    model that folder came from (its card's `base_model`, e.g. the GPT-2 of a folder written by convert_to_aft.py);
+    None when there is none (base_model_note says so on the card)."""
     if not model_name_or_path:
         return None
     path = Path(model_name_or_path)
     if not path.is_dir():
-        return model_name_or_path
+        return model_name_or_path if HUB_ID.fullmatch(model_name_or_path) else None
     if (path / "README.md").is_file():
         data = ModelCard.load(path / "README.md").data.to_dict()
         name, base = data.get("model_name"), data.get("base_model")
-        if name and "/" in name:
+        if name and "/" in name and HUB_ID.fullmatch(name):
             return name
         if isinstance(base, str) and HUB_ID.fullmatch(base) and not Path(base).exists():  # not a local path
             return base
-    return path.resolve().name
+    return None
+
+
+def model_reference(model_name_or_path: str) -> str:
+    """A model as a card's prose names it: its Hub id (base_model_id), else its folder's name."""
+    return base_model_id(model_name_or_path) or Path(model_name_or_path).resolve().name
+
+
+def base_model_note(model_name_or_path: str | None) -> str:
+    """The card's line saying why a model that started from another one has no `base_model`."""
+    if not model_name_or_path or base_model_id(model_name_or_path):
+        return ""
+    return (
+        f"\nThe card has no `base_model`: the run started from the local folder `{public_path(model_name_or_path)}`, "
+        "which names no Hub id (in its card's `model_name` or `base_model`).\n"
+    )
 
 
 def plot_losses(log_history: list, path: Path, eval_key: str = "eval_loss") -> bool:
@@ -196,10 +249,20 @@ def plot_losses(log_history: list, path: Path, eval_key: str = "eval_loss") -> b
     return True
 
 
+def tokens_to_generate(config, tokenizer, prompts: list, wanted: int) -> int:
+    """At most `wanted` new tokens for the card's usage code, and no more than the model's positions leave after
+    the longest of `prompts`."""
+    if not config.has_position_limit:
+        return wanted
+    longest = max(len(tokenizer(prompt)["input_ids"]) for prompt in prompts or [""])
+    return max(1, min(wanted, config.max_position_embeddings - longest))
+
+
 def usage_code(info: CardInfo, model_id: str) -> str:
-    """The card's usage code: the script's template with the model id and the example prompts filled in."""
+    """The card's usage code: the script's template with the model id and the example prompts filled in as Python
+    literals (repr), so that no quote in a folder name or a prompt can break the code."""
     prompts = info.example_prompts or [""]
-    code = info.usage.replace("{model_id}", model_id).replace("{prompts}", repr(prompts))
+    code = info.usage.replace("{model_id}", repr(model_id)).replace("{prompts}", repr(prompts))
     return code.replace("{prompt}", repr(prompts[0]))
 
 
@@ -253,8 +316,10 @@ def write_model_card(output_dir: Path, args, accelerator, model, results: dict, 
         architecture=architecture,
         num_parameters=f"{count_parameters(model):,}",
         description=info.description,
+        install=shlex.join(info.requirements),
         usage=usage_code(info, model_id),
-        training_command=training_command(accelerator),
+        training_command=training_command(accelerator, args.output_dir),
+        base_model_note=base_model_note(args.model_name_or_path),
         hyperparameters=hyperparameter_table(args, accelerator, count_parameters(model)),
         results_table=results_table,
         limitations=LIMITATIONS,

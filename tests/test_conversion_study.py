@@ -3,10 +3,12 @@
 written; --plot_only redraws from results.json alone."""
 
 import json
+import runpy
+import sys
 
 import pytest
 import torch
-from conftest import import_lab
+from conftest import SCRIPTS, import_lab
 
 pytest.importorskip("accelerate")
 pytest.importorskip("datasets")
@@ -31,8 +33,23 @@ def save_gpt2(folder, lab):
     return folder
 
 
+def run_in_this_process(script, argv, monkeypatch):
+    """`python scripts/<script> ARGV` as the study runs it, in this process: the scripts' own start-up (imports,
+    accelerate) is what the study's separate processes cost, and it is the same code either way."""
+    path = str(SCRIPTS / script)
+    with monkeypatch.context() as patch:
+        patch.setattr(sys, "argv", [path, *argv])
+        try:
+            runpy.run_path(path, run_name="__main__")
+        except SystemExit as stop:
+            assert stop.code in (None, 0), f"{script} {argv} exited with {stop.code}"
+
+
 def test_conversion_study_quick(lab, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(
+        lab.conversion, "run_script", lambda script, argv: run_in_this_process(script, argv, monkeypatch)
+    )
     text = tmp_path / "code.txt"
     text.write_text("".join(f"def add_{i}(a, b):\n    return a + b * {i}\n" for i in range(40)))
     source = save_gpt2(tmp_path / "gpt2", lab)

@@ -292,16 +292,40 @@ def test_other_architectures_are_refused_before_anything_is_written(convert_to_a
 
 
 def test_missing_tokenizer(convert_to_aft, capsys, gpt2, tmp_path):
+    """A GPT-2 saved with save_pretrained alone converts: the weights, a one-line note and the card say that the
+    folder has no tokenizer. A --tokenizer_name without one is an error."""
     source, with_tokenizer = gpt2
     src = tmp_path / "no-tokenizer"
     save_gpt2(src, tokenizer=False)
-    err = one_line_error(convert_to_aft, capsys, src, tmp_path / "out")
+    capsys.readouterr()
+    convert_to_aft.main([str(src), str(tmp_path / "out"), *SMALL, "--aft_variant", "simple"])
+    out = capsys.readouterr().out
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert f"note: {src} has no tokenizer (none of tokenizer.json, vocab.json), so this folder holds none" in out
+    assert not any((tmp_path / "out").glob("tokenizer*")) and not (tmp_path / "out" / "vocab.json").exists()
+    assert "has no tokenizer" in (tmp_path / "out" / "README.md").read_text()
+    assert model.config.vocab_size == source.config.vocab_size
+    err = one_line_error(convert_to_aft, capsys, with_tokenizer, tmp_path / "out2", "--tokenizer_name", src)
     assert f"{src} has no tokenizer" in err and "--tokenizer_name" in err
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out2").exists()
     convert(
-        convert_to_aft, capsys, src, tmp_path / "out", "--aft_variant", "simple", "--tokenizer_name", with_tokenizer
+        convert_to_aft, capsys, src, tmp_path / "out3", "--aft_variant", "simple", "--tokenizer_name", with_tokenizer
     )
-    assert (tmp_path / "out" / "tokenizer.json").is_file()
+    assert (tmp_path / "out3" / "tokenizer.json").is_file()
+    assert "has no tokenizer" not in (tmp_path / "out3" / "README.md").read_text()
+
+
+def test_a_tensor_of_the_wrong_shape_is_one_line(convert_to_aft, capsys, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "gpt2"
+    save_gpt2(src)
+    weights = load_file(src / "model.safetensors")
+    weights["transformer.h.0.mlp.c_fc.weight"] = torch.zeros(D, 3)
+    save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
+    err = one_line_error(convert_to_aft, capsys, src, tmp_path / "out")
+    assert f"SRC {src} lacks weights of a GPT2LMHeadModel: transformer.h.0.mlp.c_fc.weight (shape ({D}, 3)" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_gpt2_folders_that_do_not_fit(convert_to_aft, capsys, gpt2, tmp_path):

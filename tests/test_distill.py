@@ -210,8 +210,8 @@ def test_teachers_that_do_not_fit_are_refused_before_training(scripts, text, tea
 
     ViTConfig().save_pretrained(tmp_path / "vit")
     assert "model_type 'vit', which is not a causal LM" in error("--teacher_model", tmp_path / "vit")
-    assert "must be in [0, 1]" in error("--teacher_model", teacher, "--distill_weight", "1.5")
-    assert "must be a positive number" in error("--teacher_model", teacher, "--distill_temperature", "0")
+    assert "--distill_weight=1.5: allowed: [0, 1]" in error("--teacher_model", teacher, "--distill_weight", "1.5")
+    assert "--distill_temperature=0.0: allowed: > 0" in error("--teacher_model", teacher, "--distill_temperature", "0")
     assert "--distill_weight needs --teacher_model" in error("--distill_weight", "0.3")
 
 

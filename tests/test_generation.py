@@ -154,10 +154,31 @@ def test_full_cache_grows_linearly():
     assert sizes[2] - sizes[1] == 2 * (sizes[1] - sizes[0]) > 0
 
 
-def test_generation_past_the_positions_fails_clearly():
-    model = _model("local", max_position_embeddings=12)
-    with pytest.raises(ValueError, match="reaches position 12.*max_position_embeddings=12"):
-        _greedy(model, torch.randint(1, 37, (1, 8)), 10)
+@pytest.mark.parametrize("variant", ["local", "full", "simple"])
+def test_generation_past_the_positions_fails_before_the_first_step(variant):
+    """max_new_tokens (or max_length) past max_position_embeddings is refused before any forward pass (the tokens
+    would otherwise be generated and then lost); positions count the real tokens of a row, so a left-padded prompt
+    that fits with its new tokens is generated to the last position."""
+    model = _model(variant, max_position_embeddings=12, position_embedding_type="absolute")
+    calls = []
+    model.model.register_forward_pre_hook(lambda *_: calls.append(1))
+    ids = torch.randint(1, 37, (2, 8))
+    with pytest.raises(ValueError, match=r"takes 8 positions and max_new_tokens=5 more would reach position 12, but "
+                       r"this model has max_position_embeddings=12 .*pass max_new_tokens <= 4"):  # fmt: skip
+        _greedy(model, ids, 5)
+    with pytest.raises(ValueError, match="max_new_tokens=6 more would reach position 13"):
+        model.generate(ids, max_length=14, do_sample=False, pad_token_id=0)
+    assert not calls
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[:, :2] = 0
+    assert _greedy(model, ids, 6, attention_mask=mask).shape == (2, 14)
+    assert _greedy(model, ids, 4).shape == (2, 12)
+
+
+def test_an_empty_prompt_is_refused_clearly():
+    model = _model("simple")
+    with pytest.raises(ValueError, match=r"`input_ids` has shape \(2, 0\): a prompt needs at least one token"):
+        _greedy(model, torch.zeros(2, 0, dtype=torch.long), 3)
 
 
 def _padded(prompts):

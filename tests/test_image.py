@@ -16,7 +16,7 @@ from conftest import enable_checkpointing
 from PIL import Image
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification, pipeline
 
-from aft import AFTForImageClassification, AFTVisionConfig, AFTVisionModel
+from aft import AFTConfig, AFTForImageClassification, AFTVisionConfig, AFTVisionModel
 from aft.ops_aft import (
     aft_conv_2d,
     aft_full_chunk,
@@ -393,6 +393,38 @@ def test_saved_folder_loads_as_remote_code_in_a_fresh_process(saved, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), logits, rtol=0, atol=0)
+
+
+def test_a_model_built_from_the_text_config_saves_a_folder_that_loads_as_remote_code(tmp_path):
+    """AutoModelForImageClassification.from_config(AFTConfig(...)) (the path kept for aft 0.1's configs) gives an
+    AFTForImageClassification: its folder names that class, so it loads as remote code in a fresh process."""
+    fields = tiny_config("conv").to_dict()
+    text = AFTConfig(**{k: v for k, v in fields.items() if k not in ("model_type", "transformers_version")})
+    model = AutoModelForImageClassification.from_config(text).eval()
+    assert type(model) is AFTForImageClassification
+    model.save_pretrained(tmp_path / "folder")
+    x = torch.randn(2, 3, 32, 32)
+    torch.save(x, tmp_path / "x.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["aft"] = None  # the package is not importable: only the folder's own code can load it
+        import torch
+        from transformers import AutoModelForImageClassification
+        folder = {str(tmp_path / "folder")!r}
+        model = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True).eval()
+        with torch.no_grad():
+            torch.save(model(torch.load({str(tmp_path / "x.pt")!r})).logits, {str(tmp_path / "logits.pt")!r})
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), model(x).logits, rtol=0, atol=0)
 
 
 def test_image_processor_is_saved_with_the_model(saved):

@@ -432,3 +432,159 @@ def test_keys_of_minus_infinity_weigh_nothing_as_in_the_torch_form(fresh):
     assert (y[1, :4, 0] == 0).all()
     for got, exp in zip(_state_values(state), _state_values(want_state), strict=True):
         torch.testing.assert_close(got.double(), exp, atol=2e-5, rtol=1e-5)
+
+
+# The decoding step of simple, local and conv: the recurrent forms' step in one compiled call per layer.
+
+STEP_FORMS = {
+    "simple": (native.aft_simple_native_recurrent, ops.aft_simple_recurrent, ops.aft_simple_chunk),
+    "local": (native.aft_local_native_recurrent, ops.aft_local_recurrent, ops.aft_local_chunk),
+    "conv": (native.aft_conv_native_recurrent, ops.aft_conv_recurrent, ops.aft_conv_chunk),
+}
+
+
+def _step_case(variant, B=3, T=30, H=2, D=8, prefix=20, seed=0):
+    """Inputs, the variant's arguments, a padding mask (left, inside, and a padded decoding token), and the state of
+    the first `prefix` positions by the parallel torch form."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.rand(B, T, H, D, generator=g)
+    k = torch.randn(B, T, H, 1 if variant == "conv" else D, generator=g) * 4
+    v = torch.randn(B, T, H, D, generator=g)
+    args = {
+        "simple": (),
+        "local": (torch.randn(1, T, 3, generator=g), torch.randn(1, T, 3, generator=g), 6),
+        "conv": (torch.randn(H, 5, generator=g),),
+    }[variant]
+    mask = torch.ones(B, T)
+    mask[1, :24] = 0  # left padding into the decoded tokens
+    mask[2, 10:12] = 0
+    mask[2, 25] = 0
+    per_token = [torch.is_tensor(x) and x.dim() == 3 for x in args]  # local's factors: one row per position
+    head = [x[:, :prefix] if cut else x for x, cut in zip(args, per_token, strict=True)]
+    tail = [x[:, prefix:] if cut else x for x, cut in zip(args, per_token, strict=True)]
+    cut = (slice(None), slice(None, prefix))
+    _, state = STEP_FORMS[variant][2](q[cut], k[cut], v[cut], *head, mask=mask[cut], output_final_state=True)
+    rest = (slice(None), slice(prefix, None))
+    return (q[rest], k[rest], v[rest], *tail), mask[rest], state
+
+
+def _first(inputs):
+    """The first token of `_step_case`'s inputs: one decoding step."""
+    return [x[:, :1] if torch.is_tensor(x) and x.dim() >= 3 else x for x in inputs]
+
+
+def _assert_same_step(got, want, **tol):
+    (y, state), (want_y, want_state) = got, want
+    torch.testing.assert_close(y, want_y, equal_nan=True, **tol)
+    for a, b in zip(state, want_state, strict=True):
+        torch.testing.assert_close(a, b, equal_nan=True, **tol)
+
+
+@needs_compiler
+@pytest.mark.parametrize("variant", list(STEP_FORMS))
+def test_the_decoding_step_equals_the_torch_forms_step_with_padding(fresh, variant, monkeypatch):
+    fast, twin, _ = STEP_FORMS[variant]
+    inputs, mask, state = _step_case(variant)
+    before = [x.clone() for x in state]
+    assert native.is_native_ready()  # built and checked (the check runs a step of its own)
+    calls, original = [], native._step
+    monkeypatch.setattr(native, "_step", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    want = twin(*inputs, mask=mask, initial_state=state, output_final_state=True)
+    got = fast(*inputs, mask=mask, initial_state=state, output_final_state=True)
+    _assert_same_step(got, want, atol=1e-5, rtol=1e-5)
+    assert (got[0][1, :4] == 0).all() and (got[0][1, 4:] != 0).any()  # rows that have seen only padding give 0
+    assert all(torch.equal(a, b) for a, b in zip(before, state, strict=True))  # the state given is not changed
+    one = fast(*_first(inputs), mask=mask[:, :1], initial_state=state, output_final_state=True)
+    _assert_same_step(one, twin(*_first(inputs), mask=mask[:, :1], initial_state=state, output_final_state=True),
+                      atol=1e-5, rtol=1e-5)  # fmt: skip
+    assert calls == [1, 1]
+
+
+@needs_compiler
+@pytest.mark.parametrize("variant", list(STEP_FORMS))
+def test_the_decoding_step_keeps_nan_and_weighs_minus_infinity_as_the_torch_form(fresh, variant):
+    fast, twin, _ = STEP_FORMS[variant]
+    inputs, mask, state = _step_case(variant)
+    q, k, v, *args = inputs
+    k = k.clone()
+    k[0, 2, 1, 0] = float("nan")
+    k[1, 6, 0] = -torch.inf
+    k[2, :3, 1] = -torch.inf
+    got = fast(q, k, v, *args, mask=mask, initial_state=state, output_final_state=True)
+    want = twin(q, k, v, *args, mask=mask, initial_state=state, output_final_state=True)
+    _assert_same_step(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.isnan(got[1].n[0]).any() and torch.isfinite(got[0][1:]).all()
+
+
+@needs_compiler
+@pytest.mark.parametrize("variant", list(STEP_FORMS))
+def test_where_the_decoding_step_does_not_apply_it_is_the_torch_form(fresh, variant, monkeypatch):
+    fast, twin, _ = STEP_FORMS[variant]
+    inputs, mask, state = _step_case(variant)
+    assert native.is_native_ready()
+    monkeypatch.setattr(native, "_step", None)  # any use of the kernel fails
+    q, k, v, *args = inputs
+    # gradients, a float64 state, no state, torch.compile's tracing
+    vg = v.clone().requires_grad_()
+    y, _ = fast(q, k, vg, *args, mask=mask, initial_state=state)
+    assert y.grad_fn is not None
+    wide = ops.AFTState(*(x.double() for x in state))
+    torch.testing.assert_close(
+        fast(q, k, v, *args, mask=mask, initial_state=wide)[0], twin(q, k, v, *args, mask=mask, initial_state=wide)[0]
+    )
+    torch.testing.assert_close(fast(q, k, v, *args)[0], twin(q, k, v, *args)[0])
+    with pytest.raises(ValueError, match="`k`"):  # keys of another length: the torch form's error, nothing read
+        fast(q, k[:, :-1], v, *args, initial_state=state)
+    compiled = torch.compile(lambda *x: fast(*x, mask=mask, initial_state=state)[0], backend="eager")
+    torch.testing.assert_close(compiled(q, k, v, *args), twin(q, k, v, *args, mask=mask, initial_state=state)[0])
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_decoding_step_on_half_precision_inputs(fresh, dtype):
+    inputs, mask, state = _step_case("local")
+    half = [x.to(dtype) if torch.is_tensor(x) and x.dim() == 4 else x for x in inputs]
+    got = native.aft_local_native_recurrent(*half, mask=mask, initial_state=state, output_final_state=True)
+    want = ops.aft_local_recurrent(*half, mask=mask, initial_state=state, output_final_state=True)
+    assert got[0].dtype == dtype and got[1].m.dtype == torch.float32
+    _assert_same_step(got, want, atol=1e-2, rtol=1e-2)
+
+
+def _perturbed(model, seed=0):
+    """Nonzero variant parameters (the initialisation zeroes conv's kernel): every bias term matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+@needs_compiler
+@pytest.mark.parametrize("variant", ["simple", "local", "conv"])
+def test_generate_on_native_decoding_equals_the_torch_form(fresh, variant, monkeypatch):
+    base = _perturbed(AFTForCausalLM(tiny_config(variant)).eval())
+    fast = AFTForCausalLM(tiny_config(variant, aft_implementation="native")).eval()
+    fast.load_state_dict(base.state_dict())
+    ids = torch.randint(1, 37, (3, 11), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    kw = {"attention_mask": mask, "max_new_tokens": 8, "do_sample": False, "output_scores": True,
+          "return_dict_in_generate": True}  # fmt: skip
+    assert native.is_native_ready()
+    calls, original = [], native._step
+    monkeypatch.setattr(native, "_step", lambda *a, **k: calls.append(1) or original(*a, **k))
+    with torch.no_grad():
+        got, want = fast.generate(ids, **kw), base.generate(ids, **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.scores, want.scores, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert len(calls) == 7 * 2  # every decoding step after the prefill, in both layers
+
+
+def test_without_a_compiler_native_decoding_is_the_torch_form(fresh, monkeypatch):
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.delenv("CC", raising=False)
+    inputs, mask, state = _step_case("conv")
+    with pytest.warns(RuntimeWarning, match="no C compiler found"):
+        got = native.aft_conv_native_recurrent(*inputs, mask=mask, initial_state=state, output_final_state=True)
+    _assert_same_step(got, ops.aft_conv_recurrent(*inputs, mask=mask, initial_state=state, output_final_state=True))

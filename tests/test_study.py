@@ -53,11 +53,11 @@ def quick(tmp_path_factory):
         OMP_NUM_THREADS="1",
     )
 
-    def run(out, *args):
+    def run(out, *args, returncode=0):
         command = [sys.executable, str(SCRIPT), "--quick", "--output_dir", str(out), *args]
         command += ["--train_file", str(root / "train.txt"), "--validation_file", str(root / "valid.txt")]
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stderr[-4000:]
+        assert result.returncode == returncode, result.stderr[-4000:]
         return json.loads((Path(out) / "results.json").read_text())
 
     return run
@@ -237,6 +237,12 @@ def test_resume_refuses_another_study(study, run_study, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_study.run_main(lambda: run_study.main(["--quick", "--output_dir", str(tmp_path), "--resume"]))
     assert "holds another study (recipe" in capsys.readouterr().err
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    with pytest.raises(SystemExit):
+        run_study.run_main(
+            lambda: run_study.main(["--quick", "--output_dir", str(tmp_path), "--resume", "--eval_every", "3"])
+        )
+    assert "holds another study (procedure" in capsys.readouterr().err
 
 
 def test_plot_only_redraws_cards_and_plots_from_results(study, run_study, tmp_path):
@@ -258,3 +264,67 @@ def test_plot_only_needs_a_results_json(run_study, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_study.run_main(lambda: run_study.main(["--plot_only", "--output_dir", str(tmp_path)]))
     assert exit_info.value.code == 2 and "--plot_only" in capsys.readouterr().err
+
+
+# The procedure: a learning rate per model, training until the ranking settles, runs that survive a kill
+
+
+def _curve(gaps, every=10):
+    """GPT-2's and AFT-local's curves whose gap (AFT-local minus GPT-2) at step (i + 1) * every is gaps[i]."""
+    gpt2 = [{"step": (i + 1) * every, "value": 3.0} for i in range(len(gaps))]
+    return gpt2, [{"step": p["step"], "value": 3.0 + g} for p, g in zip(gpt2, gaps, strict=True)]
+
+
+def test_settled_needs_a_gap_steady_over_the_last_fifth(run_study):
+    # steps 10..100: the last fifth (80..100) holds 3 points
+    assert run_study.settled(*_curve([0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.04, 0.03, 0.025, 0.03]))
+    assert not run_study.settled(*_curve([0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.04, 0.03, 0.02, 0.005]))  # moved 0.025
+    assert not run_study.settled(*_curve([0.1, 0.1, 0.1, 0.1]))  # 40: the last fifth (32..40) holds one point
+    assert not run_study.settled([], [])
+
+
+def test_best_rate_and_where_gpt2_stays_ahead(run_study):
+    points = [{"model": "gpt2", "learning_rate": r, "validation_bits_per_byte": v}
+              for r, v in ((1e-3, 2.5), (2e-3, 2.4), (4e-3, float("nan")))]  # fmt: skip
+    points += [{"model": "aft-local", "learning_rate": 1e-3, "validation_bits_per_byte": 2.2}]
+    assert run_study.best_rate(points) == {"gpt2": 2e-3, "aft-local": 1e-3}  # the diverged 4e-3 loses
+    gaps = [{"step": s, "gap": g} for s, g in ((10, -0.2), (20, 0.01), (30, -0.01), (40, 0.02), (50, 0.03))]
+    assert run_study.ahead_from(gaps) == 40
+    assert run_study.ahead_from(gaps[:3]) is None
+
+
+def test_sweep_chooses_each_models_rate_and_settle_stops_at_the_first_settled_point(quick, run_study, tmp_path):
+    results = quick(tmp_path / "out", "--parts", "sweep", "steps", "--models", "gpt2", "aft-local", "--settle",
+                    "--steps", "60", "--eval_every", "2", "--sweep_steps", "4")  # fmt: skip
+    sweep = results["lr_sweep"]
+    assert sorted((p["model"], p["learning_rate"]) for p in sweep["points"]) == sorted(
+        (m, r) for m in ("gpt2", "aft-local") for r in run_study.SWEEP_RATES
+    )
+    assert all(p["steps"] == 4 and math.isfinite(p["validation_bits_per_byte"]) for p in sweep["points"])
+    for model, rate in sweep["chosen"].items():
+        best = min((p for p in sweep["points"] if p["model"] == model), key=lambda p: p["validation_bits_per_byte"])
+        assert rate == best["learning_rate"]
+    runs = {r["model"]: r for r in results["equal_steps"]["runs"]}
+    assert all(runs[m]["learning_rate"] == sweep["chosen"][m] for m in runs)  # the main runs at their own rate
+    settle, steps = results["equal_steps"]["settle"], results["equal_steps"]["steps"]
+    assert settle["cap"] == 60 and all(r["steps"] == steps == settle["stopped_at"] for r in runs.values())
+    gpt2, local = runs["gpt2"]["curve"], runs["aft-local"]["curve"]
+    assert settle["settled"] == run_study.settled(gpt2, local) and (settle["settled"] or steps == 60)
+    assert not any(run_study.settled(gpt2[:i], local[:i]) for i in range(1, len(gpt2)))  # not before
+
+
+def test_a_killed_run_resumed_gives_the_uninterrupted_runs_figures(quick, tmp_path):
+    argv = ["--parts", "sweep", "steps", "--models", "gpt2", "aft-local", "--sweep_rates", "1e-3", "2e-3",
+            "--sweep_steps", "4"]  # fmt: skip
+    whole = quick(tmp_path / "whole", *argv)
+    # 2 x 2 sweep runs of 4 steps, then 16 steps each of the main two: killed 10 steps into the main part
+    killed = quick(tmp_path / "killed", *argv, "--exit_after_steps", "26", returncode=137)
+    assert killed["parts_done"] == ["sweep"] and "equal_steps" not in killed
+    resumed = quick(tmp_path / "killed", *argv, "--resume")
+
+    def figures(results):
+        runs = results["lr_sweep"]["points"] + results["equal_steps"]["runs"]
+        return [(r["model"], r["learning_rate"], r["steps"], r["validation_bits_per_byte"], r["test_bits_per_byte"],
+                 [p["value"] for p in r["curve"]]) for r in runs]  # fmt: skip
+
+    assert figures(resumed) == figures(whole) and resumed["lr_sweep"]["chosen"] == whole["lr_sweep"]["chosen"]

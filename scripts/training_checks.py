@@ -1,0 +1,30 @@
+"""The start-up checks of the training scripts that need the other plumbing modules (the checkpoint to resume
+from, the model to start from, Hub access), after the ones training_args makes on its own (ranges, output folder).
+
+    args = parser.parse_args(argv)
+    training_checks.check_args(args)     # raises InputError before any work
+"""
+
+from training_args import InputError, check_output_dir, check_ranges
+from training_checkpoints import find_checkpoint
+from training_model import PRESETS, check_model_name
+from training_publish import check_hub
+
+
+def check_args(args):
+    """Checks that need no data: numbers, output folder, checkpointing value, preset, the checkpoint to resume
+    from, Hub access (raises InputError). Sets `args.checkpoint` (the checkpoint folder to resume from, or None)
+    and `args.hub_repo_id` (None without --push_to_hub)."""
+    check_ranges(args)
+    steps = args.checkpointing_steps
+    if steps not in (None, "epoch") and not (str(steps).isdigit() and int(steps) > 0):
+        raise InputError(f"--checkpointing_steps={args.checkpointing_steps!r}: use a positive integer or 'epoch'.")
+    if args.model_name_or_path and (args.preset or args.config_overrides):
+        raise InputError("--preset and --config_overrides build a new model: drop them with --model_name_or_path.")
+    if args.model_name_or_path:
+        check_model_name(args.model_name_or_path)
+    if args.preset is not None and args.preset not in PRESETS:
+        raise InputError(f"unknown --preset {args.preset!r}: use one of {sorted(PRESETS)}.")
+    check_output_dir(args)
+    args.checkpoint = find_checkpoint(args) if args.resume_from_checkpoint else None
+    args.hub_repo_id = check_hub(args) if args.push_to_hub else None

@@ -7,7 +7,7 @@ import torch
 from conftest import VARIANTS, tiny_config
 
 from aft import AFTCache, AFTForCausalLM
-from aft.ops_aft import AFTState
+from aft.ops_aft import AFTState, FullState
 
 FIXED_STATE = tuple(v for v in VARIANTS if v != "full")  # the variants whose decoding state has a fixed size
 
@@ -37,6 +37,24 @@ class DecodeStep(torch.nn.Module):
             layer.write(AFTState(*state[6 * i : 6 * i + 6]))
         logits = self.model(input_ids=input_ids, position_ids=position_ids, cache=cache).logits
         return logits, *(x for layer in cache.layers for x in layer.read())
+
+
+class FullDecodeStep(torch.nn.Module):
+    """AFT-full's step on fixed buffers (`AFTCache(config, max_cache_len=...)`): (input_ids (B, 1), position_ids
+    (B, 1), filled (), *buffers) -> (logits (B, 1, V), *next buffers), the three `FullState` buffers of each layer
+    in turn; the step writes its key at slot `filled` (the caller adds 1 for the next)."""
+
+    def __init__(self, model, max_cache_len):
+        super().__init__()
+        self.model, self.max_cache_len = model, max_cache_len
+
+    def forward(self, input_ids, position_ids, filled, *buffers):
+        cache = AFTCache(self.model.config, max_cache_len=self.max_cache_len)
+        for i, layer in enumerate(cache.layers):  # copies: the step writes into its buffers in place
+            layer.buffers = FullState(*(x.clone() for x in buffers[3 * i : 3 * i + 3]))
+            layer.filled = filled.clone()
+        logits = self.model(input_ids=input_ids, position_ids=position_ids, cache=cache).logits
+        return logits, *(x for layer in cache.layers for x in layer.buffers)
 
 
 def _model(variant, **overrides):
@@ -111,6 +129,24 @@ def test_decode_step_exports_with_the_state_as_inputs_and_outputs(variant):
     with torch.no_grad():
         model(input_ids=torch.cat([prompt, token], 1), cache=cache)
         torch.testing.assert_close(logits, model(input_ids=token, cache=cache).logits)
+
+
+def test_full_decode_step_exports_on_fixed_buffers():
+    """AFT-full's state grows with every token; with `max_cache_len` its buffers have a fixed size, and the step on
+    them exports, continues from its own output, and gives the eager logits."""
+    model = _model("full")
+    prompt, tokens = torch.randint(0, 37, (2, 7)), torch.randint(0, 37, (2, 3))
+    cache = AFTCache(model.config, max_cache_len=16)
+    with torch.no_grad():
+        model(input_ids=prompt, cache=cache)
+    buffers = [x.clone() for layer in cache.layers for x in layer.buffers]
+    filled, position = cache.layers[0].filled.clone(), torch.full((2, 1), 7)
+    program = torch.export.export(FullDecodeStep(model, 16), (tokens[:, :1], position, filled, *buffers))
+    # three steps: the third reads the first's key from the slot the first wrote
+    for i in range(3):
+        logits, *buffers = program.module()(tokens[:, i : i + 1], position + i, filled + i, *buffers)
+        with torch.no_grad():
+            torch.testing.assert_close(logits, model(input_ids=tokens[:, i : i + 1], cache=cache).logits)
 
 
 @pytest.fixture(scope="module")

@@ -659,8 +659,8 @@ class AFTForCausalLM(AFTPreTrainedModel, GenerationMixin):
     ):  # fmt: skip
         """The inputs of one generate() step. AFT's own rather than GenerationMixin's: a step needs only the new
         tokens, their positions and mask, and the cache (under the name of this transformers release), so it costs
-        a few slices per token (GenerationMixin's took 0.5 ms of a 6 ms step, more than the 15% a step may add) and
-        does not depend on how the releases' versions of it differ."""
+        a few slices per token (GenerationMixin's general version does more work per step than a decoding step can
+        afford) and does not depend on how the releases' versions of it differ."""
         cache = kwargs.pop(CACHE_NAME, None)
         for name in ("labels", "past_key_values", "cache"):  # never forwarded (the cache is set below)
             kwargs.pop(name, None)

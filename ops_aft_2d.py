@@ -2,10 +2,10 @@
 (t = y * Gw + x), so q, k, v keep the (B, T, H, D) layout of every AFT form with T = Gh * Gw.
 
 `full` and `simple` need nothing new (their bias is absolute or none: `aft_full_chunk` / `aft_simple_chunk` with
-causal=False over the T patches). `conv` and `local` have an s x s window: entry (i, j) of the window of (y, x) is
-the patch (y - (s - 1) // 2 + i, x - (s - 1) // 2 + j), as the 1-D non-causal conv kernel is centred. Both are a
-global pool plus a windowed correction with coefficient e^w - 1 (AFT.md); the grid is zero-padded, so windows
-that leave the grid add nothing. Every form here is `(q, k, v, <variant parameters>, grid) -> y`.
+causal=False over the T patches). `conv` and `local` have an s x s window: entry (i, j) of the window of (y, x) is the
+patch (y - (s - 1) // 2 + i, x - (s - 1) // 2 + j), as the 1-D non-causal conv kernel is centred. Both are a global
+pool plus a windowed correction with coefficient e^w - 1 (docs/operator.md, section 5); the grid is zero-padded, so
+windows that leave the grid add nothing. Every form here is `(q, k, v, <variant parameters>, grid) -> y`.
 """
 
 import torch

@@ -37,9 +37,9 @@ LOG2_E = 1.4426950408889634
 
 
 def exp_(x: torch.Tensor) -> torch.Tensor:
-    """e^x in place, as 2^(x log2 e): torch's exp2 is ~5x faster than its exp on CPU (float32, AVX-512, one thread:
-    160 against 770 us per 2^19 elements), for a relative error <= 1e-6 at x in [-20, 0] and <= 4e-6 down to -87
-    in float32 (the rounding of x log2 e), 1e-15 in float64. The fast forms' exponentials of a whole sequence."""
+    """e^x in place, as 2^(x log2 e): on CPU torch's exp2 is a cheaper kernel than its exp, for a relative error
+    <= 1e-6 at x in [-20, 0] and <= 4e-6 down to -87 in float32 (the rounding of x log2 e), 1e-15 in float64.
+    The fast forms' exponentials of a whole sequence."""
     return x.mul_(LOG2_E).exp2_()
 
 
@@ -162,10 +162,11 @@ class AFTState(NamedTuple):
     """The decoding state of one layer after some positions, in float32 (float64 for float64 inputs).
 
     The pool (m, n, z) sums the positions that no longer have a bias of their own (n and z scaled by exp(-m), the
-    (n, z, m) recurrence of AFT.md): m, z (B, H, Dk), n (B, H, Dv); empty: m = NEG, n = z = 0. The window holds the
-    last S positions that still do, oldest first: k (B, S, H, Dk), v (B, S, H, Dv) and their key-side position
-    factors pos (B, S, R) (R = 0 when the bias has none). Empty slots have the key NEG. S is 0 for `simple`, s - 1
-    for `local` and `conv`, and every past position for `full` (whose pool stays empty).
+    running-max recurrence of docs/operator.md, section 4; section 7 says how a state joins a sequence):
+    m, z (B, H, Dk), n (B, H, Dv); empty: m = NEG, n = z = 0. The window holds the last S positions that still do,
+    oldest first: k (B, S, H, Dk), v (B, S, H, Dv) and their key-side position factors pos (B, S, R) (R = 0 when the
+    bias has none). Empty slots have the key NEG. S is 0 for `simple`, s - 1 for `local` and `conv`, and every past
+    position for `full` (whose pool stays empty).
     """
 
     m: torch.Tensor

@@ -1,10 +1,10 @@
 """A compiled CPU kernel for the causal AFT-simple forward without gradients (inference, prefill): the "native"
 implementation of `simple` (`AFTConfig(aft_implementation="native")`).
 
-One pass over the sequence per channel keeps the running (m, n, z) of AFT.md in float32: for each row, with
-d = k - m, the larger of the two exponents is 0 and the other is -|d|, so one exponential per element; the row's
-y = q n / z is written as the row goes. That reads q, k, v and writes y once (the chunked torch form makes about ten
-passes over each unit). Large outputs are advised onto huge pages (Linux), so that glibc's fresh mapping of y costs
+One pass over the sequence per channel keeps the running (m, n, z) of docs/operator.md (section 4) in float32: for each
+row, with d = k - m, the larger of the two exponents is 0 and the other is -|d|, so one exponential per element; the
+row's y = q n / z is written as the row goes. That reads q, k, v and writes y once (the chunked torch form makes about
+ten passes over each unit). Large outputs are advised onto huge pages (Linux), so that glibc's fresh mapping of y costs
 32 faults of 2 MB instead of 16k of 4 KB.
 
 Everything else is the torch form (`aft_simple_chunk`), which this form is tested against: training (any input that
@@ -160,8 +160,9 @@ static inline float max_nan(float a, float b) { return (a != a || b != b) ? a + 
 /* e^x for x <= 0 that keeps a NaN (torch.exp does) */
 static inline float exp_step(float x) { float e = exp_nonpositive(x); return x != x ? x : e; }
 
-/* One or more tokens of the recurrent form of simple, local and conv (AFT.md's (n, z, m) pool plus a window of the
-   last S positions), op for op the torch form's step: the window slots' logits key + bias against the running max,
+/* One or more tokens of the recurrent form of simple, local and conv (the (m, n, z) pool of docs/operator.md, section
+   7, plus a window of the last S positions), op for op the torch form's step: the window slots' logits key + bias
+   against the running max,
    y = q (n e^(m - ref) + sum e v) / (z e^(m - ref) + sum e), then the oldest slot joins the pool and the window
    moves by one. q, k, v: rows (b, t) at b * xb + t * xt, each H x D contiguous; k has Dk = Dv (simple, local) or
    Dk = 1 (conv) channels per head. mask (b, t): 0 is padding, or NULL; padding and -inf keys become NEG with

@@ -1,4 +1,5 @@
-"""The literal formula (AFT.md, Eq. 2) with dense T x T biases: O(T^2 D) memory, for tests and for reading.
+"""The literal formula (Eq. 2 of the paper; docs/operator.md, section 1) with dense T x T biases: O(T^2 D)
+memory, for tests and for reading.
 
     y_t = q_t * sum_{t'} exp(k_{t'} + w_{t,t'}) v_{t'} / sum_{t'} exp(k_{t'} + w_{t,t'})
 

@@ -1,6 +1,6 @@
 """AFT-simple, AFT-local and AFT-conv: a pool of every position outside the window plus a window of positions that
-keep a bias of their own (AFT.md, the exp(w) - 1 identity). `simple` has no window, `local` a learned bias
-u_t . v_t' for |t - t'| < s, `conv` a per-head relative kernel of size s.
+keep a bias of their own (the exp(w) - 1 identity: docs/operator.md, section 5). `simple` has no window, `local`
+a learned bias u_t . v_t' for |t - t'| < s, `conv` a per-head relative kernel of size s.
 
 Every variant has three forms with one signature,
 
@@ -46,9 +46,10 @@ from .ops_aft_core import (
 # O(C + W) multiply-adds in a matmul instead of O(W) passes over the tensors.
 CHUNK = 64
 # ... and of the causal forms with a window (`band_chunk`): the least power of two that holds the window's past
-# (so a row reads its own chunk and one before: ~2C + 1 columns for W), at least this many rows. A chunk of 64
-# made a row of AFT-conv (s = 11) read 129 columns for its 11: at T = 4096, 16 rows took its training step's
-# operator time from 84 to 36 ms, and 32 rows AFT-local's (s = 32) from 110 to 81 ms (1 thread).
+# (so a row reads its own chunk and one before: ~2C + 1 columns for W), at least this many rows. A chunk much wider
+# than the window makes every row read columns that are outside its window (at C = 64 a row of s = 11 reads 129
+# columns for its 11); below this many rows, smaller chunks cost more per row (one more product and pool carry per
+# chunk) than they save.
 MIN_BAND_CHUNK = 16
 # Rows per chunk of the local band u v^T (`local_band`).
 BAND_CHUNK = 64

@@ -3,9 +3,10 @@ accuracy (through evaluate modules: the shipped ones by default, `--metric` for 
 
 Data: `--dataset_name` (e.g. cifar10 from the Hub), `--train_dir`/`--validation_dir` (image folders, one
 sub-folder per class), and by default scikit-learn's digits, which needs no download (8x8 grey images of the
-digits 0-9; the first 1,500 train, the last 297 validate). Every image is converted to RGB (grey ones too, as
-the image-classification pipeline does), resized to `image_size`, scaled to [0, 1] and normalised by the saved
-image processor (transformers' ViT processor, PIL based); no augmentation.
+digits 0-9; the first 1,500 train, the last 297 validate). Classes are matched by name between the splits. Every
+image is converted to 8-bit RGB (grey ones too, as the image-classification pipeline does; 16-bit grey is scaled,
+not clipped), resized to `image_size`, scaled to [0, 1] and normalised by the saved image processor (transformers'
+ViT processor, PIL based); no augmentation.
 
     python scripts/run_image_classification.py --preset tiny --output_dir outputs/aft-digits
     accelerate launch --config_file scripts/accelerate_configs/ddp.yaml --num_processes 2 \
@@ -56,17 +57,6 @@ def parse_args(argv=None):
     return args
 
 
-def label_names(dataset, label_column: str) -> list[str]:
-    if label_column not in dataset.column_names:
-        raise training_args.InputError(
-            f"no label column {label_column!r} (columns: {dataset.column_names}); use --label_column."
-        )
-    feature = dataset.features[label_column]
-    if isinstance(feature, ClassLabel):
-        return feature.names
-    return [str(label) for label in sorted(set(dataset[label_column]))]
-
-
 CLASSIFICATION_USAGE = """from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
@@ -86,7 +76,7 @@ def main(argv=None):
 
     # 1. data
     raw, image_column = training_data.image_datasets(args)
-    names = label_names(raw["train"], args.label_column)
+    raw, names = training_data.class_names(raw, args.label_column)  # validation classes matched to train's by name
     image_size = args.image_size or raw["train"][0][image_column].size[0]
     top_k = args.top_k_accuracy if args.top_k_accuracy < len(names) else 0  # top-k of k classes is always 1
     with accelerator.main_process_first():
@@ -112,7 +102,7 @@ def main(argv=None):
     is_class_label = isinstance(raw["train"].features[args.label_column], ClassLabel)
 
     def transform(batch):
-        images = [image.convert("RGB") for image in batch[image_column]]
+        images = [training_data.as_8bit(image, "RGB") for image in batch[image_column]]
         labels = batch[args.label_column] if is_class_label else [label_ids[str(x)] for x in batch[args.label_column]]
         return {
             "pixel_values": processor(images, return_tensors="pt")["pixel_values"],

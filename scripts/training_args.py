@@ -211,6 +211,9 @@ def check_ranges(args):
         logger.info(f"--max_grad_norm={args.max_grad_norm:g}: gradients are not clipped")
 
 
+LOCK = ".run.lock"  # held by the run writing an output folder (training_checkpoints.claim_output_dir)
+
+
 def check_output_dir(args):
     """The output folder must be a folder (or not exist yet) that this process can write to, and hold no files
     this run would overwrite unless --overwrite_output_dir or --resume_from_checkpoint says so."""
@@ -235,7 +238,7 @@ def check_output_dir(args):
         raise InputError(f"--output_dir {output_dir}: cannot write in {existing} ({reason}): choose another folder.")
     if (
         output_dir.is_dir()
-        and any(output_dir.iterdir())
+        and any(p.name != LOCK for p in output_dir.iterdir())  # the lock of a finished run is no one's file
         and not args.overwrite_output_dir
         and not args.resume_from_checkpoint
     ):

@@ -6,7 +6,7 @@ from, the model to start from, Hub access), after the ones training_args makes o
 """
 
 from training_args import InputError, check_output_dir, check_ranges
-from training_checkpoints import find_checkpoint
+from training_checkpoints import check_output_lock, find_checkpoint
 from training_model import PRESETS, check_model_name
 from training_publish import check_hub
 
@@ -25,6 +25,7 @@ def check_args(args):
         check_model_name(args.model_name_or_path)
     if args.preset is not None and args.preset not in PRESETS:
         raise InputError(f"unknown --preset {args.preset!r}: use one of {sorted(PRESETS)}.")
+    check_output_lock(args.output_dir)  # another run writing the folder now is named, whatever else it holds
     check_output_dir(args)
     args.checkpoint = find_checkpoint(args) if args.resume_from_checkpoint else None
     args.hub_repo_id = check_hub(args) if args.push_to_hub else None

@@ -10,6 +10,7 @@ byte-level and BPE tokenizers, images (scikit-learn's digits, image folders, the
 
 import codecs
 import logging
+import math
 import sysconfig
 from itertools import chain
 from pathlib import Path
@@ -128,6 +129,41 @@ def check_text_files(args):
         raise InputError(f"--train_file and --validation_file are of different kinds ({sorted(kinds)}): use one.")
 
 
+def check_texts(dataset, args, split: str):
+    """InputError naming the source, the row and the column of the first text that is missing (null), not a
+    string, or (in a file of records: .json, .jsonl, .csv, .parquet) empty or only whitespace; and when no text
+    has any other character than whitespace. Lines of a text file and rows of a Hub dataset may be blank (the
+    separators between paragraphs). Run on the table as loaded, so row numbers are the file's."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if args.text_column not in dataset.column_names:
+        raise InputError(f"no column {args.text_column!r} in the data (columns: {dataset.column_names}).")
+    if args.dataset_name:
+        source = f"--dataset_name {args.dataset_name} ({split} split)"
+    elif args.train_file:
+        file = args.validation_file if split == "validation" else args.train_file
+        source = f"--{'validation' if split == 'validation' else 'train'}_file {file}"
+    else:
+        source = f"the {split} split"
+    column = dataset.data.column(args.text_column)
+    where = f"{source}, column {args.text_column!r}"
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type) or pa.types.is_null(column.type)):
+        raise InputError(f"{where} holds {column.type} values, not texts: choose a text column with --text_column.")
+    if column.null_count:
+        row = pc.index(pc.is_null(column), True).as_py()
+        raise InputError(f"{where}: row {row + 1:,} has no text (null); fill it in or drop the row.")
+    blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(column)), 0)
+    records = (
+        args.train_file and not args.dataset_name and TEXT_BUILDERS[Path(file).suffix.lstrip(".").lower()] != "text"
+    )
+    if records and pc.any(blank).as_py():
+        row = pc.index(blank, True).as_py()
+        raise InputError(f"{where}: row {row + 1:,} holds no text (empty or only whitespace); drop the row.")
+    if len(column) and pc.all(blank).as_py():
+        raise InputError(f"{where} holds no text: only empty lines or whitespace.")
+
+
 def load_text_datasets(args) -> DatasetDict:
     """'train' and 'validation' text splits from --dataset_name, --train_file/--validation_file or the corpus."""
     if args.dataset_name:
@@ -135,14 +171,26 @@ def load_text_datasets(args) -> DatasetDict:
     elif args.train_file:  # checked by check_text_files at start-up
         files = {"train": args.train_file, **({"validation": args.validation_file} if args.validation_file else {})}
         builder = TEXT_BUILDERS[Path(args.train_file).suffix.lstrip(".").lower()]
-        raw = load_dataset(builder, data_files=files)
+        try:
+            raw = load_dataset(builder, data_files=files)
+        except (datasets.exceptions.DatasetGenerationError, ValueError) as error:  # pyarrow's errors are ValueErrors
+            cause = error.__cause__ or error
+            names = " or ".join(str(path) for path in files.values())
+            raise InputError(f"{names} cannot be read as {builder}: {str(cause).splitlines()[0]}") from error
     else:
         raw = stdlib_corpus()
+    for split in raw:
+        check_texts(raw[split], args, split)
     if "validation" not in raw:
-        split = raw["train"].train_test_split(test_size=args.validation_split_percentage / 100, seed=args.seed)
+        share = args.validation_split_percentage / 100
+        if math.ceil(len(raw["train"]) * share) >= len(raw["train"]):  # datasets holds out the ceiling
+            raise InputError(
+                f"the training data has {len(raw['train']):,} record(s), too few to hold out "
+                f"--validation_split_percentage {args.validation_split_percentage:g} for validation and train on the "
+                "rest: give more text, or a --validation_file."
+            )
+        split = raw["train"].train_test_split(test_size=share, seed=args.seed)
         raw = DatasetDict({"train": split["train"], "validation": split["test"]})
-    if args.text_column not in raw["train"].column_names:
-        raise InputError(f"no column {args.text_column!r} in the data (columns: {raw['train'].column_names}).")
     for split in ("train", "validation"):
         if len(raw[split]) == 0:
             raise InputError(f"the {split} split of the text data is empty.")
@@ -163,9 +211,12 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 # Each message is "role: content" ended by eos, as every training document ends; a generation prompt opens the
-# assistant's turn, so generate() stops at the eos that closes it. It uses only the tokenizer's own special tokens.
+# assistant's turn, so generate() stops at the eos that closes it. It uses only the tokenizer's own special tokens;
+# the `{% generation %}` markers are what TRL's assistant-only loss counts (the answer and its eos).
 CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + eos_token }}{% endfor %}"
+    "{% for message in messages %}{% if message['role'] == 'assistant' %}"
+    "{{ 'assistant: ' }}{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}"
+    "{% else %}{{ message['role'] + ': ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
 )
 
@@ -338,12 +389,29 @@ def digits_dataset():
 
 def image_mode(image) -> str:
     """The PIL mode the images are converted to: 'L' (one channel) for grey images, 'RGB' for all others."""
-    return "L" if image.mode in ("1", "L", "I", "I;16", "F") else "RGB"
+    return "L" if image.mode in ("1", "L", "I", "F") or image.mode.startswith("I;16") else "RGB"
 
 
-def check_image_folder(folder: str, option: str):
-    """InputError unless `folder` is a folder of images (by datasets' imagefolder extensions, each readable by
-    PIL), with no other files but imagefolder's metadata files; hidden files are skipped."""
+def as_8bit(image, mode: str):
+    """`image` as 8-bit PIL mode `mode` ('L' or 'RGB'), its values scaled from their own range: PIL's `convert`
+    clips 16-bit grey (I;16, and 'I', as PIL opens some 16-bit files) at 255 instead of scaling it, and rounds
+    float grey ('F', read as 0..1) to 0 or 1. 16-bit values v become round(v * 255 / 65535), floats
+    round(v * 255); other modes (palette, alpha, CMYK, 1-bit, ...) are PIL's own conversions."""
+    from PIL import Image
+
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        values = np.asarray(image, dtype=np.float64).clip(0, 65535) * 255 / 65535
+        image = Image.fromarray(np.rint(values).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        values = np.asarray(image, dtype=np.float64).clip(0, 1) * 255
+        image = Image.fromarray(np.rint(values).astype(np.uint8), mode="L")
+    return image.convert(mode)
+
+
+def check_image_folder(folder: str, option: str) -> set[str]:
+    """InputError unless `folder` is a folder of images (by datasets' imagefolder extensions, each decoded whole
+    by PIL: a truncated file is found here, not in the middle of training), with no other files but imagefolder's
+    metadata files; hidden files are skipped."""
     from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
     from PIL import Image
 
@@ -368,20 +436,70 @@ def check_image_folder(folder: str, option: str):
         )
     for path in images:
         try:
-            with Image.open(path) as image:  # reads the header only
-                image.size  # noqa: B018
+            with Image.open(path) as image:
+                image.load()  # every pixel: a file cut short after a sound header fails here
         except Exception as error:
             reason = " ".join(f"{type(error).__name__}: {error}".split())
             raise InputError(f"{option} {folder}: {path} is not a readable image ({reason}).") from error
+    return {path.parent.name for path in images}  # imagefolder's class names: the folder of each image
+
+
+def check_class_names(names: list[str] | set[str], validation_names: list[str] | set[str]):
+    """InputError naming the classes of one split that the other lacks (classes are matched by name)."""
+    missing, extra = sorted(set(names) - set(validation_names)), sorted(set(validation_names) - set(names))
+    if missing or extra:
+        parts = [f"not in train: {extra}" if extra else "", f"missing from validation: {missing}" if missing else ""]
+        raise InputError(
+            f"the validation classes are not the training classes ({'; '.join(p for p in parts if p)}; classes "
+            "are matched by name, e.g. folder names, case included): rename them to match."
+        )
 
 
 def check_image_folders(args):
-    """--train_dir / --validation_dir (when given, without --dataset_name): see `check_image_folder`."""
+    """--train_dir / --validation_dir (when given, without --dataset_name): see `check_image_folder`; the class
+    folders of both must have the same names."""
     if args.dataset_name:
         return
-    for option, folder in (("--train_dir", args.train_dir), ("--validation_dir", args.validation_dir)):
-        if folder:
-            check_image_folder(folder, option)
+    classes = [
+        check_image_folder(folder, option)
+        for option, folder in (("--train_dir", args.train_dir), ("--validation_dir", args.validation_dir))
+        if folder
+    ]
+    if args.train_dir and args.validation_dir:
+        check_class_names(*classes)
+
+
+def class_names(raw: DatasetDict, label_column: str) -> tuple[DatasetDict, list[str]]:
+    """(raw with the validation labels as train's ids, the class names by train's id). Classes are matched by
+    name: image folders number their classes in the sorted order of each split's own folder names, so the same
+    id can name another class in each split. InputError when the validation classes are not train's."""
+    for split in ("train", "validation"):
+        if label_column not in raw[split].column_names:
+            raise InputError(
+                f"no label column {label_column!r} in the {split} data (columns: {raw[split].column_names}); use "
+                "--label_column."
+            )
+
+    def names_of(split):
+        feature = raw[split].features[label_column]
+        if isinstance(feature, datasets.ClassLabel):
+            return feature.names
+        return [str(label) for label in sorted(set(raw[split][label_column]))]
+
+    names = names_of("train")
+    check_class_names(names, names_of("validation"))
+    feature = raw["validation"].features[label_column]
+    if isinstance(feature, datasets.ClassLabel) and feature.names != names:
+        to_train_id = [names.index(name) for name in feature.names]
+        features = raw["validation"].features.copy()
+        features[label_column] = raw["train"].features[label_column]
+        raw["validation"] = raw["validation"].map(
+            lambda labels: {label_column: [to_train_id[x] for x in labels]},
+            input_columns=[label_column],
+            batched=True,
+            features=features,
+        )
+    return raw, names
 
 
 def image_datasets(args):

@@ -22,7 +22,16 @@ from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
 from allocator import keep_freed_memory
 from tqdm.auto import tqdm
 from training_args import InputError
-from training_checkpoints import RunState, find_checkpoint, load_checkpoint, save_checkpoint
+from training_checkpoints import (
+    RunState,
+    claim_output_dir,
+    data_identity,
+    find_checkpoint,
+    load_checkpoint,
+    model_identity,
+    read_lock,
+    save_checkpoint,
+)
 from training_model import count_parameters
 from transformers import get_scheduler
 
@@ -50,7 +59,8 @@ def setup_logging(accelerator):
 
 
 def create_accelerator(args) -> Accelerator:
-    """The Accelerator (processes and mixed precision come from `accelerate launch` / `accelerate config`)."""
+    """The Accelerator (processes and mixed precision come from `accelerate launch` / `accelerate config`), after
+    the main process has locked --output_dir for this run (InputError naming the run writing it, if any)."""
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=args.report_to if args.with_tracking else None,
@@ -58,6 +68,9 @@ def create_accelerator(args) -> Accelerator:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # one shuffle order per epoch
     )
     setup_logging(accelerator)
+    if accelerator.is_main_process:
+        claim_output_dir(args.output_dir, getattr(args, "checkpoint", None))
+    accelerator.wait_for_everyone()
     if accelerator.device.type == "cpu" and not args.system_allocator and keep_freed_memory():
         logger.info("glibc keeps freed memory in the process (--system_allocator leaves it alone)")
     if (
@@ -180,6 +193,7 @@ class Run:
                 f"{len(train_dataloader.dataset)} training examples make no full batch of "
                 f"{args.per_device_train_batch_size}: lower --per_device_train_batch_size or add data."
             )
+        model_config = model_identity(model.config)  # as built: a forward pass may still set fields
         optimizer = create_optimizer(model, args)
         model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
             model, optimizer, train_dataloader, eval_dataloader
@@ -193,8 +207,10 @@ class Run:
             "num_processes": accelerator.num_processes,
             "batches_per_epoch": len(train_dataloader),
             **{name: getattr(args, name) for name in (*PLAN_ARGS, *plan_args)},
+            **data_identity(args),
         }
-        state = RunState(plan=plan)
+        run_id = read_lock(args.output_dir).get("run_id", "")  # recorded by create_accelerator
+        state = RunState(plan=plan, run_id=run_id, model_config=model_config)
         if args.resume_from_checkpoint:
             checkpoint = getattr(args, "checkpoint", None) or find_checkpoint(args)
             state = load_checkpoint(accelerator, checkpoint, accelerator.unwrap_model(model).config, plan)

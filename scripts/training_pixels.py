@@ -31,6 +31,6 @@ def image_processor(images, image_size: int | None) -> ViTImageProcessorPil:
 def to_sequences(images, processor) -> np.ndarray:
     """PIL images -> (N, 1 + H*W*C) token ids: the start token, then sub-pixels in (row, column, channel) order."""
     mode = "L" if len(processor.image_mean) == 1 else "RGB"
-    pixels = processor([img.convert(mode) for img in images], return_tensors="np")["pixel_values"]  # (N, C, H, W)
+    pixels = processor([training_data.as_8bit(img, mode) for img in images], return_tensors="np")["pixel_values"]
     pixels = np.rint(pixels).clip(0, 255).astype(np.int64).transpose(0, 2, 3, 1).reshape(len(images), -1)
     return np.concatenate([np.full((len(images), 1), START), pixels], axis=1)

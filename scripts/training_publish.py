@@ -18,7 +18,7 @@ from pathlib import Path
 from accelerate.utils import DistributedType
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from training_args import InputError, RunError
-from training_checkpoints import CHECKPOINTS_DIR
+from training_checkpoints import CHECKPOINTS_DIR, LOCK
 from training_model import count_parameters
 
 from aft.ops_aft import AFT_VARIANTS
@@ -374,7 +374,7 @@ def save_outputs(run, processor, results: dict, info: CardInfo, images: dict | N
                 repo_id=args.hub_repo_id,
                 folder_path=output_dir,
                 commit_message="Upload AFT model trained with the aft scripts",
-                ignore_patterns=[f"{CHECKPOINTS_DIR}/*", "runs/*", ".tmp-*"],
+                ignore_patterns=[f"{CHECKPOINTS_DIR}/*", "runs/*", ".tmp-*", LOCK],
             )
             logger.info(f"uploaded to https://huggingface.co/{args.hub_repo_id}")
     accelerator.wait_for_everyone()

@@ -11,11 +11,14 @@ import sys
 import pytest
 import torch
 from conftest import import_scripts, tiny_config
-from lm_eval import simple_evaluate
-from lm_eval.models.huggingface import HFLM
-from lm_eval.tasks import TaskManager
 
 from aft import AFTForCausalLM
+
+pytest.importorskip("lm_eval", reason='the [tools] extra: pip install -e ".[tools]"')
+
+from lm_eval import simple_evaluate  # noqa: E402
+from lm_eval.models.huggingface import HFLM  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
 
 QUESTIONS = ["Sky?", "Grass is", "A rose:", "Sea", "Snow, at night", "Fire"]
 CHOICES = ["red", "blue", "green", "a"]

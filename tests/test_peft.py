@@ -5,10 +5,13 @@ adapted model generates with the cache. Tiny models, CPU."""
 import pytest
 import torch
 from conftest import VARIANTS, tiny_config
-from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from aft import AFTForCausalLM
+
+pytest.importorskip("peft", reason='the [tools] extra: pip install -e ".[tools]"')
+
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
 # The linear layers of every AFT block: the mixer's q, k, v, o and the MLP's up and down projections (the names
 # Llama-style models use, so LoRA recipes written for them apply as they are).

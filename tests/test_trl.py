@@ -7,9 +7,12 @@ import pytest
 import torch
 from conftest import import_scripts, tiny_config
 from datasets import Dataset
-from trl import SFTConfig, SFTTrainer
 
 from aft import AFTForCausalLM
+
+pytest.importorskip("trl", reason='the [tools] extra: pip install -e ".[tools]"')
+
+from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 # A ChatML-like template over bytes (the roles are plain text, the turn ends with the tokenizer's eos), with the
 # `{% generation %}` markers that TRL's assistant-only loss reads. Used where the scripts' tokenizer has none.

@@ -93,7 +93,7 @@ def test_prefill_exports_with_the_exact_form(variant):
     shapes = {0: torch.export.Dim("batch", max=8)}
     if variant in DYNAMIC_LENGTH:
         shapes[1] = torch.export.Dim("length", max=64)
-    program = torch.export.export(Prefill(model), (torch.randint(0, 37, (2, 7)),), dynamic_shapes=(shapes,))
+    program = torch.export.export(Prefill(model).eval(), (torch.randint(0, 37, (2, 7)),), dynamic_shapes=(shapes,))
     for shape in ((2, 7), (3, 7), (3, 11)):
         ids = torch.randint(0, 37, shape)
         if shape[1] != 7 and variant not in DYNAMIC_LENGTH:
@@ -109,7 +109,7 @@ def test_prefill_with_the_default_form_is_a_clear_export_error():
     input (and falls back to the exact form if not): a data-dependent branch that torch.export refuses."""
     model = _model("simple")
     with pytest.raises(torch.fx.experimental.symbolic_shapes.GuardOnDataDependentSymNode, match="data-dependent"):
-        torch.export.export(Prefill(model), (torch.randint(0, 37, (2, 7)),))
+        torch.export.export(Prefill(model).eval(), (torch.randint(0, 37, (2, 7)),))
 
 
 @pytest.mark.parametrize("variant", FIXED_STATE)
@@ -117,7 +117,7 @@ def test_decode_step_exports_with_the_state_as_inputs_and_outputs(variant):
     model = _model(variant)
     prompt, token = torch.randint(0, 37, (2, 7)), torch.randint(0, 37, (2, 1))
     state, position = _prefilled_state(model, prompt)
-    program = torch.export.export(DecodeStep(model), (token, position, *state))
+    program = torch.export.export(DecodeStep(model).eval(), (token, position, *state))
     logits, *next_state = program.module()(token, position, *state)
     want_logits, want_state = _eager_step(model, prompt, token)
     torch.testing.assert_close(logits, want_logits)
@@ -141,7 +141,7 @@ def test_full_decode_step_exports_on_fixed_buffers():
         model(input_ids=prompt, cache=cache)
     buffers = [x.clone() for layer in cache.layers for x in layer.buffers]
     filled, position = cache.layers[0].filled.clone(), torch.full((2, 1), 7)
-    program = torch.export.export(FullDecodeStep(model, 16), (tokens[:, :1], position, filled, *buffers))
+    program = torch.export.export(FullDecodeStep(model, 16).eval(), (tokens[:, :1], position, filled, *buffers))
     # three steps: the third reads the first's key from the slot the first wrote
     for i in range(3):
         logits, *buffers = program.module()(tokens[:, i : i + 1], position + i, filled + i, *buffers)
@@ -166,7 +166,7 @@ def test_onnx_prefill_gives_the_eager_logits(variant, onnxruntime, tmp_path):
     model = _model(variant, aft_implementation="exact")
     ids = torch.randint(0, 37, (2, 7))
     path = tmp_path / "prefill.onnx"
-    torch.onnx.export(Prefill(model), (ids,), str(path), dynamo=True, verbose=False)
+    torch.onnx.export(Prefill(model).eval(), (ids,), str(path), dynamo=True, verbose=False)
     (logits,) = _run_onnx(onnxruntime, path, [ids])
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(logits), model(ids, use_cache=False).logits, rtol=1e-4, atol=1e-4)
@@ -177,7 +177,9 @@ def test_onnx_prefill_of_full_is_a_clear_conversion_error(onnxruntime, tmp_path)
     has no function for: the export names the operator (torch.export of the same form works, above)."""
     model = _model("full", aft_implementation="exact")
     with pytest.raises(torch.onnx.OnnxExporterError, match="aten.cummax"):
-        torch.onnx.export(Prefill(model), (torch.randint(0, 37, (2, 7)),), str(tmp_path / "p.onnx"), dynamo=True)
+        torch.onnx.export(
+            Prefill(model).eval(), (torch.randint(0, 37, (2, 7)),), str(tmp_path / "p.onnx"), dynamo=True
+        )
 
 
 @pytest.mark.parametrize("variant", FIXED_STATE)
@@ -186,7 +188,7 @@ def test_onnx_decode_step_gives_the_eager_logits_and_state(variant, onnxruntime,
     prompt, token = torch.randint(0, 37, (2, 7)), torch.randint(0, 37, (2, 1))
     state, position = _prefilled_state(model, prompt)
     path = tmp_path / "step.onnx"
-    torch.onnx.export(DecodeStep(model), (token, position, *state), str(path), dynamo=True, verbose=False)
+    torch.onnx.export(DecodeStep(model).eval(), (token, position, *state), str(path), dynamo=True, verbose=False)
     logits, *next_state = _run_onnx(onnxruntime, path, [token, position, *state])
     want_logits, want_state = _eager_step(model, prompt, token)
     torch.testing.assert_close(torch.from_numpy(logits), want_logits, rtol=1e-4, atol=1e-4)

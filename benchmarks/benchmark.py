@@ -256,7 +256,7 @@ def find(rows, key, value):
 
 
 def summarise(results, args):
-    """Print the headline ratios and every target of issue 5 (and issue 2's cache/decode checks), met or not."""
+    """Print the headline ratios and every target (training, memory, decoding, the constant state), met or not."""
     train, infer = results["training"], results["inference"]
     lines, targets = [], []
 
@@ -298,14 +298,14 @@ def summarise(results, args):
         check(f"train: {name} step at 16384 / at 4096 <= 4.5", ratio(step(name, 16384), step(name, 4096)), 4.5, False)
     op = results.get("operator")
     check("operator: simple bandwidth / copy bandwidth >= 0.10", op and op["fraction_of_copy"], 0.10)
-    # issue 2: O(1) decoding state for simple, local, conv
+    # O(1) decoding state for simple, local, conv
     for name in ("simple", "local", "conv"):
         a, b = cache(name, 256), cache(name, 8192)
-        target(f"issue 2: {name} cache bytes after 256 and 8192 prompt tokens equal", f"{a} vs {b}",
+        target(f"constant state: {name} cache bytes after 256 and 8192 prompt tokens equal", f"{a} vs {b}",
                None if a is None or b is None else a == b)  # fmt: skip
         steps = results["decode_interleaved"].get(name, {})
         r = ratio(steps.get(8192), steps.get(256))
-        target(f"issue 2: {name} per-token decode 8192 vs 256 (interleaved) differs by < 20%", r,
+        target(f"constant state: {name} per-token decode 8192 vs 256 (interleaved) differs by < 20%", r,
                None if r is None else abs(r - 1) < 0.2)  # fmt: skip
     print("\nTargets:")
     print("\n".join(lines))
@@ -390,7 +390,7 @@ def main():
     context_lengths = args.context_lengths or (
         [256, 1024, 2048] if args.quick else [256, 1024, 4096, 8192, 16384, 32768]
     )
-    # decode steps after the prefill: the per-length run, then the interleaved run (issue 2), each with 2 warm-ups
+    # decode steps after the prefill: the per-length run, then the interleaved run, each with 2 warm-ups
     max_positions = max(max(train_lengths), max(context_lengths) + 2 * (args.decode_tokens + 2) + 8)
     args.output.mkdir(parents=True, exist_ok=True)
     # freed memory stays in the process for every model alike (allocator.py says why), unless --system-allocator
@@ -408,7 +408,7 @@ def main():
         for name in args.models:
             model = build_model(name, args, max_positions)
             results["training"][name] = bench_training(model, name, train_lengths, args, bar)
-            # constant decode cost (issue 2: 8192 vs 256; issue 5: 16384 vs 256), timed in turn
+            # constant decode cost (8192 and 16384 against 256), timed in turn
             kept = dict.fromkeys(L for L in (256, 8192, 16384) if L in context_lengths)
             kept = kept if name in ("simple", "local", "conv") else None
             results["inference"][name] = bench_inference(model, name, context_lengths, args, bar, kept)

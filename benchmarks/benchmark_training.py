@@ -1,6 +1,6 @@
 """Training cost of every AFT variant against the floor (the same model whose mixer does no mixing) and GPT-2.
 
-    python benchmarks/benchmark_training.py --threads 1           # every target of issue 14 (under 10 min, 2 cores)
+    python benchmarks/benchmark_training.py --threads 1           # every target (under 10 min, 2 cores)
     python benchmarks/benchmark_training.py --quick --output /tmp/bt   # tiny sizes: a smoke test (seconds)
 
 The floor is an AFT-simple model with `aft_implementation="floor"`, an operator registered here through the
@@ -122,7 +122,7 @@ def parse_args(argv=None):
 
 
 def sizes(args):
-    """The sizes of the four measurements (issue 14's, or tiny ones with --quick)."""
+    """The sizes of the four measurements (the targets' sizes, or tiny ones with --quick)."""
     if args.quick:  # one timed round of everything
         args.reps = args.short_reps = args.long_reps = 1
         long = {"hidden": 32, "layers": 2, "vocab": 64, "batch": 2, "T": 256}
@@ -236,7 +236,7 @@ def round_ratios(run, section, a, b):
 
 
 def evaluate(run):
-    """Every target of issue 14 on one allocator's run: [{target, value, threshold, met, rounds, resolved}] (met
+    """Every target on one allocator's run: [{target, value, threshold, met, rounds, resolved}] (met
     None: not measured). `value` is the ratio of the medians. For the ratios of two models' steps timed in two
     rounds or more, `rounds` are the ratios round by round, and `resolved` says whether all of them fall on the
     same side of the threshold as `value` (False: the machine's noise decides this target's status)."""

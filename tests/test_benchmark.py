@@ -21,7 +21,7 @@ def lab():
 
 
 def test_benchmark_writes_every_figure_and_target(tmp_path):
-    """Every model has its training and inference rows, the operator its bandwidth next to the copy, every issue
+    """Every model has its training and inference rows, the operator its bandwidth next to the copy, every
     target a line (met, not met or n/a), the plots exist; the memory setting it applies is recorded."""
     out = tmp_path / "bench"
     cmd = [

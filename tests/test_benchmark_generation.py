@@ -1,4 +1,4 @@
-"""benchmarks/benchmark_generation.py runs end to end on tiny sizes and reports every target of its issue."""
+"""benchmarks/benchmark_generation.py runs end to end on tiny sizes and reports every target."""
 
 import json
 import os

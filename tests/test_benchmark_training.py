@@ -1,5 +1,5 @@
 """benchmarks/benchmark_training.py runs end to end on tiny sizes, with both allocators, and evaluates every target of
-its issue (nothing here depends on timing)."""
+its targets (nothing here depends on timing)."""
 
 import json
 import os

@@ -273,9 +273,11 @@ def complete_checkpoints(root: Path) -> list[tuple[Path, int]]:
         if path.name.startswith(".old-") and (root / path.name.removeprefix(".old-")).exists():
             continue
         try:
-            steps = json.loads((path / RUN_STATE).read_text())["completed_steps"]
-        except (OSError, ValueError, KeyError):
-            steps = -1  # unreadable: verified (and reported) in turn like the others
+            steps = int(json.loads((path / RUN_STATE).read_text())["completed_steps"])
+        except (OSError, ValueError, KeyError, TypeError):
+            # unreadable, so its step is unknown: examined first, so that it is reported as damaged (it may well
+            # be the newest) rather than passed over in silence
+            steps = sys.maxsize
         found.append((path, steps))
     return sorted(found, key=lambda item: item[1], reverse=True)
 
@@ -295,13 +297,13 @@ def find_checkpoint(args) -> Path:
         run_id = read_lock(args.output_dir).get("run_id")
         damaged, fenced = [], []
         for path, _ in complete_checkpoints(root):
-            if run_id and checkpoint_run_id(path) != run_id:
-                fenced.append(path.name)  # written by an earlier run, before an --overwrite_output_dir run
-                continue
-            try:
+            try:  # first: a damaged run_state.json names no run, and must not pass for an earlier run's
                 read_run_state(path)
             except InputError as error:
                 damaged.append(str(error))
+                continue
+            if run_id and checkpoint_run_id(path) != run_id:
+                fenced.append(path.name)  # written by an earlier run, before an --overwrite_output_dir run
                 continue
             for message in damaged:
                 logger.warning(f"{message} Resuming from the previous good checkpoint, {path}.")

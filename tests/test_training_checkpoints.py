@@ -142,6 +142,20 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(
         scripts.checkpoints.find_checkpoint(Namespace(resume_from_checkpoint=str(optimizer.parent), output_dir=out))
 
 
+@pytest.mark.parametrize("content", [b"\xff\xfe", b'{"plan": 5, "files": "x"}'], ids=["undecodable", "wrong types"])
+def test_a_damaged_run_state_of_this_run_is_a_warning_not_an_earlier_run(
+    scripts, uninterrupted, tmp_path, caplog, content
+):
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted["log4-ckpt3"], out)  # with its lock: the run id its checkpoints carry
+    assert (out / scripts.args.LOCK).is_file()
+    (out / "checkpoints" / "step_9" / "run_state.json").write_bytes(content)
+    caplog.set_level("WARNING")
+    found = scripts.checkpoints.find_checkpoint(Namespace(resume_from_checkpoint="latest", output_dir=str(out)))
+    assert found.name == "step_6"
+    assert any("step_9" in r.getMessage() and "previous good checkpoint" in r.getMessage() for r in caplog.records)
+
+
 KILL_DURING_SAVE = """
 import os, signal, sys
 sys.path.insert(0, sys.argv[1])

@@ -78,6 +78,10 @@ def check_args(args):
     args.teacher_config = config
 
 
+# the files one of which every saved tokenizer has (fast: tokenizer.json; GPT-2's slow: vocab.json; sentencepiece)
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "tokenizer_config.json")
+
+
 def check_student(args, student_config, tokenizer):
     """The teacher's logits must line up with the student's index by index: the same number of logits and, when the
     teacher has a tokenizer, the same token for every id (InputError)."""
@@ -90,11 +94,14 @@ def check_student(args, student_config, tokenizer):
             "distillation compares their logits id by id, so both need the same vocabulary (train the student with "
             f"the teacher's tokenizer: --tokenizer_name {name})."
         )
+    if Path(name).is_dir() and not any((Path(name) / file).is_file() for file in TOKENIZER_FILES):
+        return  # no tokenizer saved with the teacher: the sizes are all there is to compare
     try:
         teacher_tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError, KeyError, TypeError):
-        return  # no tokenizer saved with the teacher: the sizes are all there is to compare
-    if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
+        return
+    # transformers builds an empty tokenizer of the config's type where the files are missing: nothing to compare
+    if len(teacher_tokenizer.get_vocab()) > 1 and teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise InputError(
             f"--teacher_model {name}: its tokenizer maps ids to other tokens than the student's (same size, "
             f"{teacher_vocab}, different vocabulary): train the student with --tokenizer_name {name}."

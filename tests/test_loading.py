@@ -76,7 +76,8 @@ def test_auto_dtype_and_device_map_as_remote_code(saved, tmp_path):
     logits_as_remote_code(folder, ids, tmp_path, then)
     loaded = torch.load(tmp_path / "auto.pt")
     assert loaded.dtype == logits.dtype
-    torch.testing.assert_close(loaded, logits, atol=0, rtol=0)
+    # another process, whose thread count may differ: sums in another order differ in the last bits
+    torch.testing.assert_close(loaded, logits)
 
 
 def test_image_classifier_with_auto_dtype_and_device_map(tmp_path):

@@ -269,7 +269,11 @@ def get_tokenizer(args, train_texts) -> PreTrainedTokenizerFast:
     """--tokenizer_name, else the tokenizer saved with --model_name_or_path, else a trained BPE
     (--train_tokenizer), else bytes."""
     if args.tokenizer_name:
-        return AutoTokenizer.from_pretrained(args.tokenizer_name)
+        try:
+            return AutoTokenizer.from_pretrained(args.tokenizer_name)
+        except (OSError, ValueError) as error:  # a missing folder, an unknown Hub id, files of no tokenizer
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise InputError(f"--tokenizer_name {args.tokenizer_name}: cannot load a tokenizer ({reason}).") from error
     if args.model_name_or_path and Path(args.model_name_or_path, "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(args.model_name_or_path)
     if args.train_tokenizer:

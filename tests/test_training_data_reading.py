@@ -142,6 +142,16 @@ def test_unreadable_or_too_small_text_data_is_one_line(scripts, tmp_path, capsys
     assert not (out / "model.safetensors").exists()
 
 
+def test_a_tokenizer_that_cannot_be_loaded_is_one_line(scripts, tmp_path, capsys):
+    path = tmp_path / "code.txt"
+    path.write_text("".join(f"def add_{i}(a, b):\n    return a + b\n" for i in range(100)))
+    missing = tmp_path / "no-such-tokenizer"
+    argv = ["--preset", "tiny", "--train_file", str(path), "--tokenizer_name", str(missing),
+            "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    stderr = one_line_error(scripts, lambda: scripts.clm.main(argv), capsys)
+    assert f"--tokenizer_name {missing}: cannot load a tokenizer" in stderr
+
+
 def test_blank_lines_between_texts_of_a_text_file_are_kept(scripts, tmp_path):
     path = tmp_path / "paragraphs.txt"
     path.write_text("".join(f"def add_{i}(a, b):\n    return a + b\n\n" for i in range(300)))

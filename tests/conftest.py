@@ -117,3 +117,15 @@ def logits_as_remote_code(folder, ids, tmp_path, then: str = "") -> torch.Tensor
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     return torch.load(tmp_path / "logits.pt")
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state, fixed by the first Accelerator of a process (Trainer makes one):
+    a test that trains in bf16 would leave every later in-process run of its worker in bf16. The test runs from no
+    state and leaves none."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)

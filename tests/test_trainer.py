@@ -140,7 +140,7 @@ def test_image_classifier_trains_resumes_evaluates_and_saves(tmp_path):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_mixed_precision_training_with_bf16(variant, tmp_path):
+def test_mixed_precision_training_with_bf16(variant, tmp_path, fresh_accelerate_state):
     """`bf16=True` (autocast: matmuls in bfloat16, the model's weights in float32) trains every variant with finite
     losses and gradients: the operator's own backward passes take the bfloat16 gradients autocast hands them."""
     data = _text_data(n=8)

@@ -24,11 +24,17 @@ def train_file(tmp_path_factory):
 
 
 def losses(scripts, train_file, folder, *flags) -> list[float]:
+    """A run from a fresh accelerate state: accelerate keeps one process-wide state, fixed by the first Accelerator
+    (a script makes one per process; here runs share a process, and an earlier test's may have been bf16)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
     scripts.run_clm.main([
         "--preset", "tiny", "--seed", "0", "--block_size", "32", "--train_file", str(train_file),
         "--max_train_samples", "32", "--max_eval_samples", "8", "--per_device_train_batch_size", "4",
         "--max_train_steps", "6", "--logging_steps", "1", "--output_dir", str(folder), *flags,
     ])  # fmt: skip
+    AcceleratorState._reset_state(True)  # the next test's runs start from no state either
     history = json.loads((folder / "log_history.json").read_text())
     return [entry["loss"] for entry in history if "loss" in entry]
 
@@ -44,20 +50,7 @@ def test_gradient_checkpointing_trains_with_the_same_losses(scripts, train_file,
     assert checkpointed == pytest.approx(float32_losses, rel=1e-5)
 
 
-@pytest.fixture
-def fresh_accelerator_state():
-    """accelerate keeps one process-wide state, fixed by the first Accelerator: a script sets it once per process;
-    here the runs share a process, so the bf16 run starts from a fresh state and leaves one for the next test."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-
-
-def test_bf16_mixed_precision_trains_within_its_precision(
-    scripts, train_file, float32_losses, tmp_path, fresh_accelerator_state
-):
+def test_bf16_mixed_precision_trains_within_its_precision(scripts, train_file, float32_losses, tmp_path):
     bf16 = losses(scripts, train_file, tmp_path / "bf16", "--mixed_precision", "bf16")
     assert len(bf16) == 6 and bf16 != float32_losses  # autocast ran
     assert bf16 == pytest.approx(float32_losses, rel=3e-2)

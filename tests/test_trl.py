@@ -41,7 +41,7 @@ def _chat(question, answer=None):
     return [{"role": "user", "content": question}] + ([{"role": "assistant", "content": answer}] if answer else [])
 
 
-def test_sft_trainer_learns_the_assistant_turns(tokenizer, tmp_path):
+def test_sft_trainer_learns_the_assistant_turns(tokenizer, tmp_path, fresh_accelerate_state):
     config = tiny_config(
         "local",
         vocab_size=len(tokenizer),

@@ -129,3 +129,28 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(True)
     yield
     AcceleratorState._reset_state(True)
+
+
+def write_code_text(folder: Path) -> Path:
+    """train.txt (500 lines) and valid.txt (100 lines) of tiny code in `folder`, for the scripts' test runs."""
+    lines = [f"def f{i}(x):  # {'abcdefgh'[i % 8] * (i % 5)}" for i in range(600)]
+    (folder / "train.txt").write_text("\n".join(lines[:500]) + "\n")
+    (folder / "valid.txt").write_text("\n".join(lines[500:]) + "\n")
+    return folder
+
+
+def tiny_clm_argv(text_files: Path, **flags) -> list[str]:
+    """run_clm.py's arguments for a tiny run on write_code_text's files: 32 training blocks of 32 tokens in batches
+    of 4 (8 batches per epoch); `flags` add or replace options."""
+    args = {
+        "preset": "tiny",
+        "seed": 0,
+        "block_size": 32,
+        "train_file": text_files / "train.txt",
+        "validation_file": text_files / "valid.txt",
+        "max_train_samples": 32,
+        "max_eval_samples": 16,
+        "per_device_train_batch_size": 4,
+        **flags,
+    }
+    return [item for key, value in args.items() for item in (f"--{key}", str(value))]

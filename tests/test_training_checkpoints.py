@@ -17,7 +17,7 @@ from argparse import Namespace
 from pathlib import Path
 
 import pytest
-from conftest import import_scripts
+from conftest import import_scripts, tiny_clm_argv, write_code_text
 
 pytest.importorskip("accelerate")
 pytest.importorskip("datasets")
@@ -33,27 +33,10 @@ def scripts():
 
 @pytest.fixture(scope="module")
 def text_files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("text")
-    lines = [f"def f{i}(x):  # {'abcdefgh'[i % 8] * (i % 5)}" for i in range(600)]
-    (folder / "train.txt").write_text("\n".join(lines[:500]) + "\n")
-    (folder / "valid.txt").write_text("\n".join(lines[500:]) + "\n")
-    return folder
+    return write_code_text(tmp_path_factory.mktemp("text"))
 
 
-def base_args(text_files, **flags):
-    """A tiny run: 32 training blocks of 32 tokens in batches of 4 (8 batches per epoch)."""
-    args = {
-        "preset": "tiny",
-        "seed": 0,
-        "block_size": 32,
-        "train_file": text_files / "train.txt",
-        "validation_file": text_files / "valid.txt",
-        "max_train_samples": 32,
-        "max_eval_samples": 16,
-        "per_device_train_batch_size": 4,
-        **flags,
-    }
-    return [item for key, value in args.items() for item in (f"--{key}", str(value))]
+base_args = tiny_clm_argv
 
 
 def history(folder: Path) -> list:

@@ -17,7 +17,7 @@ from argparse import Namespace
 from pathlib import Path
 
 import pytest
-from conftest import import_scripts
+from conftest import import_scripts, tiny_clm_argv, write_code_text
 
 pytest.importorskip("accelerate")
 pytest.importorskip("datasets")
@@ -37,28 +37,11 @@ def scripts():
 
 @pytest.fixture(scope="module")
 def text_files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("text")
-    lines = [f"def f{i}(x):  # {'abcdefgh'[i % 8] * (i % 5)}" for i in range(600)]
-    (folder / "train.txt").write_text("\n".join(lines[:500]) + "\n")
-    (folder / "valid.txt").write_text("\n".join(lines[500:]) + "\n")
-    return folder
+    return write_code_text(tmp_path_factory.mktemp("text"))
 
 
 def clm_args(text_files, **flags):
-    args = {
-        "preset": "tiny",
-        "seed": 0,
-        "block_size": 32,
-        "train_file": text_files / "train.txt",
-        "validation_file": text_files / "valid.txt",
-        "max_train_samples": 32,
-        "max_eval_samples": 16,
-        "per_device_train_batch_size": 4,
-        "max_train_steps": 6,
-        "checkpointing_steps": 3,
-        **flags,
-    }
-    return [item for key, value in args.items() for item in (f"--{key}", str(value))]
+    return tiny_clm_argv(text_files, **{"max_train_steps": 6, "checkpointing_steps": 3, **flags})
 
 
 @pytest.fixture(scope="module")

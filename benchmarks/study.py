@@ -174,8 +174,8 @@ def parse_args(argv=None):
                         "the size's steps).")  # fmt: skip
     parser.add_argument("--settle", action="store_true", help="train steps and seeds until the validation gap between "
                         f"GPT-2 and AFT-local changes by less than {SETTLE_TOLERANCE} bits per byte over the last "
-                        f"{SETTLE_FRACTION:.0%} of the steps, or to --steps, the cap (default {SETTLE_CAP} x the "
-                        "size's steps); the schedule is planned over the cap.")  # fmt: skip
+                        f"{SETTLE_FRACTION * 100:.0f}%% of the steps, or to --steps, the cap (default {SETTLE_CAP} x "
+                        "the size's steps); the schedule is planned over the cap.")  # fmt: skip
     parser.add_argument("--exit_after_steps", type=int, default=None, help=argparse.SUPPRESS)  # a kill, for tests
     parser.add_argument("--eval_every", type=int, default=None, help="steps between learning-curve points (default: "
                         "the size's points over the steps).")  # fmt: skip

@@ -151,7 +151,7 @@ def main(argv=None):
     )
     logger.info(
         f"{len(train_dataset)} training blocks of {args.block_size} tokens, {len(eval_dataset)} validation blocks; "
-        f"{training_model.count_parameters(model):,} parameters; {args.max_train_steps} steps of "
+        f"{training_model.count_parameters(model):,} parameters; {run.steps.max_train_steps} steps of "
         f"{run.global_batch_size} blocks"
     )
 

@@ -128,7 +128,7 @@ def main(argv=None):
     logger.info(
         f"{len(train_dataset)} training and {len(eval_dataset)} validation images, {len(names)} classes, "
         f"{image_size}x{image_size} in patches of {patch_size}; "
-        f"{training_model.count_parameters(model):,} parameters; {args.max_train_steps} steps"
+        f"{training_model.count_parameters(model):,} parameters; {run.steps.max_train_steps} steps"
     )
 
     # 4. training

@@ -122,7 +122,7 @@ def main(argv=None):
     run = Run.prepare(accelerator, args, model, train_dataloader, eval_dataloader, project_name="aft_pixel_modeling")
     logger.info(
         f"{len(train_dataset)} training and {len(eval_dataset)} validation images of {height}x{width}x{channels} "
-        f"sub-pixels; {training_model.count_parameters(model):,} parameters; {args.max_train_steps} steps"
+        f"sub-pixels; {training_model.count_parameters(model):,} parameters; {run.steps.max_train_steps} steps"
     )
 
     # 4. training

@@ -39,7 +39,8 @@ logger = logging.getLogger(__name__)
 
 
 def parse_args(argv=None):
-    """The command line, checked: bad input stops here with an InputError, before any work."""
+    """The command line, checked, and what the checks settled (training_checks.RunPlan): bad input stops here with
+    an InputError, before any work."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data (default: the Python standard library's sources)")
     data.add_argument("--dataset_name", default=None, help="a dataset of the Hub, e.g. 'wikitext'.")
@@ -67,10 +68,10 @@ def parse_args(argv=None):
     training_args.add_training_args(parser, learning_rate=1e-3, batch_size=16, epochs=1)
     training_args.add_output_args(parser)
     args = parser.parse_args(argv)
-    training_checks.check_args(args)
+    run_plan = training_checks.check_args(args)
     training_data.check_text_files(args)
     training_distill.check_args(args)
-    return args
+    return args, run_plan
 
 
 def evaluate(model, dataloader, accelerator, metric, ratio: dict | None, prefix: str) -> dict:
@@ -116,8 +117,8 @@ def dataset_names(args) -> tuple[str, str]:
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    accelerator = create_accelerator(args)
+    args, run_plan = parse_args(argv)
+    accelerator = create_accelerator(args, run_plan)
     with accelerator.main_process_first():
         metric = load_metric("cross_entropy")
 
@@ -147,7 +148,14 @@ def main(argv=None):
         args, train_dataset.with_format("torch"), eval_dataset.with_format("torch")
     )
     run = Run.prepare(
-        accelerator, args, model, train_dataloader, eval_dataloader, "aft_clm", plan_args=training_distill.PLAN_ARGS
+        accelerator,
+        args,
+        run_plan,
+        model,
+        train_dataloader,
+        eval_dataloader,
+        "aft_clm",
+        plan_args=training_distill.PLAN_ARGS,
     )
     logger.info(
         f"{len(train_dataset)} training blocks of {args.block_size} tokens, {len(eval_dataset)} validation blocks; "

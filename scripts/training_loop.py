@@ -1,9 +1,10 @@
 """The training run: the Accelerator, AdamW and the schedule, and `Run`, which holds the prepared objects, trains,
 logs and checkpoints. Processes and mixed precision come from `accelerate launch` / `accelerate config`.
 
-    accelerator = create_accelerator(args)
+    args, run_plan = parse_args()                           # run_plan: training_checks.RunPlan
+    accelerator = create_accelerator(args, run_plan)
     ...                                                     # data, model, data loaders
-    run = Run.prepare(accelerator, args, model, train_dataloader, eval_dataloader, project_name="aft_clm")
+    run = Run.prepare(accelerator, args, run_plan, model, train_dataloader, eval_dataloader, project_name="aft_clm")
     run.train(compute_loss=lambda model, batch: model(**batch).loss, evaluate=validation_metrics)
     results = validation_metrics() | run.results(len(train_dataset), len(eval_dataset))
 """
@@ -58,9 +59,10 @@ def setup_logging(accelerator):
     logging.getLogger("accelerate.utils.other").addFilter(lambda record: not is_tied_weight_notice(record))
 
 
-def create_accelerator(args) -> Accelerator:
+def create_accelerator(args, run_plan) -> Accelerator:
     """The Accelerator (processes and mixed precision come from `accelerate launch` / `accelerate config`), after
-    the main process has locked --output_dir for this run (InputError naming the run writing it, if any)."""
+    the main process has locked --output_dir for this run (InputError naming the run writing it, if any), as the
+    run resuming `run_plan.checkpoint` (training_checks.RunPlan) when there is one."""
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=getattr(args, "mixed_precision", None),
@@ -70,7 +72,7 @@ def create_accelerator(args) -> Accelerator:
     )
     setup_logging(accelerator)
     if accelerator.is_main_process:
-        claim_output_dir(args.output_dir, getattr(args, "checkpoint", None))
+        claim_output_dir(args.output_dir, run_plan.checkpoint)
     accelerator.wait_for_everyone()
     if accelerator.device.type == "cpu" and not args.system_allocator and keep_freed_memory():
         logger.info("glibc keeps freed memory in the process (--system_allocator leaves it alone)")
@@ -142,9 +144,10 @@ def create_scheduler(optimizer, args, steps: StepPlan, num_processes: int):
     )
 
 
-def run_settings(args, steps: StepPlan) -> dict:
-    """The arguments as the run uses them: the parsed ones, with the values the step plan completes."""
-    return vars(args) | steps.as_args()
+def run_settings(args, run_plan, steps: StepPlan) -> dict:
+    """The arguments as the run uses them: the parsed ones, with the values the start-up checks settled
+    (training_checks.RunPlan) and those the step plan completes."""
+    return vars(args) | run_plan.as_args() | steps.as_args()
 
 
 def init_tracking(accelerator, settings: dict, project_name: str):
@@ -197,6 +200,7 @@ class Run:
 
     accelerator: Accelerator
     args: object
+    run_plan: object  # training_checks.RunPlan: the checkpoint resumed, the Hub repository
     model: object  # the prepared (wrapped) model; `unwrapped_model` is the PreTrainedModel
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
@@ -207,7 +211,7 @@ class Run:
 
     @classmethod
     def prepare(
-        cls, accelerator, args, model, train_dataloader, eval_dataloader, project_name: str, plan_args=()
+        cls, accelerator, args, run_plan, model, train_dataloader, eval_dataloader, project_name: str, plan_args=()
     ) -> "Run":
         """Optimizer, scheduler, prepared objects, tracking, and the state of a resumed run
         (--resume_from_checkpoint); the run's steps (`steps`, plan_steps). `plan_args`: the script's own arguments
@@ -227,7 +231,7 @@ class Run:
         )
         steps = plan_steps(args, len(train_dataloader))
         lr_scheduler = accelerator.prepare(create_scheduler(optimizer, args, steps, accelerator.num_processes))
-        settings = run_settings(args, steps)
+        settings = run_settings(args, run_plan, steps)
         init_tracking(accelerator, settings, project_name)
         plan = {
             "per_device_train_batch_size": args.per_device_train_batch_size,
@@ -240,11 +244,12 @@ class Run:
         run_id = read_lock(args.output_dir).get("run_id", "")  # recorded by create_accelerator
         state = RunState(plan=plan, run_id=run_id, model_config=model_config)
         if args.resume_from_checkpoint:
-            checkpoint = getattr(args, "checkpoint", None) or find_checkpoint(args)
+            checkpoint = run_plan.checkpoint or find_checkpoint(args)
             state = load_checkpoint(accelerator, checkpoint, accelerator.unwrap_model(model).config, plan)
         return cls(
             accelerator,
             args,
+            run_plan,
             model,
             optimizer,
             lr_scheduler,
@@ -257,7 +262,7 @@ class Run:
     @property
     def settings(self) -> dict:
         """The arguments as the run uses them (run_settings)."""
-        return run_settings(self.args, self.steps)
+        return run_settings(self.args, self.run_plan, self.steps)
 
     @property
     def unwrapped_model(self):

@@ -180,10 +180,10 @@ def card_folder(output_dir: str) -> str:
     return "./" + Path(public_path(str(output_dir))).as_posix().removeprefix("./")
 
 
-def card_model_id(args) -> str:
-    """What the card's usage code passes to from_pretrained: the Hub id when known, else the output folder
-    (card_folder): never an absolute local path."""
-    return args.hub_repo_id or args.hub_model_id or card_folder(args.output_dir)
+def card_model_id(args, hub_repo_id: str | None) -> str:
+    """What the card's usage code passes to from_pretrained: the Hub id when known (the repository uploaded to,
+    else --hub_model_id), else the output folder (card_folder): never an absolute local path."""
+    return hub_repo_id or args.hub_model_id or card_folder(args.output_dir)
 
 
 def base_model_id(model_name_or_path: str | None) -> str | None:
@@ -270,8 +270,9 @@ def write_model_card(output_dir: Path, run, results: dict, info: CardInfo):
     usage, the training command, hyper-parameters, results, limitations and citation."""
     args, accelerator, model = run.args, run.accelerator, run.unwrapped_model
     config = model.config
-    model_id = card_model_id(args)
-    name = args.hub_repo_id or args.hub_model_id or Path(args.output_dir).resolve().name
+    hub_repo_id = run.run_plan.hub_repo_id
+    model_id = card_model_id(args, hub_repo_id)
+    name = hub_repo_id or args.hub_model_id or Path(args.output_dir).resolve().name
     eval_results = [
         EvalResult(
             task_type=info.task_type,
@@ -369,13 +370,13 @@ def save_outputs(run, processor, results: dict, info: CardInfo, images: dict | N
         ) from error
     if accelerator.is_main_process:
         logger.info(f"saved the model folder {output_dir}: {json.dumps(results)}")
-        if args.hub_repo_id:
+        if run.run_plan.hub_repo_id:
             HfApi(token=args.hub_token).upload_folder(
-                repo_id=args.hub_repo_id,
+                repo_id=run.run_plan.hub_repo_id,
                 folder_path=output_dir,
                 commit_message="Upload AFT model trained with the aft scripts",
                 ignore_patterns=[f"{CHECKPOINTS_DIR}/*", "runs/*", ".tmp-*", LOCK],
             )
-            logger.info(f"uploaded to https://huggingface.co/{args.hub_repo_id}")
+            logger.info(f"uploaded to https://huggingface.co/{run.run_plan.hub_repo_id}")
     accelerator.wait_for_everyone()
     accelerator.end_training()

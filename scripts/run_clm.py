@@ -18,6 +18,7 @@ from the GPT-2 it was converted from.
 """
 
 import argparse
+import dataclasses
 import logging
 import sysconfig
 from pathlib import Path
@@ -70,8 +71,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     run_plan = training_checks.check_args(args)
     training_data.check_text_files(args)
-    training_distill.check_args(args)
-    return args, run_plan
+    return args, dataclasses.replace(run_plan, distillation=training_distill.check_args(args))
 
 
 def evaluate(model, dataloader, accelerator, metric, ratio: dict | None, prefix: str) -> dict:
@@ -140,8 +140,9 @@ def main(argv=None):
     for name, dataset in (("training", train_dataset), ("validation", eval_dataset)):
         if len(dataset) == 0:
             raise training_args.InputError(f"the {name} data holds fewer than --block_size={args.block_size} tokens.")
-    training_distill.check_student(args, model.config, tokenizer)
-    teacher = training_distill.load_teacher(args.teacher_model, accelerator) if args.teacher_model else None
+    distillation = run_plan.distillation
+    training_distill.check_student(distillation, model.config, tokenizer)
+    teacher = training_distill.load_teacher(distillation.teacher_model, accelerator) if distillation else None
 
     # 3. data loaders, optimizer, schedule, accelerate, and the state of a resumed run
     train_dataloader, eval_dataloader = training_data.make_dataloaders(
@@ -174,7 +175,7 @@ def main(argv=None):
         run.log(validation_metrics())
     run.train(
         compute_loss=(
-            training_distill.DistillationLoss(teacher, args.distill_temperature, args.distill_weight)
+            training_distill.DistillationLoss(teacher, distillation.temperature, distillation.weight)
             if teacher is not None
             else cross_entropy
         ),
@@ -207,9 +208,9 @@ def main(argv=None):
     )
     if teacher is not None:
         description += (
-            f" Distilled from `{model_reference(args.teacher_model)}`: the loss is (1 - a) * CE + "
-            f"a * T^2 * KL(teacher_T || student_T) with T = {args.distill_temperature:g}, a = "
-            f"{args.distill_weight:g}."
+            f" Distilled from `{model_reference(distillation.teacher_model)}`: the loss is (1 - a) * CE + "
+            f"a * T^2 * KL(teacher_T || student_T) with T = {distillation.temperature:g}, a = "
+            f"{distillation.weight:g}."
         )
     prompts = training_data.example_prompts(tokenizer, eval_dataset)
     card = CardInfo(

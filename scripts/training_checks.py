@@ -17,14 +17,17 @@ from training_publish import check_hub
 @dataclasses.dataclass(frozen=True)
 class RunPlan:
     """What the start-up checks settled, which the run uses beside its arguments: the checkpoint folder to resume
-    from (None without --resume_from_checkpoint) and the Hub repository to upload to (None without --push_to_hub)."""
+    from (None without --resume_from_checkpoint), the Hub repository to upload to (None without --push_to_hub) and
+    run_clm.py's distillation (training_distill.Distillation; None without --teacher_model)."""
 
     checkpoint: Path | None = None
     hub_repo_id: str | None = None
+    distillation: object = None
 
     def as_args(self) -> dict:
         """The settled values under the names the run's settings give them (training_loop.run_settings)."""
-        return {"checkpoint": self.checkpoint, "hub_repo_id": self.hub_repo_id}
+        settled = {"checkpoint": self.checkpoint, "hub_repo_id": self.hub_repo_id}
+        return settled | (self.distillation.as_args() if self.distillation is not None else {})
 
 
 def check_args(args) -> RunPlan:

@@ -76,7 +76,7 @@ def main(argv=None):
     accelerator = create_accelerator(args, run_plan)
 
     # 1. data
-    raw, image_column = training_data.image_datasets(args)
+    raw, image_column, eval_split = training_data.image_datasets(args)
     raw, names = training_data.class_names(raw, args.label_column)  # validation classes matched to train's by name
     image_size = args.image_size or raw["train"][0][image_column].size[0]
     top_k = args.top_k_accuracy if args.top_k_accuracy < len(names) else 0  # top-k of k classes is always 1
@@ -152,7 +152,7 @@ def main(argv=None):
         dataset_id=dataset_id,
         dataset_name=dataset_id if args.dataset_name or args.train_dir else "scikit-learn digits (8x8, 10 classes)",
         dataset_config=args.dataset_config_name,
-        dataset_split=args.eval_split,
+        dataset_split=eval_split,
         metrics={k: k.removeprefix("eval_") for k in results if k.startswith("eval_") and k != "eval_samples"},
         description=(
             f"image classification into {len(names)} classes, trained on {dataset_id} at "

@@ -92,7 +92,7 @@ def main(argv=None):
         metric = load_metric("cross_entropy")
 
     # 1. data: images -> sequences of sub-pixel classes
-    raw, image_column = training_data.image_datasets(args)
+    raw, image_column, eval_split = training_data.image_datasets(args)
     processor = image_processor(raw["train"][:1][image_column], args.image_size)
     with accelerator.main_process_first():
         sequences = raw.map(
@@ -151,7 +151,7 @@ def main(argv=None):
         dataset_id=dataset_id,
         dataset_name=dataset_id if args.dataset_name or args.train_dir else "scikit-learn digits (8x8, 17 levels)",
         dataset_config=args.dataset_config_name,
-        dataset_split=args.eval_split,
+        dataset_split=eval_split,
         metrics={"eval_bits_per_dim": "bits_per_dim", "eval_loss": "loss"},
         description=(
             f"autoregressive image modelling: each {height}x{width}x{channels} image is a sequence of "

@@ -378,10 +378,10 @@ def new_run(name, seed, model, steps, tokens_per_step, recipe, batches_per_epoch
     recipe = copy.copy(recipe)
     recipe.learning_rate = learning_rate or recipe.learning_rate
     recipe.max_train_steps = steps if budget is None else SCHEDULE_TICKS
-    plan_steps(recipe, batches_per_epoch)  # the warm-up: 5% of the steps (of the budget)
+    planned = plan_steps(recipe, batches_per_epoch)  # the warm-up: 5% of the steps (of the budget)
     model = model.to(device).train()
     optimizer = create_optimizer(model, recipe)
-    scheduler = create_scheduler(optimizer, recipe, 1)
+    scheduler = create_scheduler(optimizer, recipe, planned, 1)
     if eval_every and budget is None:
         eval_at = set(range(eval_every, steps + 1, eval_every))
     elif budget is None:

@@ -18,6 +18,7 @@ from the GPT-2 it was converted from.
 """
 
 import argparse
+import dataclasses
 import logging
 import sysconfig
 from pathlib import Path
@@ -39,7 +40,8 @@ logger = logging.getLogger(__name__)
 
 
 def parse_args(argv=None):
-    """The command line, checked: bad input stops here with an InputError, before any work."""
+    """The command line, checked, and what the checks settled (training_checks.RunPlan): bad input stops here with
+    an InputError, before any work."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data (default: the Python standard library's sources)")
     data.add_argument("--dataset_name", default=None, help="a dataset of the Hub, e.g. 'wikitext'.")
@@ -67,10 +69,9 @@ def parse_args(argv=None):
     training_args.add_training_args(parser, learning_rate=1e-3, batch_size=16, epochs=1)
     training_args.add_output_args(parser)
     args = parser.parse_args(argv)
-    training_checks.check_args(args)
+    run_plan = training_checks.check_args(args)
     training_data.check_text_files(args)
-    training_distill.check_args(args)
-    return args
+    return args, dataclasses.replace(run_plan, distillation=training_distill.check_args(args))
 
 
 def evaluate(model, dataloader, accelerator, metric, ratio: dict | None, prefix: str) -> dict:
@@ -116,8 +117,8 @@ def dataset_names(args) -> tuple[str, str]:
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    accelerator = create_accelerator(args)
+    args, run_plan = parse_args(argv)
+    accelerator = create_accelerator(args, run_plan)
     with accelerator.main_process_first():
         metric = load_metric("cross_entropy")
 
@@ -139,19 +140,27 @@ def main(argv=None):
     for name, dataset in (("training", train_dataset), ("validation", eval_dataset)):
         if len(dataset) == 0:
             raise training_args.InputError(f"the {name} data holds fewer than --block_size={args.block_size} tokens.")
-    training_distill.check_student(args, model.config, tokenizer)
-    teacher = training_distill.load_teacher(args.teacher_model, accelerator) if args.teacher_model else None
+    distillation = run_plan.distillation
+    training_distill.check_student(distillation, model.config, tokenizer)
+    teacher = training_distill.load_teacher(distillation.teacher_model, accelerator) if distillation else None
 
     # 3. data loaders, optimizer, schedule, accelerate, and the state of a resumed run
     train_dataloader, eval_dataloader = training_data.make_dataloaders(
         args, train_dataset.with_format("torch"), eval_dataset.with_format("torch")
     )
     run = Run.prepare(
-        accelerator, args, model, train_dataloader, eval_dataloader, "aft_clm", plan_args=training_distill.PLAN_ARGS
+        accelerator,
+        args,
+        run_plan,
+        model,
+        train_dataloader,
+        eval_dataloader,
+        "aft_clm",
+        plan_args=training_distill.PLAN_ARGS,
     )
     logger.info(
         f"{len(train_dataset)} training blocks of {args.block_size} tokens, {len(eval_dataset)} validation blocks; "
-        f"{training_model.count_parameters(model):,} parameters; {args.max_train_steps} steps of "
+        f"{training_model.count_parameters(model):,} parameters; {run.steps.max_train_steps} steps of "
         f"{run.global_batch_size} blocks"
     )
 
@@ -166,7 +175,7 @@ def main(argv=None):
         run.log(validation_metrics())
     run.train(
         compute_loss=(
-            training_distill.DistillationLoss(teacher, args.distill_temperature, args.distill_weight)
+            training_distill.DistillationLoss(teacher, distillation.temperature, distillation.weight)
             if teacher is not None
             else cross_entropy
         ),
@@ -199,9 +208,9 @@ def main(argv=None):
     )
     if teacher is not None:
         description += (
-            f" Distilled from `{model_reference(args.teacher_model)}`: the loss is (1 - a) * CE + "
-            f"a * T^2 * KL(teacher_T || student_T) with T = {args.distill_temperature:g}, a = "
-            f"{args.distill_weight:g}."
+            f" Distilled from `{model_reference(distillation.teacher_model)}`: the loss is (1 - a) * CE + "
+            f"a * T^2 * KL(teacher_T || student_T) with T = {distillation.temperature:g}, a = "
+            f"{distillation.weight:g}."
         )
     prompts = training_data.example_prompts(tokenizer, eval_dataset)
     card = CardInfo(

@@ -33,7 +33,8 @@ logger = logging.getLogger(__name__)
 
 
 def parse_args(argv=None):
-    """The command line, checked: bad input stops here with an InputError, before any work."""
+    """The command line, checked, and what the checks settled (training_checks.RunPlan): bad input stops here with
+    an InputError, before any work."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     training_args.add_image_data_args(parser)
     parser.add_argument("--image_size", type=int, default=None, help="square side (default: the first image's).")
@@ -52,9 +53,9 @@ def parse_args(argv=None):
     )
     training_args.add_output_args(parser)
     args = parser.parse_args(argv)
-    training_checks.check_args(args)
+    run_plan = training_checks.check_args(args)
     training_data.check_image_folders(args)
-    return args
+    return args, run_plan
 
 
 CLASSIFICATION_USAGE = """from PIL import Image
@@ -71,11 +72,11 @@ print(model.config.id2label[model(**inputs).logits.argmax(-1).item()])"""
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    accelerator = create_accelerator(args)
+    args, run_plan = parse_args(argv)
+    accelerator = create_accelerator(args, run_plan)
 
     # 1. data
-    raw, image_column = training_data.image_datasets(args)
+    raw, image_column, eval_split = training_data.image_datasets(args)
     raw, names = training_data.class_names(raw, args.label_column)  # validation classes matched to train's by name
     image_size = args.image_size or raw["train"][0][image_column].size[0]
     top_k = args.top_k_accuracy if args.top_k_accuracy < len(names) else 0  # top-k of k classes is always 1
@@ -123,12 +124,12 @@ def main(argv=None):
         args, train_dataset.with_transform(transform), eval_dataset.with_transform(transform), collate
     )
     run = Run.prepare(
-        accelerator, args, model, train_dataloader, eval_dataloader, project_name="aft_image_classification"
+        accelerator, args, run_plan, model, train_dataloader, eval_dataloader, project_name="aft_image_classification"
     )
     logger.info(
         f"{len(train_dataset)} training and {len(eval_dataset)} validation images, {len(names)} classes, "
         f"{image_size}x{image_size} in patches of {patch_size}; "
-        f"{training_model.count_parameters(model):,} parameters; {args.max_train_steps} steps"
+        f"{training_model.count_parameters(model):,} parameters; {run.steps.max_train_steps} steps"
     )
 
     # 4. training
@@ -151,7 +152,7 @@ def main(argv=None):
         dataset_id=dataset_id,
         dataset_name=dataset_id if args.dataset_name or args.train_dir else "scikit-learn digits (8x8, 10 classes)",
         dataset_config=args.dataset_config_name,
-        dataset_split=args.eval_split,
+        dataset_split=eval_split,
         metrics={k: k.removeprefix("eval_") for k in results if k.startswith("eval_") and k != "eval_samples"},
         description=(
             f"image classification into {len(names)} classes, trained on {dataset_id} at "

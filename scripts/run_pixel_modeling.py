@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 
 
 def parse_args(argv=None):
-    """The command line, checked: bad input stops here with an InputError, before any work."""
+    """The command line, checked, and what the checks settled (training_checks.RunPlan): bad input stops here with
+    an InputError, before any work."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     training_args.add_image_data_args(parser)
     parser.add_argument("--image_size", type=int, default=None, help="resize to this square side (default: as is).")
@@ -43,9 +44,9 @@ def parse_args(argv=None):
     training_args.add_training_args(parser, learning_rate=1e-3, batch_size=32, epochs=10)
     training_args.add_output_args(parser)
     args = parser.parse_args(argv)
-    training_checks.check_args(args)
+    run_plan = training_checks.check_args(args)
     training_data.check_image_folders(args)
-    return args
+    return args, run_plan
 
 
 def evaluate(model, dataloader, accelerator, metric) -> dict:
@@ -85,13 +86,13 @@ images = ids[:, 1:].view(4, {shape}).to(torch.uint8)  # (N, H, W, C) sub-pixel v
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    accelerator = create_accelerator(args)
+    args, run_plan = parse_args(argv)
+    accelerator = create_accelerator(args, run_plan)
     with accelerator.main_process_first():
         metric = load_metric("cross_entropy")
 
     # 1. data: images -> sequences of sub-pixel classes
-    raw, image_column = training_data.image_datasets(args)
+    raw, image_column, eval_split = training_data.image_datasets(args)
     processor = image_processor(raw["train"][:1][image_column], args.image_size)
     with accelerator.main_process_first():
         sequences = raw.map(
@@ -119,10 +120,12 @@ def main(argv=None):
     train_dataloader, eval_dataloader = training_data.make_dataloaders(
         args, train_dataset.with_format("torch"), eval_dataset.with_format("torch")
     )
-    run = Run.prepare(accelerator, args, model, train_dataloader, eval_dataloader, project_name="aft_pixel_modeling")
+    run = Run.prepare(
+        accelerator, args, run_plan, model, train_dataloader, eval_dataloader, project_name="aft_pixel_modeling"
+    )
     logger.info(
         f"{len(train_dataset)} training and {len(eval_dataset)} validation images of {height}x{width}x{channels} "
-        f"sub-pixels; {training_model.count_parameters(model):,} parameters; {args.max_train_steps} steps"
+        f"sub-pixels; {training_model.count_parameters(model):,} parameters; {run.steps.max_train_steps} steps"
     )
 
     # 4. training
@@ -148,7 +151,7 @@ def main(argv=None):
         dataset_id=dataset_id,
         dataset_name=dataset_id if args.dataset_name or args.train_dir else "scikit-learn digits (8x8, 17 levels)",
         dataset_config=args.dataset_config_name,
-        dataset_split=args.eval_split,
+        dataset_split=eval_split,
         metrics={"eval_bits_per_dim": "bits_per_dim", "eval_loss": "loss"},
         description=(
             f"autoregressive image modelling: each {height}x{width}x{channels} image is a sequence of "

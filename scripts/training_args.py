@@ -6,7 +6,7 @@ one-line error for bad input.
     training_args.add_training_args(parser, learning_rate=1e-3, batch_size=16, epochs=1)
     training_args.add_output_args(parser)
     args = parser.parse_args()
-    training_checks.check_args(args)     # raises InputError; run_main turns it into one line and exit code 2
+    run_plan = training_checks.check_args(args)  # raises InputError; run_main turns it into one line and exit code 2
 
 It imports no other module of the scripts (they all import it, for InputError).
 """

@@ -10,7 +10,7 @@ over, and `latest` resumes only checkpoints of the run the lock names (an --over
 the checkpoints of the run before it).
 
     save_checkpoint(accelerator, args.output_dir, "step_100", run_state, model_config)
-    claim_output_dir(args.output_dir, args.checkpoint)   # at start-up: lock the folder, record this run's id
+    claim_output_dir(args.output_dir, run_plan.checkpoint)   # at start-up: lock the folder, record this run's id
     path = find_checkpoint(args)                      # --resume_from_checkpoint PATH | latest, verified
     run_state = load_checkpoint(accelerator, path, model_config, plan)
 """

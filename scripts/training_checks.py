@@ -2,8 +2,11 @@
 from, the model to start from, Hub access), after the ones training_args makes on its own (ranges, output folder).
 
     args = parser.parse_args(argv)
-    training_checks.check_args(args)     # raises InputError before any work
+    run_plan = training_checks.check_args(args)     # raises InputError before any work
 """
+
+import dataclasses
+from pathlib import Path
 
 from training_args import InputError, check_output_dir, check_ranges
 from training_checkpoints import check_output_lock, find_checkpoint
@@ -11,10 +14,26 @@ from training_model import PRESETS, check_model_name
 from training_publish import check_hub
 
 
-def check_args(args):
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """What the start-up checks settled, which the run uses beside its arguments: the checkpoint folder to resume
+    from (None without --resume_from_checkpoint), the Hub repository to upload to (None without --push_to_hub) and
+    run_clm.py's distillation (training_distill.Distillation; None without --teacher_model)."""
+
+    checkpoint: Path | None = None
+    hub_repo_id: str | None = None
+    distillation: object = None
+
+    def as_args(self) -> dict:
+        """The settled values under the names the run's settings give them (training_loop.run_settings)."""
+        settled = {"checkpoint": self.checkpoint, "hub_repo_id": self.hub_repo_id}
+        return settled | (self.distillation.as_args() if self.distillation is not None else {})
+
+
+def check_args(args) -> RunPlan:
     """Checks that need no data: numbers, output folder, checkpointing value, preset, the checkpoint to resume
-    from, Hub access (raises InputError). Sets `args.checkpoint` (the checkpoint folder to resume from, or None)
-    and `args.hub_repo_id` (None without --push_to_hub)."""
+    from, Hub access (raises InputError). Returns the checkpoint and Hub repository found (RunPlan); `args` is left
+    as it is."""
     check_ranges(args)
     steps = args.checkpointing_steps
     if steps not in (None, "epoch") and not (str(steps).isdigit() and int(steps) > 0):
@@ -27,5 +46,7 @@ def check_args(args):
         raise InputError(f"unknown --preset {args.preset!r}: use one of {sorted(PRESETS)}.")
     check_output_lock(args.output_dir)  # another run writing the folder now is named, whatever else it holds
     check_output_dir(args)
-    args.checkpoint = find_checkpoint(args) if args.resume_from_checkpoint else None
-    args.hub_repo_id = check_hub(args) if args.push_to_hub else None
+    return RunPlan(
+        checkpoint=find_checkpoint(args) if args.resume_from_checkpoint else None,
+        hub_repo_id=check_hub(args) if args.push_to_hub else None,
+    )

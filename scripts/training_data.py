@@ -4,7 +4,7 @@ byte-level and BPE tokenizers, images (scikit-learn's digits, image folders, the
     training_data.check_text_files(args)                                         # before any work (InputError)
     tokenizer, blocks, ratios = training_data.text_datasets(args, accelerator)   # blocks["train"], ["validation"]
     training_data.check_image_folders(args)
-    raw, image_column = training_data.image_datasets(args)                       # raw["train"], ["validation"]
+    raw, image_column, eval_split = training_data.image_datasets(args)           # raw["train"], ["validation"]
     train_dataloader, eval_dataloader = training_data.make_dataloaders(args, train_dataset, eval_dataset)
 """
 
@@ -507,8 +507,8 @@ def class_names(raw: DatasetDict, label_column: str) -> tuple[DatasetDict, list[
 
 
 def image_datasets(args):
-    """DatasetDict with 'train' and 'validation' splits, plus the name of the image column. Sets
-    `args.eval_split`, the name of the split the validation images come from (for the model card)."""
+    """DatasetDict with 'train' and 'validation' splits, the name of the image column, and the name of the split
+    the validation images come from (for the model card)."""
     if args.dataset_name:
         raw = load_dataset(args.dataset_name, args.dataset_config_name)
     elif args.train_dir:  # checked by check_image_folders at start-up
@@ -517,7 +517,7 @@ def image_datasets(args):
             raw["validation"] = load_dataset("imagefolder", data_dir=args.validation_dir, split="train")
     else:
         raw = digits_dataset()
-    args.eval_split = "validation" if "validation" in raw else "test" if "test" in raw else "validation"
+    eval_split = "validation" if "validation" in raw else "test" if "test" in raw else "validation"
     if "validation" not in raw:
         held_out = "test" if "test" in raw else None
         if held_out:
@@ -532,4 +532,4 @@ def image_datasets(args):
     for split in ("train", "validation"):
         if len(raw[split]) == 0:
             raise InputError(f"the {split} split of the image data is empty.")
-    return raw, image_column
+    return raw, image_column, eval_split

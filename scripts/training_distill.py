@@ -6,13 +6,14 @@ student before training, and the loss
 over the predicted positions (every position of a block but the last), in float32. T^2 keeps the soft term's
 gradients on the scale of the hard term's at any temperature.
 
-    training_distill.check_args(args)                        # at start-up: the options and the teacher's config
-    training_distill.check_student(args, model.config, tokenizer)         # the vocabularies line up
-    teacher = training_distill.load_teacher(args.teacher_model, accelerator)
-    run.train(compute_loss=training_distill.DistillationLoss(teacher, args.distill_temperature,
-                                                             args.distill_weight), ...)  # logs ce_loss, kl_loss
+    distillation = training_distill.check_args(args)        # at start-up: the options and the teacher's config
+    training_distill.check_student(distillation, model.config, tokenizer)  # the vocabularies line up
+    teacher = training_distill.load_teacher(distillation.teacher_model, accelerator)
+    run.train(compute_loss=training_distill.DistillationLoss(teacher, distillation.temperature,
+                                                             distillation.weight), ...)  # logs ce_loss, kl_loss
 """
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -39,22 +40,38 @@ def add_args(parser):
     group.add_argument("--distill_weight", type=float, default=None, help=f"a in [0, 1] (default {DEFAULT_WEIGHT}).")
 
 
+@dataclasses.dataclass(frozen=True)
+class Distillation:
+    """A run's distillation, as check_args settled it: the teacher, T and a (their defaults filled in), and the
+    teacher's config."""
+
+    teacher_model: str
+    temperature: float
+    weight: float
+    teacher_config: object  # the teacher's PretrainedConfig
+
+    def as_args(self) -> dict:
+        """The settings under the names of their arguments (--teacher_model, --distill_temperature, ...)."""
+        return {
+            "teacher_model": self.teacher_model,
+            "distill_temperature": self.temperature,
+            "distill_weight": self.weight,
+        }
+
+
 def one_line(error: Exception) -> str:
     return " ".join(f"{type(error).__name__}: {error}".split())[:400]
 
 
-def check_args(args):
-    """The distillation options and the teacher's config, before any work (InputError); fills in the defaults.
-    Without --teacher_model the two numbers must not be given (they would do nothing)."""
+def check_args(args) -> Distillation | None:
+    """The distillation options and the teacher's config, before any work (InputError): the Distillation, with the
+    defaults filled in, or None without --teacher_model, where the two numbers must not be given (they would do
+    nothing). `args` is left as it is."""
     if args.teacher_model is None:
         for name in ("distill_temperature", "distill_weight"):
             if getattr(args, name) is not None:
                 raise InputError(f"--{name} needs --teacher_model (the model whose logits are distilled).")
-        return
-    if args.distill_temperature is None:
-        args.distill_temperature = DEFAULT_TEMPERATURE
-    if args.distill_weight is None:
-        args.distill_weight = DEFAULT_WEIGHT
+        return None
     name = args.teacher_model
     if Path(name).exists() and not Path(name, "config.json").is_file():
         raise InputError(f"--teacher_model {name} has no config.json: pass a folder written by save_pretrained.")
@@ -75,19 +92,21 @@ def check_args(args):
             f"--teacher_model {name} has {positions} positions, fewer than --block_size={args.block_size}: "
             f"lower --block_size to at most {positions}, or use a teacher with longer positions."
         )
-    args.teacher_config = config
+    temperature = DEFAULT_TEMPERATURE if args.distill_temperature is None else args.distill_temperature
+    weight = DEFAULT_WEIGHT if args.distill_weight is None else args.distill_weight
+    return Distillation(name, temperature, weight, config)
 
 
 # the files one of which every saved tokenizer has (fast: tokenizer.json; GPT-2's slow: vocab.json; sentencepiece)
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "tokenizer_config.json")
 
 
-def check_student(args, student_config, tokenizer):
+def check_student(distillation: Distillation | None, student_config, tokenizer):
     """The teacher's logits must line up with the student's index by index: the same number of logits and, when the
-    teacher has a tokenizer, the same token for every id (InputError)."""
-    if args.teacher_model is None:
+    teacher has a tokenizer, the same token for every id (InputError). Nothing to check without a teacher (None)."""
+    if distillation is None:
         return
-    name, teacher_vocab = args.teacher_model, args.teacher_config.vocab_size
+    name, teacher_vocab = distillation.teacher_model, distillation.teacher_config.vocab_size
     if teacher_vocab != student_config.vocab_size:
         raise InputError(
             f"--teacher_model {name} has vocab_size={teacher_vocab}, the student {student_config.vocab_size}: "

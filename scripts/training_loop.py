@@ -1,9 +1,10 @@
 """The training run: the Accelerator, AdamW and the schedule, and `Run`, which holds the prepared objects, trains,
 logs and checkpoints. Processes and mixed precision come from `accelerate launch` / `accelerate config`.
 
-    accelerator = create_accelerator(args)
+    args, run_plan = parse_args()                           # run_plan: training_checks.RunPlan
+    accelerator = create_accelerator(args, run_plan)
     ...                                                     # data, model, data loaders
-    run = Run.prepare(accelerator, args, model, train_dataloader, eval_dataloader, project_name="aft_clm")
+    run = Run.prepare(accelerator, args, run_plan, model, train_dataloader, eval_dataloader, project_name="aft_clm")
     run.train(compute_loss=lambda model, batch: model(**batch).loss, evaluate=validation_metrics)
     results = validation_metrics() | run.results(len(train_dataset), len(eval_dataset))
 """
@@ -58,9 +59,10 @@ def setup_logging(accelerator):
     logging.getLogger("accelerate.utils.other").addFilter(lambda record: not is_tied_weight_notice(record))
 
 
-def create_accelerator(args) -> Accelerator:
+def create_accelerator(args, run_plan) -> Accelerator:
     """The Accelerator (processes and mixed precision come from `accelerate launch` / `accelerate config`), after
-    the main process has locked --output_dir for this run (InputError naming the run writing it, if any)."""
+    the main process has locked --output_dir for this run (InputError naming the run writing it, if any), as the
+    run resuming `run_plan.checkpoint` (training_checks.RunPlan) when there is one."""
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=getattr(args, "mixed_precision", None),
@@ -70,7 +72,7 @@ def create_accelerator(args) -> Accelerator:
     )
     setup_logging(accelerator)
     if accelerator.is_main_process:
-        claim_output_dir(args.output_dir, getattr(args, "checkpoint", None))
+        claim_output_dir(args.output_dir, run_plan.checkpoint)
     accelerator.wait_for_everyone()
     if accelerator.device.type == "cpu" and not args.system_allocator and keep_freed_memory():
         logger.info("glibc keeps freed memory in the process (--system_allocator leaves it alone)")
@@ -103,30 +105,54 @@ def create_optimizer(model, args) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2))
 
 
-def plan_steps(args, batches_per_epoch: int) -> int:
-    """Sets args.max_train_steps, args.num_train_epochs and args.num_warmup_steps; returns steps per epoch."""
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """How long a run trains (plan_steps): its optimizer steps, the epochs they take, the warm-up steps, and the
+    optimizer steps of one epoch."""
+
+    max_train_steps: int
+    num_train_epochs: int
+    num_warmup_steps: int
+    steps_per_epoch: int
+
+    def as_args(self) -> dict:
+        """The planned values under the names of the arguments they complete (--max_train_steps, ...)."""
+        names = ("max_train_steps", "num_train_epochs", "num_warmup_steps")
+        return {name: getattr(self, name) for name in names}
+
+
+def plan_steps(args, batches_per_epoch: int) -> StepPlan:
+    """The run's steps from --max_train_steps (default: --num_train_epochs epochs), --num_train_epochs (the epochs
+    the steps take) and --num_warmup_steps (default: 5% of the steps); `args` is left as it is."""
     steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * steps_per_epoch
-    args.num_train_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
-    if args.num_warmup_steps is None:
-        args.num_warmup_steps = math.ceil(0.05 * args.max_train_steps)
-    return steps_per_epoch
+    max_train_steps = args.max_train_steps
+    if max_train_steps is None:
+        max_train_steps = args.num_train_epochs * steps_per_epoch
+    num_warmup_steps = args.num_warmup_steps
+    if num_warmup_steps is None:
+        num_warmup_steps = math.ceil(0.05 * max_train_steps)
+    return StepPlan(max_train_steps, math.ceil(max_train_steps / steps_per_epoch), num_warmup_steps, steps_per_epoch)
 
 
-def create_scheduler(optimizer, args, num_processes: int):
+def create_scheduler(optimizer, args, steps: StepPlan, num_processes: int):
     # Accelerate's prepared scheduler advances once per process at each optimizer step: scale the step counts.
     return get_scheduler(
         name=args.lr_scheduler_type,
         optimizer=optimizer,
-        num_warmup_steps=args.num_warmup_steps * num_processes,
-        num_training_steps=args.max_train_steps * num_processes,
+        num_warmup_steps=steps.num_warmup_steps * num_processes,
+        num_training_steps=steps.max_train_steps * num_processes,
     )
 
 
-def init_tracking(accelerator, args, project_name: str):
-    if args.with_tracking:
-        hyperparameters = {k: v for k, v in vars(args).items() if isinstance(v, int | float | str | bool)}
+def run_settings(args, run_plan, steps: StepPlan) -> dict:
+    """The arguments as the run uses them: the parsed ones, with the values the start-up checks settled
+    (training_checks.RunPlan) and those the step plan completes."""
+    return vars(args) | run_plan.as_args() | steps.as_args()
+
+
+def init_tracking(accelerator, settings: dict, project_name: str):
+    if settings["with_tracking"]:
+        hyperparameters = {k: v for k, v in settings.items() if isinstance(v, int | float | str | bool)}
         hyperparameters.pop("hub_token", None)
         accelerator.init_trackers(project_name, hyperparameters)
 
@@ -174,21 +200,22 @@ class Run:
 
     accelerator: Accelerator
     args: object
+    run_plan: object  # training_checks.RunPlan: the checkpoint resumed, the Hub repository
     model: object  # the prepared (wrapped) model; `unwrapped_model` is the PreTrainedModel
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     train_dataloader: object
     eval_dataloader: object
-    steps_per_epoch: int
+    steps: StepPlan
     state: RunState
 
     @classmethod
     def prepare(
-        cls, accelerator, args, model, train_dataloader, eval_dataloader, project_name: str, plan_args=()
+        cls, accelerator, args, run_plan, model, train_dataloader, eval_dataloader, project_name: str, plan_args=()
     ) -> "Run":
         """Optimizer, scheduler, prepared objects, tracking, and the state of a resumed run
-        (--resume_from_checkpoint). Sets args.max_train_steps, num_train_epochs and num_warmup_steps. `plan_args`:
-        the script's own arguments that a resumed run must share with the saved one (besides PLAN_ARGS)."""
+        (--resume_from_checkpoint); the run's steps (`steps`, plan_steps). `plan_args`: the script's own arguments
+        that a resumed run must share with the saved one (besides PLAN_ARGS)."""
         if len(train_dataloader) == 0:
             raise InputError(
                 f"{len(train_dataloader.dataset)} training examples make no full batch of "
@@ -202,33 +229,40 @@ class Run:
         model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
             model, optimizer, train_dataloader, eval_dataloader
         )
-        steps_per_epoch = plan_steps(args, len(train_dataloader))
-        lr_scheduler = accelerator.prepare(create_scheduler(optimizer, args, accelerator.num_processes))
-        init_tracking(accelerator, args, project_name)
+        steps = plan_steps(args, len(train_dataloader))
+        lr_scheduler = accelerator.prepare(create_scheduler(optimizer, args, steps, accelerator.num_processes))
+        settings = run_settings(args, run_plan, steps)
+        init_tracking(accelerator, settings, project_name)
         plan = {
             "per_device_train_batch_size": args.per_device_train_batch_size,
             "gradient_accumulation_steps": args.gradient_accumulation_steps,
             "num_processes": accelerator.num_processes,
             "batches_per_epoch": len(train_dataloader),
-            **{name: getattr(args, name) for name in (*PLAN_ARGS, *plan_args)},
+            **{name: settings[name] for name in (*PLAN_ARGS, *plan_args)},
             **data_identity(args),
         }
         run_id = read_lock(args.output_dir).get("run_id", "")  # recorded by create_accelerator
         state = RunState(plan=plan, run_id=run_id, model_config=model_config)
         if args.resume_from_checkpoint:
-            checkpoint = getattr(args, "checkpoint", None) or find_checkpoint(args)
+            checkpoint = run_plan.checkpoint or find_checkpoint(args)
             state = load_checkpoint(accelerator, checkpoint, accelerator.unwrap_model(model).config, plan)
         return cls(
             accelerator,
             args,
+            run_plan,
             model,
             optimizer,
             lr_scheduler,
             train_dataloader,
             eval_dataloader,
-            steps_per_epoch,
+            steps,
             state,
         )
+
+    @property
+    def settings(self) -> dict:
+        """The arguments as the run uses them (run_settings)."""
+        return run_settings(self.args, self.run_plan, self.steps)
 
     @property
     def unwrapped_model(self):
@@ -260,15 +294,17 @@ class Run:
         accelerator, args, model, state = self.accelerator, self.args, self.model, self.state
         optimizer, lr_scheduler = self.optimizer, self.lr_scheduler
         start_epoch, skip_batches = resume_position(
-            state.completed_steps, self.steps_per_epoch, args.gradient_accumulation_steps
+            state.completed_steps, self.steps.steps_per_epoch, args.gradient_accumulation_steps
         )
         # closed also when a step raises: a bar left open prints when it is garbage-collected, wherever
         # that is (a test runner's output after its summary)
         with tqdm(
-            total=args.max_train_steps, initial=state.completed_steps, disable=not accelerator.is_local_main_process
+            total=self.steps.max_train_steps,
+            initial=state.completed_steps,
+            disable=not accelerator.is_local_main_process,
         ) as progress:
-            for epoch in range(start_epoch, args.num_train_epochs):
-                if state.completed_steps >= args.max_train_steps:
+            for epoch in range(start_epoch, self.steps.num_train_epochs):
+                if state.completed_steps >= self.steps.max_train_steps:
                     break
                 model.train()
                 self.train_dataloader.set_epoch(epoch)
@@ -298,8 +334,8 @@ class Run:
                     if step_terms:
                         state.window_terms.append(dict(zip(step_terms, values[1:], strict=True)))
                     step_loss, step_terms = 0.0, {}
-                    end_of_epoch = step % self.steps_per_epoch == 0
-                    finished = step >= args.max_train_steps
+                    end_of_epoch = step % self.steps.steps_per_epoch == 0
+                    finished = step >= self.steps.max_train_steps
                     if step % args.logging_steps == 0 or finished:
                         window = float(np.mean(state.window_losses))
                         names = state.window_terms[0] if state.window_terms else {}

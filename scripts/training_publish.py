@@ -100,7 +100,8 @@ def public_argv(argv: list, output_dir: str, script_dir: str = "scripts") -> lis
     return script + [public(value) for value in argv[1:]]
 
 
-def hyperparameter_table(args, accelerator, num_parameters: int) -> str:
+def hyperparameter_table(settings: dict, accelerator, num_parameters: int) -> str:
+    """The card's table of the arguments as the run used them (`settings`, Run.settings) and of its processes."""
     keys = [
         "preset",
         "config_overrides",
@@ -123,12 +124,10 @@ def hyperparameter_table(args, accelerator, num_parameters: int) -> str:
         "distill_weight",
     ]
     paths = ("model_name_or_path", "teacher_model")
-    rows = [
-        (k, public_path(getattr(args, k)) if k in paths else getattr(args, k))
-        for k in keys
-        if getattr(args, k, None) is not None
-    ]
-    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    rows = [(k, public_path(settings[k]) if k in paths else settings[k]) for k in keys if settings.get(k) is not None]
+    global_batch = (
+        settings["per_device_train_batch_size"] * settings["gradient_accumulation_steps"] * accelerator.num_processes
+    )
     rows += [
         ("processes", accelerator.num_processes),
         ("distributed", accelerator.distributed_type.value),
@@ -181,10 +180,10 @@ def card_folder(output_dir: str) -> str:
     return "./" + Path(public_path(str(output_dir))).as_posix().removeprefix("./")
 
 
-def card_model_id(args) -> str:
-    """What the card's usage code passes to from_pretrained: the Hub id when known, else the output folder
-    (card_folder): never an absolute local path."""
-    return args.hub_repo_id or args.hub_model_id or card_folder(args.output_dir)
+def card_model_id(args, hub_repo_id: str | None) -> str:
+    """What the card's usage code passes to from_pretrained: the Hub id when known (the repository uploaded to,
+    else --hub_model_id), else the output folder (card_folder): never an absolute local path."""
+    return hub_repo_id or args.hub_model_id or card_folder(args.output_dir)
 
 
 def base_model_id(model_name_or_path: str | None) -> str | None:
@@ -266,12 +265,14 @@ def usage_code(info: CardInfo, model_id: str) -> str:
     return code.replace("{prompt}", repr(prompts[0]))
 
 
-def write_model_card(output_dir: Path, args, accelerator, model, results: dict, info: CardInfo):
-    """README.md from model_cards/aft_model_card.md.jinja: metadata with a model-index of `info.metrics`, usage,
-    the training command, hyper-parameters, results, limitations and citation."""
+def write_model_card(output_dir: Path, run, results: dict, info: CardInfo):
+    """README.md of `run` from model_cards/aft_model_card.md.jinja: metadata with a model-index of `info.metrics`,
+    usage, the training command, hyper-parameters, results, limitations and citation."""
+    args, accelerator, model = run.args, run.accelerator, run.unwrapped_model
     config = model.config
-    model_id = card_model_id(args)
-    name = args.hub_repo_id or args.hub_model_id or Path(args.output_dir).resolve().name
+    hub_repo_id = run.run_plan.hub_repo_id
+    model_id = card_model_id(args, hub_repo_id)
+    name = hub_repo_id or args.hub_model_id or Path(args.output_dir).resolve().name
     eval_results = [
         EvalResult(
             task_type=info.task_type,
@@ -320,7 +321,7 @@ def write_model_card(output_dir: Path, args, accelerator, model, results: dict, 
         usage=usage_code(info, model_id),
         training_command=training_command(accelerator, args.output_dir),
         base_model_note=base_model_note(args.model_name_or_path),
-        hyperparameters=hyperparameter_table(args, accelerator, count_parameters(model)),
+        hyperparameters=hyperparameter_table(run.settings, accelerator, count_parameters(model)),
         results_table=results_table,
         limitations=LIMITATIONS,
     )
@@ -355,7 +356,7 @@ def save_outputs(run, processor, results: dict, info: CardInfo, images: dict | N
             plot_losses(run.state.log_history, staging / "loss_curve.png")
             for name, image in (images or {}).items():
                 image.save(staging / name)
-            write_model_card(staging, args, accelerator, unwrapped, results, info)
+            write_model_card(staging, run, results, info)
             for path in sorted(staging.iterdir()):
                 os.replace(path, output_dir / path.name)
             staging.rmdir()
@@ -369,13 +370,13 @@ def save_outputs(run, processor, results: dict, info: CardInfo, images: dict | N
         ) from error
     if accelerator.is_main_process:
         logger.info(f"saved the model folder {output_dir}: {json.dumps(results)}")
-        if args.hub_repo_id:
+        if run.run_plan.hub_repo_id:
             HfApi(token=args.hub_token).upload_folder(
-                repo_id=args.hub_repo_id,
+                repo_id=run.run_plan.hub_repo_id,
                 folder_path=output_dir,
                 commit_message="Upload AFT model trained with the aft scripts",
                 ignore_patterns=[f"{CHECKPOINTS_DIR}/*", "runs/*", ".tmp-*", LOCK],
             )
-            logger.info(f"uploaded to https://huggingface.co/{args.hub_repo_id}")
+            logger.info(f"uploaded to https://huggingface.co/{run.run_plan.hub_repo_id}")
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -184,3 +184,29 @@ def test_study_card_usage_loads_its_own_folder_and_runs_without_the_package(stud
     assert "python benchmarks/study.py --quick --output_dir ./out" in card
     result = run_without_aft(usage.replace(repr(f"./{name}"), repr(str(study_cards / name))), tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_a_run_pushed_to_the_hub_names_and_uploads_to_the_repository_found_at_start_up(scripts, tmp_path):
+    """--push_to_hub with the Hub faked: the repository check_hub settled at start-up is the card's model id and
+    name, and the one the folder is uploaded to."""
+    uploads = []
+
+    class Hub:
+        def __init__(self, token=None):
+            self.token = token
+
+        def upload_folder(self, **kwargs):
+            uploads.append(kwargs)
+
+    text = tmp_path / "code.txt"
+    text.write_text("".join(f"def add_{i}(a, b):  return a + b + {i}\n" for i in range(400)))
+    out = tmp_path / "pushed"
+    argv = [*TINY, "--train_file", text, "--block_size", "32", "--max_train_steps", "1", "--push_to_hub"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys.modules["training_checks"], "check_hub", lambda args: "someone/aft-pushed")
+        patch.setattr(sys.modules["training_publish"], "HfApi", Hub)
+        run(scripts.clm, [*argv, "--output_dir", out])
+    card = ModelCard.load(out / "README.md")
+    assert card.data.model_name == "someone/aft-pushed"
+    assert "from_pretrained('someone/aft-pushed'" in card.text  # the usage code's model id
+    assert [(upload["repo_id"], Path(upload["folder_path"])) for upload in uploads] == [("someone/aft-pushed", out)]

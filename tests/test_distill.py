@@ -178,6 +178,40 @@ def test_a_converted_gpt2_distilled_from_its_source(scripts, text, tmp_path, cap
         )
 
 
+def test_the_checks_and_the_plan_leave_the_parsed_arguments_unchanged(scripts, text, teacher, tmp_path, monkeypatch):
+    """run_clm.py resumed with distillation options: what the checks settle (the checkpoint, T's default) and what
+    the step plan completes (the epochs, the warm-up) go to the run's plan and run_state.json, never onto the
+    arguments argparse parsed."""
+    import argparse
+    import copy
+
+    parsed = []
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_and_keep(self, *args, **kwargs):
+        namespace = original(self, *args, **kwargs)
+        parsed.append((namespace, copy.deepcopy(vars(namespace))))
+        return namespace
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_and_keep)
+    # 6 steps per epoch: 8 steps take 2 epochs (the default is 1), warm-up 5%
+    common = [*map(str, [*RUN, "--train_file", text, "--validation_file", text]), "--max_train_steps", "8"]
+    common += ["--teacher_model", str(teacher), "--distill_weight", "0.3", "--output_dir", str(tmp_path / "out")]
+    scripts.run_clm.main([*common, "--checkpointing_steps", "4"])
+    checkpoint = tmp_path / "out" / "checkpoints" / "step_4"
+    scripts.run_clm.main([*common, "--resume_from_checkpoint", str(checkpoint)])  # the plans match: 4 more steps
+    assert [e["step"] for e in train_log(tmp_path / "out")][-1] == 8
+    assert len(parsed) == 2
+    for namespace, before in parsed:
+        assert vars(namespace) == before
+    resumed = parsed[1][1]
+    assert resumed["resume_from_checkpoint"] == str(checkpoint) and resumed["distill_temperature"] is None
+    assert resumed["num_train_epochs"] == 1 and resumed["num_warmup_steps"] is None
+    plan = json.loads((tmp_path / "out" / "checkpoints" / "step_8" / "run_state.json").read_text())["plan"]
+    assert plan["max_train_steps"] == 8 and plan["num_warmup_steps"] == 1
+    assert (plan["teacher_model"], plan["distill_temperature"], plan["distill_weight"]) == (str(teacher), 2.0, 0.3)
+
+
 def test_a_teacher_saved_without_a_tokenizer_is_compared_by_size_alone(scripts, text, tmp_path):
     """A model saved with save_pretrained alone has no tokenizer: nothing says its ids are other tokens."""
     teacher = save_gpt2(tmp_path / "weights-only", scripts, tokenizer=None)

@@ -213,6 +213,23 @@ def utils():
         sys.path.remove(str(SCRIPTS))
 
 
+def test_plan_steps_returns_the_plan_and_leaves_the_arguments_alone(utils):
+    args = Namespace(gradient_accumulation_steps=2, max_train_steps=None, num_train_epochs=3, num_warmup_steps=None)
+    before = dict(vars(args))
+    planned = utils.loop.plan_steps(args, 9)  # 9 batches, 2 per optimizer step: 5 steps per epoch
+    assert planned == utils.loop.StepPlan(
+        max_train_steps=15, num_train_epochs=3, num_warmup_steps=1, steps_per_epoch=5
+    )
+    assert vars(args) == before
+    args = Namespace(gradient_accumulation_steps=1, max_train_steps=7, num_train_epochs=1, num_warmup_steps=0)
+    assert utils.loop.plan_steps(args, 5).as_args() == {
+        "max_train_steps": 7,
+        "num_train_epochs": 2,
+        "num_warmup_steps": 0,
+    }
+    assert args.num_train_epochs == 1
+
+
 def test_checkpoints_are_written_by_rename(utils, clm_folder):
     names = sorted(p.name for p in (clm_folder / "checkpoints").iterdir())
     assert names == ["step_5"]  # no temporary folder left behind

@@ -60,6 +60,21 @@ def test_validation_class_folders_that_are_not_trains_are_one_line_errors_at_sta
         assert not (out / "model.safetensors").exists()
 
 
+def test_the_split_the_validation_images_come_from_is_returned(scripts, tmp_path):
+    """A dataset with a test split and no validation split is evaluated on its test split, which the card names;
+    nothing is written onto the arguments."""
+    image_folder(tmp_path / "data" / "train", ["dark", "light"])
+    image_folder(tmp_path / "data" / "test", ["dark", "light"], count=2)
+    for folder, expected in ((tmp_path / "data", "test"), (tmp_path / "data" / "train", "validation")):
+        args, _ = scripts.classification.parse_args(
+            ["--dataset_name", str(folder), "--output_dir", str(tmp_path / "o")]
+        )
+        before = dict(vars(args))
+        raw, image_column, eval_split = scripts.data.image_datasets(args)
+        assert (eval_split, image_column, vars(args)) == (expected, "image", before)
+        assert len(raw["validation"]) == (4 if expected == "test" else 1)
+
+
 def test_classes_are_matched_by_name_not_by_id(scripts):
     from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 

@@ -236,7 +236,8 @@ def test_help_lists_the_scheduler_names_the_parser_accepts(scripts, capsys):
         scripts.clm.parse_args(["--help"])
     text = capsys.readouterr().out
     assert "SchedulerType." not in text and "cosine" in text and "constant_with_warmup" in text
-    assert scripts.clm.parse_args(["--lr_scheduler_type", "linear", "--output_dir", "x"]).lr_scheduler_type == "linear"
+    args, _ = scripts.clm.parse_args(["--lr_scheduler_type", "linear", "--output_dir", "x"])
+    assert args.lr_scheduler_type == "linear"
 
 
 # The tokenizer: special tokens, left padding, batched pipelines, generation that stops at eos

@@ -158,6 +158,20 @@ def unfold(x, left: int, right: int, fill: float):
     return xp.unfold(1, left + right + 1, 1)
 
 
+def skew(coef):
+    """(..., C, W) -> (..., C, C + W - 1) with coef[..., r, j] at column r + j, zeros elsewhere (pad and re-view)."""
+    C, W = coef.shape[-2:]
+    flat = F.pad(coef, (0, C)).flatten(-2)[..., : C * (C + W - 1)]
+    return flat.unflatten(-1, (C, C + W - 1))
+
+
+def unskew(m, W: int):
+    """(..., c, c + W - 1) -> (..., c, W): entry [i, j] = m[i, i + j] (the inverse of `skew`)."""
+    c = m.shape[-2]
+    flat = F.pad(m.flatten(-2), (0, c))
+    return flat.unflatten(-1, (c, m.shape[-1] + 1))[..., :W]
+
+
 class AFTState(NamedTuple):
     """The decoding state of one layer after some positions, in float32 (float64 for float64 inputs).
 

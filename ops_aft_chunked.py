@@ -97,19 +97,6 @@ def _gate_grad(out, dy, q):
         out.copy_(dy).mul_(q)
 
 
-def simple_chunked(q, k, v, mask, C: int):
-    """Causal AFT-simple, gated by q: `_SimpleChunked` by units, retried with one reference per chunk when a key lies
-    more than KEY_RANGE above its unit's reference; None when it lies that far above its chunk's (the caller then
-    uses the exact `_causal_logspace`). Also returns whether every key and value was finite (if not, y is None).
-    q: (B, T, H, Dv); k (masked): (B, T, H, Dk); v: (B, T, H, Dv)."""
-    for rows in (None, C):
-        y, over, finite = _SimpleChunked.apply(q, k, v, mask is not None, C, rows)
-        over, finite = host_flags(over, finite)  # one host synchronisation per attempt, after the work
-        if not finite or not over:
-            return (y if finite else None), finite
-    return None, True
-
-
 def _simple_sums(E, v, pool, X=None):
     """The causal pool of one unit: X = [e v, e] (B, n, c, H, Dv + Dk) summed by chunks of c rows and started from
     `pool` (B, H, Dv + Dk), the pool of every earlier row in the unit's scale. E (B, n, c, H, Dk), v (B, n, c, H, Dv);
@@ -210,23 +197,16 @@ class _SimpleChunked(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-def band_chunked(q, k, v, band, left: int, mask, C: int):
-    """Causal AFT with a window band, gated by q: `_BandChunked` by units, retried with one reference per chunk
-    when a unit cannot represent its keys; None when a chunk cannot either (the caller then uses the exact
-    `_causal_logspace`). Also returns whether every key and value was finite (if not, y is None).
-    band: (B|1, T, 1, 1, W) (local) or (1, 1, H|1, 1, W) (conv), W = left + 1."""
-    T = k.shape[1]
-    C = min(C, T)
-    pad = -T % C  # whole chunks only: the sequence is padded at its end (keys NEG: nothing sees them)
-    if pad:
-        q, v = F.pad(q, (0, 0, 0, 0, 0, pad)), F.pad(v, (0, 0, 0, 0, 0, pad))
-        k = F.pad(k, (0, 0, 0, 0, 0, pad), value=NEG)
-        band = F.pad(band, (0, 0, 0, 0, 0, 0, 0, pad)) if band.shape[1] > 1 else band
+def simple_chunked(q, k, v, mask, C: int):
+    """Causal AFT-simple, gated by q: `_SimpleChunked` by units, retried with one reference per chunk when a key lies
+    more than KEY_RANGE above its unit's reference; None when it lies that far above its chunk's (the caller then
+    uses the exact `_causal_logspace`). Also returns whether every key and value was finite (if not, y is None).
+    q: (B, T, H, Dv); k (masked): (B, T, H, Dk); v: (B, T, H, Dv)."""
     for rows in (None, C):
-        y, over, finite = _BandChunked.apply(q, k, v, band, left, mask is not None or pad > 0, C, rows)
+        y, over, finite = _SimpleChunked.apply(q, k, v, mask is not None, C, rows)
         over, finite = host_flags(over, finite)  # one host synchronisation per attempt, after the work
         if not finite or not over:
-            return (y[:, :T] if finite else None), finite
+            return (y if finite else None), finite
     return None, True
 
 
@@ -244,12 +224,6 @@ class _Layout(NamedTuple):
     shape: Callable  # (r, m) -> the buffer's shape
     canonical: Callable  # (buffer, m) -> (B, m, r, H, Dv + Dk)
     count: Callable  # (n, m) -> the products' batch for n chunks of rows
-
-
-def _piece(lay: _Layout, x, p: int, w: int, count: int):
-    if lay.kind == "kernels":
-        return x[:, :w, p : p + count].flatten(2)
-    return x[p : p + count, :w].flatten(2)
 
 
 def _layout(band, B: int, H: int, Wc: int) -> _Layout:
@@ -276,6 +250,12 @@ def _layout(band, B: int, H: int, Wc: int) -> _Layout:
         lambda x, m: x[0].view(x.shape[1], B, m, H, Wc).permute(1, 2, 0, 3, 4),
         lambda n, m: B * m - (m - n),
     )
+
+
+def _piece(lay: _Layout, x, p: int, w: int, count: int):
+    if lay.kind == "kernels":
+        return x[:, :w, p : p + count].flatten(2)
+    return x[p : p + count, :w].flatten(2)
 
 
 def _band_rows(band, C: int):
@@ -498,3 +478,23 @@ class _BandChunked(torch.autograd.Function):
         dw = unskew(dG[..., off:], left + 1).mul_(ew)  # (Bb, nC, C, W) or (Hb, C, W)
         dband = dw.flatten(1, 2)[:, :, None, None] if band.shape[1] > 1 else dw.sum(1)[None, None, :, None]
         return dq, dk, dv, dband, None, None, None, None
+
+
+def band_chunked(q, k, v, band, left: int, mask, C: int):
+    """Causal AFT with a window band, gated by q: `_BandChunked` by units, retried with one reference per chunk
+    when a unit cannot represent its keys; None when a chunk cannot either (the caller then uses the exact
+    `_causal_logspace`). Also returns whether every key and value was finite (if not, y is None).
+    band: (B|1, T, 1, 1, W) (local) or (1, 1, H|1, 1, W) (conv), W = left + 1."""
+    T = k.shape[1]
+    C = min(C, T)
+    pad = -T % C  # whole chunks only: the sequence is padded at its end (keys NEG: nothing sees them)
+    if pad:
+        q, v = F.pad(q, (0, 0, 0, 0, 0, pad)), F.pad(v, (0, 0, 0, 0, 0, pad))
+        k = F.pad(k, (0, 0, 0, 0, 0, pad), value=NEG)
+        band = F.pad(band, (0, 0, 0, 0, 0, 0, 0, pad)) if band.shape[1] > 1 else band
+    for rows in (None, C):
+        y, over, finite = _BandChunked.apply(q, k, v, band, left, mask is not None or pad > 0, C, rows)
+        over, finite = host_flags(over, finite)  # one host synchronisation per attempt, after the work
+        if not finite or not over:
+            return (y[:, :T] if finite else None), finite
+    return None, True

@@ -158,20 +158,6 @@ def unfold(x, left: int, right: int, fill: float):
     return xp.unfold(1, left + right + 1, 1)
 
 
-def skew(coef):
-    """(..., C, W) -> (..., C, C + W - 1) with coef[..., r, j] at column r + j, zeros elsewhere (pad and re-view)."""
-    C, W = coef.shape[-2:]
-    flat = F.pad(coef, (0, C)).flatten(-2)[..., : C * (C + W - 1)]
-    return flat.unflatten(-1, (C, C + W - 1))
-
-
-def unskew(m, W: int):
-    """(..., c, c + W - 1) -> (..., c, W): entry [i, j] = m[i, i + j] (the inverse of `skew`)."""
-    c = m.shape[-2]
-    flat = F.pad(m.flatten(-2), (0, c))
-    return flat.unflatten(-1, (c, m.shape[-1] + 1))[..., :W]
-
-
 class AFTState(NamedTuple):
     """The decoding state of one layer after some positions, in float32 (float64 for float64 inputs).
 
@@ -225,27 +211,26 @@ def pool_as_position(m, n, z):
     return torch.where(real, m + torch.log(one), NEG), n / one
 
 
-def prepend_positions(past_k, past_v, past_pos, k, v, mask, pos_v=None):
-    """Positions put before a sequence, the one way every parallel form joins a state to its inputs: past_k,
-    past_v (B, S, H, D) with NEG keys at empty slots, past_pos (B, S, R) (or None with pos_v None), then k (masked),
-    v (B, T, H, D), mask (B, T) or None, pos_v (B|1, T, R) or None. A past position is real where its key is.
-
-    Returns k, v, mask over S + T positions, pos_v (B, S + T, R) or None, and S.
-    """
+def join_past(past_k, past_v, past_pos, k, v, mask, pos_v):
+    """Positions before the sequence, then the sequence: the one way a state joins a sequence (the window forms'
+    pool and slots, full's past positions). past_k, past_v (B, S, H, D) with NEG keys where a past position is
+    empty, past_pos (B, S, R) or None; k (masked), v (B, T, H, D); mask (B, T) or None; pos_v (B|1, T, R) or None.
+    Returns k, v, mask (B, S + T: the past's real positions, then the sequence's), pos_v (B, S + T, R) or None."""
     B, T = k.shape[:2]
-    past_k, past_v = past_k.to(k.dtype), past_v.to(v.dtype)
-    mask = torch.ones(B, T, dtype=torch.bool, device=k.device) if mask is None else mask.bool()
-    mask = torch.cat([is_real(past_k[:, :, 0, 0]), mask], 1)
+    real = torch.ones(B, T, dtype=torch.bool, device=k.device) if mask is None else mask.bool()
+    mask = torch.cat([is_real(past_k[:, :, 0, 0]), real], 1)
+    k = torch.cat([past_k.to(k.dtype), k], 1)
+    v = torch.cat([past_v.to(v.dtype), v], 1)
     if pos_v is not None:
         pos_v = torch.cat([past_pos.to(pos_v.dtype), pos_v.expand(B, -1, -1)], 1)
-    return torch.cat([past_k, k], 1), torch.cat([past_v, v], 1), mask, pos_v, past_k.shape[1]
+    return k, v, mask, pos_v
 
 
 def prepend_state(state: AFTState, k, v, mask, pos_v=None):
-    """A state as positions before the sequence (`prepend_positions`): the pool as one position with key m + log z
-    and value n / z, then the window slots. Every later position is at least S + 1 = s positions past the pool, so
-    it is outside every window and keeps bias 0, as the pool's positions would. Exact: AFT's sums over the pool's
-    positions factor through (m, n, z).
+    """A state as positions before the sequence: the pool as one position with key m + log z and value n / z, then
+    the window slots. Every later position is at least S + 1 = s positions past the pool, so it is outside every
+    window and keeps bias 0, as the pool's positions would. Exact: AFT's sums over the pool's positions factor
+    through (m, n, z).
 
     k (masked), v: (B, T, H, D); mask (B, T) or None; pos_v (B|1, T, R) or None. Returns k, v, mask over 1 + S + T
     positions, pos_v (B, 1 + S + T, R) or None, and the number 1 + S of positions put before the sequence.
@@ -255,10 +240,10 @@ def prepend_state(state: AFTState, k, v, mask, pos_v=None):
     past_k = torch.cat([pool_k[:, None].to(k.dtype), state.k.to(k.dtype)], 1)
     past_v = torch.cat([pool_v[:, None].to(v.dtype), state.v.to(v.dtype)], 1)
     past_pos = None
-    if pos_v is not None:
-        zero = pos_v.new_zeros(k.shape[0], 1, pos_v.shape[-1])
-        past_pos = torch.cat([zero, state.pos.to(pos_v.dtype)], 1)
-    return prepend_positions(past_k, past_v, past_pos, k, v, mask, pos_v)
+    if pos_v is not None:  # the pool's position has bias 0 (see above)
+        past_pos = torch.cat([state.pos.new_zeros(k.shape[0], 1, state.pos.shape[-1]), state.pos], 1)
+    k, v, mask, pos_v = join_past(past_k, past_v, past_pos, k, v, mask, pos_v)
+    return k, v, mask, pos_v, past_k.shape[1]
 
 
 def causal_state(k, v, slots: int, pos_v=None) -> AFTState:

@@ -28,6 +28,13 @@ def skew(coef):
     return flat.unflatten(-1, (C, C + W - 1))
 
 
+def unskew(m, W: int):
+    """(..., c, c + W - 1) -> (..., c, W): entry [i, j] = m[i, i + j] (the inverse of `skew`)."""
+    c = m.shape[-2]
+    flat = F.pad(m.flatten(-2), (0, c))
+    return flat.unflatten(-1, (c, m.shape[-1] + 1))[..., :W]
+
+
 # The causal forms by units of the sequence: a unit is a run of rows small enough to stay in cache while it is worked
 # on, with one reference per key channel; its rows are sums by chunks of C rows, started from the pool of every
 # earlier row. Forward and backward are written out (`_SimpleChunked`, `_BandChunked`), so that a training step
@@ -103,19 +110,6 @@ def _gate_grad(out, dy, q):
         torch.mul(dy, q, out=out)
     else:
         out.copy_(dy).mul_(q)
-
-
-def simple_chunked(q, k, v, mask, C: int):
-    """Causal AFT-simple, gated by q: `_SimpleChunked` by units, retried with one reference per chunk when a key lies
-    more than KEY_RANGE above its unit's reference; None when it lies that far above its chunk's (the caller then
-    uses the exact `_causal_logspace`). Also returns whether every key and value was finite (if not, y is None).
-    q: (B, T, H, Dv); k (masked): (B, T, H, Dk); v: (B, T, H, Dv)."""
-    for rows in (None, C):
-        y, over, finite = _SimpleChunked.apply(q, k, v, mask is not None, C, rows)
-        over, finite = host_flags(over, finite)  # one host synchronisation per attempt, after the work
-        if not finite or not over:
-            return (y if finite else None), finite
-    return None, True
 
 
 def _simple_sums(E, v, pool, X=None):
@@ -218,23 +212,16 @@ class _SimpleChunked(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-def band_chunked(q, k, v, band, left: int, mask, C: int):
-    """Causal AFT with a window band, gated by q: `_BandChunked` by units, retried with one reference per chunk
-    when a unit cannot represent its keys; None when a chunk cannot either (the caller then uses the exact
-    `_causal_logspace`). Also returns whether every key and value was finite (if not, y is None).
-    band: (B|1, T, 1, 1, W) (local) or (1, 1, H|1, 1, W) (conv), W = left + 1."""
-    T = k.shape[1]
-    C = min(C, T)
-    pad = -T % C  # whole chunks only: the sequence is padded at its end (keys NEG: nothing sees them)
-    if pad:
-        q, v = F.pad(q, (0, 0, 0, 0, 0, pad)), F.pad(v, (0, 0, 0, 0, 0, pad))
-        k = F.pad(k, (0, 0, 0, 0, 0, pad), value=NEG)
-        band = F.pad(band, (0, 0, 0, 0, 0, 0, 0, pad)) if band.shape[1] > 1 else band
+def simple_chunked(q, k, v, mask, C: int):
+    """Causal AFT-simple, gated by q: `_SimpleChunked` by units, retried with one reference per chunk when a key lies
+    more than KEY_RANGE above its unit's reference; None when it lies that far above its chunk's (the caller then
+    uses the exact `_causal_logspace`). Also returns whether every key and value was finite (if not, y is None).
+    q: (B, T, H, Dv); k (masked): (B, T, H, Dk); v: (B, T, H, Dv)."""
     for rows in (None, C):
-        y, over, finite = _BandChunked.apply(q, k, v, band, left, mask is not None or pad > 0, C, rows)
+        y, over, finite = _SimpleChunked.apply(q, k, v, mask is not None, C, rows)
         over, finite = host_flags(over, finite)  # one host synchronisation per attempt, after the work
         if not finite or not over:
-            return (y[:, :T] if finite else None), finite
+            return (y if finite else None), finite
     return None, True
 
 
@@ -252,12 +239,6 @@ class _Layout(NamedTuple):
     shape: Callable  # (r, m) -> the buffer's shape
     canonical: Callable  # (buffer, m) -> (B, m, r, H, Dv + Dk)
     count: Callable  # (n, m) -> the products' batch for n chunks of rows
-
-
-def _piece(lay: _Layout, x, p: int, w: int, count: int):
-    if lay.kind == "kernels":
-        return x[:, :w, p : p + count].flatten(2)
-    return x[p : p + count, :w].flatten(2)
 
 
 def _layout(band, B: int, H: int, Wc: int) -> _Layout:
@@ -284,6 +265,12 @@ def _layout(band, B: int, H: int, Wc: int) -> _Layout:
         lambda x, m: x[0].view(x.shape[1], B, m, H, Wc).permute(1, 2, 0, 3, 4),
         lambda n, m: B * m - (m - n),
     )
+
+
+def _piece(lay: _Layout, x, p: int, w: int, count: int):
+    if lay.kind == "kernels":
+        return x[:, :w, p : p + count].flatten(2)
+    return x[p : p + count, :w].flatten(2)
 
 
 def _band_rows(band, C: int):
@@ -318,13 +305,6 @@ def _per_entry(G, lay: _Layout, B: int, j0: int, n: int, m: int, count: int):
     if lay.kind == "shared":
         return [g[0, j0 : j0 + n] for g in G]
     return [F.pad(g[:, j0 : j0 + n], (0, 0, 0, 0, 0, m - n)).expand(B, -1, -1, -1).flatten(0, 1)[:count] for g in G]
-
-
-def unskew(m, W: int):
-    """(..., c, c + W - 1) -> (..., c, W): entry [i, j] = m[i, i + j] (the inverse of `skew`)."""
-    c = m.shape[-2]
-    flat = F.pad(m.flatten(-2), (0, c))
-    return flat.unflatten(-1, (c, m.shape[-1] + 1))[..., :W]
 
 
 def _context(x, lo: int, b: int, fill: float = 0.0):
@@ -513,3 +493,23 @@ class _BandChunked(torch.autograd.Function):
         dw = unskew(dG[..., off:], left + 1).mul_(ew)  # (Bb, nC, C, W) or (Hb, C, W)
         dband = dw.flatten(1, 2)[:, :, None, None] if band.shape[1] > 1 else dw.sum(1)[None, None, :, None]
         return dq, dk, dv, dband, None, None, None, None
+
+
+def band_chunked(q, k, v, band, left: int, mask, C: int):
+    """Causal AFT with a window band, gated by q: `_BandChunked` by units, retried with one reference per chunk
+    when a unit cannot represent its keys; None when a chunk cannot either (the caller then uses the exact
+    `_causal_logspace`). Also returns whether every key and value was finite (if not, y is None).
+    band: (B|1, T, 1, 1, W) (local) or (1, 1, H|1, 1, W) (conv), W = left + 1."""
+    T = k.shape[1]
+    C = min(C, T)
+    pad = -T % C  # whole chunks only: the sequence is padded at its end (keys NEG: nothing sees them)
+    if pad:
+        q, v = F.pad(q, (0, 0, 0, 0, 0, pad)), F.pad(v, (0, 0, 0, 0, 0, pad))
+        k = F.pad(k, (0, 0, 0, 0, 0, pad), value=NEG)
+        band = F.pad(band, (0, 0, 0, 0, 0, 0, 0, pad)) if band.shape[1] > 1 else band
+    for rows in (None, C):
+        y, over, finite = _BandChunked.apply(q, k, v, band, left, mask is not None or pad > 0, C, rows)
+        over, finite = host_flags(over, finite)  # one host synchronisation per attempt, after the work
+        if not finite or not over:
+            return (y[:, :T] if finite else None), finite
+    return None, True

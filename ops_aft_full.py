@@ -139,6 +139,16 @@ def keys_and_values(state: FullState):
     return k, ev / torch.where(kept, e, 1.0)
 
 
+def prepend_full_state(state: FullState, k, v, mask, pos_v):
+    """A FullState as the positions before the sequence (`join_past`): every past position itself with its own
+    key-side factors, since each keeps a bias of its own (nothing is pooled, unlike `prepend_state`), read in the
+    inputs' dtype. Arguments and results as `prepend_state`'s, with S the state's positions."""
+    _check_state(state, k, v)
+    state = FullState(*(x.to(k.dtype) for x in state))
+    past_k, past_v = keys_and_values(state)
+    return *join_past(past_k, past_v, state.pos, k, v, mask, pos_v), past_k.shape[1]
+
+
 def full_bias(pos_u, pos_v):
     """w = u v^T: (B|1, T, R) x (B|1, T', R) -> (B|1, T, T')."""
     return pos_u @ pos_v.transpose(-1, -2)
@@ -184,11 +194,8 @@ def _inputs(q, k, v, pos_u, pos_v, mask, initial_state, causal, output_final_sta
     if initial_state is not None:
         if not causal:
             raise ValueError("initial_state continues a causal sequence: pass causal=True.")
-        _check_state(initial_state, k, v)
-        past_k, past_v = keys_and_values(FullState(*(x.to(k.dtype) for x in initial_state)))
-        before = past_k.shape[1]
         # the mask is not needed: the past's empty positions and the sequence's padding are NEG keys already
-        k, v, _, keys_pos = join_past(past_k, past_v, initial_state.pos, k, v, None, pos_v)
+        k, v, _, keys_pos, before = prepend_full_state(initial_state, k, v, None, pos_v)
     return k, v, pos_u, pos_v, keys_pos, before
 
 

@@ -4,15 +4,15 @@ memory, for tests and for reading.
     y_t = q_t * sum_{t'} exp(k_{t'} + w_{t,t'}) v_{t'} / sum_{t'} exp(k_{t'} + w_{t,t'})
 
 `aft_reference` is the formula itself; the dense biases build w for each variant; the `*_naive` forms wrap them
-with the signature of every AFT form (a state is put before the sequence as `ops_aft_core.prepend_state` does),
-and the `*_naive_2d` forms are the image forms over a patch grid.
+with the signature of every AFT form (a state is put before the sequence as the fast forms put it: `prepend_state`,
+`prepend_full_state`), and the `*_naive_2d` forms are the image forms over a patch grid.
 """
 
 import torch
 
 from .ops_aft_2d import grid_window_index
-from .ops_aft_core import acc_dtype, causal_state, check_inputs, join_past, mask_inputs, prepend_state
-from .ops_aft_full import full_bias, full_state, keys_and_values
+from .ops_aft_core import acc_dtype, causal_state, check_inputs, mask_inputs, prepend_state
+from .ops_aft_full import full_bias, full_state, prepend_full_state
 
 
 def aft_reference(q, k, v, w=None, *, causal: bool, mask=None):
@@ -116,12 +116,9 @@ def _naive(q, k, v, bias, slots, pos_u, pos_v, causal, mask, initial_state, outp
     if pos_u is not None:
         pos_u, pos_v = pos_u.to(k.dtype), pos_v.to(k.dtype)
     before = 0
-    if initial_state is not None and slots is None:  # full: the past positions themselves
-        past_k, past_v = keys_and_values(initial_state)
-        before = past_k.shape[1]
-        k, v, mask, pos_v = join_past(past_k, past_v, initial_state.pos, k, v, mask, pos_v)
-    elif initial_state is not None:
-        k, v, mask, pos_v, before = prepend_state(initial_state, k, v, mask, pos_v)
+    if initial_state is not None:
+        prepend = prepend_full_state if slots is None else prepend_state  # full: the past positions themselves
+        k, v, mask, pos_v, before = prepend(initial_state, k, v, mask, pos_v)
     if before and pos_u is not None:
         pos_u = torch.nn.functional.pad(pos_u.expand(k.shape[0], -1, -1), (0, 0, before, 0))
     q = torch.nn.functional.pad(q, (0, 0, 0, 0, before, 0))

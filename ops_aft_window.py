@@ -51,85 +51,60 @@ MIN_BAND_CHUNK = 16
 BAND_CHUNK = 64
 
 
-def aft_simple_chunk(
-    q, k, v, *, causal=True, mask=None, initial_state=None, output_final_state=False, chunk_size=None
-):
-    """AFT-simple (no position bias), by chunks (of `chunk_size` rows; None: CHUNK). q, k, v: (B, T, H, D)."""
-    window = _Window(lambda pos_u, pos_v: None, 0, 0, None, None)
-    return _parallel(_chunked(chunk_size), q, k, v, window, causal, mask, initial_state, output_final_state)
+# The window as matrix products by chunks of rows: the band of u v^T (`local_band`) and the window sums of the
+# non-causal forms.
 
 
-def aft_simple_exact(q, k, v, *, causal=True, mask=None, initial_state=None, output_final_state=False):
-    window = _Window(lambda pos_u, pos_v: None, 0, 0, None, None)
-    return _parallel(_exact, q, k, v, window, causal, mask, initial_state, output_final_state)
+def _fold(x, n: int, c: int, L: int):
+    """Columns (B, n, L, ...) of chunks that start c apart -> positions (B, (n - 1) c + L, ...), overlaps added."""
+    pieces = -(-L // c)
+    out = x.new_zeros(x.shape[0], (n + pieces) * c, *x.shape[3:])
+    for p in range(pieces):
+        width = min(c, L - p * c)
+        out[:, p * c : (p + n) * c].unflatten(1, (n, c))[:, :, :width] += x[:, :, p * c : p * c + width]
+    return out[:, : (n - 1) * c + L]
 
 
-def aft_simple_recurrent(q, k, v, *, causal=True, mask=None, initial_state=None, output_final_state=False):
-    return _recurrent(q, k, v, 0, None, None, causal, mask, initial_state, output_final_state)
+def _band_sum(coef, x_win):
+    """sum_j coef[..., j] * x_win[..., j], looping over the window so only views are kept for backward."""
+    out = coef[..., 0] * x_win[..., 0]
+    for j in range(1, coef.shape[-1]):
+        out = out + coef[..., j] * x_win[..., j]
+    return out
 
 
-def aft_local_chunk(
-    q, k, v, pos_u, pos_v, window, *, causal=True, mask=None, initial_state=None, output_final_state=False,
-    chunk_size=None,
-):  # fmt: skip
-    """AFT-local: bias u_t . v_t' for |t - t'| < window, exactly 0 outside. pos_u, pos_v: (B|1, T, R). `chunk_size`
-    None: `band_chunk` rows when causal, else CHUNK."""
-    spec = _local(pos_u, pos_v, window, causal)
-    return _parallel(_chunked(chunk_size), q, k, v, spec, causal, mask, initial_state, output_final_state)
+def _band_chunks(band, T: int, C: int):
+    """Window bias (B|1, T|1, H|1, 1, W) -> (B|1, nC|1, H|1, C, W): one row of W entries per position, by chunk."""
+    b = band[..., 0, :]
+    if b.shape[1] == 1:  # position-independent (conv): one chunk serves all
+        return b.expand(-1, C, -1, -1).unflatten(1, (1, C)).transpose(2, 3)
+    nC = -(-T // C)
+    b = F.pad(b, (0, 0, 0, 0, 0, nC * C - T))
+    return b.unflatten(1, (nC, C)).transpose(2, 3)
 
 
-def aft_local_exact(
-    q, k, v, pos_u, pos_v, window, *, causal=True, mask=None, initial_state=None, output_final_state=False
-):
-    spec = _local(pos_u, pos_v, window, causal)
-    return _parallel(_exact, q, k, v, spec, causal, mask, initial_state, output_final_state)
+def _chunk_columns(x, left: int, right: int, C: int, fill: float):
+    """(B, T, H, D) -> (B, nC, H, C + left + right, D): the columns that chunk c of C rows reads (a strided view)."""
+    T = x.shape[1]
+    nC = -(-T // C)
+    xp = F.pad(x, (0, 0, 0, 0, left, nC * C - T + right), value=fill)
+    return xp.unfold(1, C + left + right, C).transpose(-1, -2)
 
 
-def aft_local_recurrent(
-    q, k, v, pos_u, pos_v, window, *, causal=True, mask=None, initial_state=None, output_final_state=False
-):
-    def bias(t, state_pos):  # u_t . [v of the window slots, v_t]: (B, s, 1, 1)
-        keys_pos = torch.cat([state_pos, pos_v[:, t, None].to(state_pos.dtype).expand(state_pos.shape[0], -1, -1)], 1)
-        return torch.einsum("br,bsr->bs", pos_u[:, t].to(state_pos.dtype).expand(keys_pos.shape[0], -1), keys_pos)[
-            :, :, None, None
-        ]
-
-    return _recurrent(q, k, v, window - 1, bias, pos_v, causal, mask, initial_state, output_final_state)
+def _from_chunks(y, T: int):
+    """(B, nC, H, C, D) -> (B, T, H, D)."""
+    return y.permute(0, 1, 3, 2, 4).flatten(1, 2)[:, :T]
 
 
-def aft_conv_chunk(
-    q, k, v, kernel, *, causal=True, mask=None, initial_state=None, output_final_state=False, chunk_size=None
-):
-    """AFT-conv over a sequence: a per-head kernel (H, s) (see `conv_kernel`); k: (B, T, H, 1), one key per head."""
-    spec = _conv(kernel, causal)
-    return _parallel(_chunked(chunk_size), q, k, v, spec, causal, mask, initial_state, output_final_state)
+def _band_matmul(coef, x, left: int, right: int, C: int):
+    """sum_j coef[t, j] * x[t - left + j] as one banded matrix product per chunk of C rows.
 
-
-def aft_conv_exact(q, k, v, kernel, *, causal=True, mask=None, initial_state=None, output_final_state=False):
-    spec = _conv(kernel, causal)
-    return _parallel(_exact, q, k, v, spec, causal, mask, initial_state, output_final_state)
-
-
-def aft_conv_recurrent(q, k, v, kernel, *, causal=True, mask=None, initial_state=None, output_final_state=False):
-    bias = lambda t: kernel.T[None, :, :, None]  # noqa: E731  slot j <-> position t - s + 1 + j: (1, s, H, 1)
-    return _recurrent(q, k, v, kernel.shape[-1] - 1, bias, None, causal, mask, initial_state, output_final_state)
-
-
-def conv_kernel(weight, gamma, beta, eps: float = 1e-5):
-    """AFT-conv re-parameterisation w <- gamma * (w - mean(w)) / std(w) + beta, per head.
-
-    weight: (H, s); gamma, beta: (H,). With gamma = beta = 0 (the initialisation) the kernel is 0 and the layer
-    is per-head AFT-simple.
+    coef: (B|1, T|1, H|1, 1, W) with W = left + right + 1; x: (B, T, H, D) -> (B, T, H, D).
     """
-    w = weight.float() if weight.dtype != torch.float64 else weight
-    centred = w - w.mean(-1, keepdim=True)
-    std = centred.pow(2).mean(-1, keepdim=True).sqrt()
-    return gamma.to(w.dtype)[:, None] * centred / (std + eps) + beta.to(w.dtype)[:, None]
-
-
-def local_band(pos_u, pos_v, left: int, right: int):
-    """Window bias u_t . v_{t - left + j}: (B|1, T, R) x2 -> (B|1, T, 1, 1, W)."""
-    return _LocalBand.apply(pos_u, pos_v, left, right)[:, :, None, None]
+    T = x.shape[1]
+    C = min(C, T)
+    G = skew(_band_chunks(coef, T, C))  # (B|1, nC|1, H|1, C, C + W - 1)
+    return _from_chunks(G @ _chunk_columns(x, left, right, C, 0.0), T)
 
 
 class _LocalBand(torch.autograd.Function):
@@ -174,7 +149,12 @@ class _LocalBand(torch.autograd.Function):
         )
 
 
-# The parallel forms: one driver, a band per variant, and two solvers (chunked, exact).
+def local_band(pos_u, pos_v, left: int, right: int):
+    """Window bias u_t . v_{t - left + j}: (B|1, T, R) x2 -> (B|1, T, 1, 1, W)."""
+    return _LocalBand.apply(pos_u, pos_v, left, right)[:, :, None, None]
+
+
+# The parallel forms: a band per variant, two solvers (exact, chunked) and the driver they share.
 
 
 class _Window(NamedTuple):
@@ -199,70 +179,6 @@ def _conv(kernel, causal: bool) -> _Window:
     s = kernel.shape[-1]
     left, right = (s - 1, 0) if causal else ((s - 1) // 2, s // 2)
     return _Window(lambda u, w: kernel[None, None, :, None, :], left, right, None, None)
-
-
-def _parallel(solve, q, k, v, window: _Window, causal, mask, initial_state, output_final_state):
-    """Mask the keys, put a state before the sequence, solve, and cut the state's positions off again."""
-    if output_final_state and not causal:
-        raise ValueError("output_final_state is the state after a causal sequence: pass causal=True.")
-    check_inputs(q, k, v, mask)
-    k, v = mask_inputs(k, v, mask)
-    pos_u, pos_v = window.pos_u, window.pos_v
-    if pos_u is not None:
-        pos_u, pos_v = pos_u.to(k.dtype), pos_v.to(k.dtype)
-    before = 0
-    if initial_state is not None:
-        if not causal:
-            raise ValueError("initial_state continues a causal sequence: pass causal=True.")
-        k, v, mask, pos_v, before = prepend_state(initial_state, k, v, mask, pos_v)
-        if pos_u is not None:
-            pos_u = F.pad(pos_u.expand(k.shape[0], -1, -1), (0, 0, before, 0))
-        q = F.pad(q, (0, 0, 0, 0, before, 0))
-    if k.shape[1] == 0 or k.shape[0] == 0:
-        y = q.new_zeros(q.shape)
-    else:
-        band = window.band(pos_u, pos_v)
-        y = solve(q, k, v, band if band is None else band.to(k.dtype), window.left, window.right, causal, mask)
-    state = causal_state(k, v, window.left, pos_v) if output_final_state else None
-    return y[:, before:], state
-
-
-def band_chunk(left: int) -> int:
-    """Rows per chunk of a causal form whose window reaches `left` positions back (see MIN_BAND_CHUNK)."""
-    return min(CHUNK, max(MIN_BAND_CHUNK, 1 << max(left - 1, 0).bit_length()))
-
-
-def _chunked(chunk_size: int | None):
-    def causal_solve(q, k, v, band, left, mask):
-        """The chunked form, or the exact one where a key jumps far above everything before it inside one chunk;
-        and whether every key and value was finite."""
-        if band is None:
-            y, finite = simple_chunked(q, k, v, mask, chunk_size or CHUNK)
-        else:
-            y, finite = band_chunked(q, k, v, band, left, mask, chunk_size or band_chunk(left))
-        if y is None:
-            y = gate(q, _causal_logspace(k, v, band, left, mask))
-        return y, finite
-
-    def solve(q, k, v, band, left, right, causal, mask):
-        if not causal:
-            return gate(q, _noncausal(k, v, band, left, right, chunk_size or CHUNK))
-        y, finite = causal_solve(q, k, v, band, left, mask)
-        if finite:
-            return y
-        # A NaN or infinite key or value would reach the earlier rows of its chunk as 0 * NaN in the products:
-        # the rows before it come from the inputs with it replaced (nothing before a position depends on it),
-        # the rows from it on from the exact form, whose sums only ever look back.
-        y, _ = causal_solve(q, *finite_inputs(k, v), band, left, mask)
-        return torch.where(finite_prefix(k, v), y, gate(q, _causal_logspace(k, v, band, left, mask)))
-
-    return solve
-
-
-def _exact(q, k, v, band, left, right, causal, mask):
-    if not causal:
-        return gate(q, _noncausal(k, v, band, left, right, None))
-    return gate(q, _causal_logspace(k, v, band, left, mask))
 
 
 def _noncausal(k, v, band, left: int, right: int, chunk_size: int | None):
@@ -310,56 +226,68 @@ def _causal_logspace(k, v, band, left: int, mask=None):
     return y
 
 
-def _fold(x, n: int, c: int, L: int):
-    """Columns (B, n, L, ...) of chunks that start c apart -> positions (B, (n - 1) c + L, ...), overlaps added."""
-    pieces = -(-L // c)
-    out = x.new_zeros(x.shape[0], (n + pieces) * c, *x.shape[3:])
-    for p in range(pieces):
-        width = min(c, L - p * c)
-        out[:, p * c : (p + n) * c].unflatten(1, (n, c))[:, :, :width] += x[:, :, p * c : p * c + width]
-    return out[:, : (n - 1) * c + L]
+def _exact(q, k, v, band, left, right, causal, mask):
+    if not causal:
+        return gate(q, _noncausal(k, v, band, left, right, None))
+    return gate(q, _causal_logspace(k, v, band, left, mask))
 
 
-def _band_sum(coef, x_win):
-    """sum_j coef[..., j] * x_win[..., j], looping over the window so only views are kept for backward."""
-    out = coef[..., 0] * x_win[..., 0]
-    for j in range(1, coef.shape[-1]):
-        out = out + coef[..., j] * x_win[..., j]
-    return out
+def band_chunk(left: int) -> int:
+    """Rows per chunk of a causal form whose window reaches `left` positions back (see MIN_BAND_CHUNK)."""
+    return min(CHUNK, max(MIN_BAND_CHUNK, 1 << max(left - 1, 0).bit_length()))
 
 
-def _band_matmul(coef, x, left: int, right: int, C: int):
-    """sum_j coef[t, j] * x[t - left + j] as one banded matrix product per chunk of C rows.
+def _chunked(chunk_size: int | None):
+    def causal_solve(q, k, v, band, left, mask):
+        """The chunked form, or the exact one where a key jumps far above everything before it inside one chunk;
+        and whether every key and value was finite."""
+        if band is None:
+            y, finite = simple_chunked(q, k, v, mask, chunk_size or CHUNK)
+        else:
+            y, finite = band_chunked(q, k, v, band, left, mask, chunk_size or band_chunk(left))
+        if y is None:
+            y = gate(q, _causal_logspace(k, v, band, left, mask))
+        return y, finite
 
-    coef: (B|1, T|1, H|1, 1, W) with W = left + right + 1; x: (B, T, H, D) -> (B, T, H, D).
-    """
-    T = x.shape[1]
-    C = min(C, T)
-    G = skew(_band_chunks(coef, T, C))  # (B|1, nC|1, H|1, C, C + W - 1)
-    return _from_chunks(G @ _chunk_columns(x, left, right, C, 0.0), T)
+    def solve(q, k, v, band, left, right, causal, mask):
+        if not causal:
+            return gate(q, _noncausal(k, v, band, left, right, chunk_size or CHUNK))
+        y, finite = causal_solve(q, k, v, band, left, mask)
+        if finite:
+            return y
+        # A NaN or infinite key or value would reach the earlier rows of its chunk as 0 * NaN in the products:
+        # the rows before it come from the inputs with it replaced (nothing before a position depends on it),
+        # the rows from it on from the exact form, whose sums only ever look back.
+        y, _ = causal_solve(q, *finite_inputs(k, v), band, left, mask)
+        return torch.where(finite_prefix(k, v), y, gate(q, _causal_logspace(k, v, band, left, mask)))
 
-
-def _band_chunks(band, T: int, C: int):
-    """Window bias (B|1, T|1, H|1, 1, W) -> (B|1, nC|1, H|1, C, W): one row of W entries per position, by chunk."""
-    b = band[..., 0, :]
-    if b.shape[1] == 1:  # position-independent (conv): one chunk serves all
-        return b.expand(-1, C, -1, -1).unflatten(1, (1, C)).transpose(2, 3)
-    nC = -(-T // C)
-    b = F.pad(b, (0, 0, 0, 0, 0, nC * C - T))
-    return b.unflatten(1, (nC, C)).transpose(2, 3)
-
-
-def _chunk_columns(x, left: int, right: int, C: int, fill: float):
-    """(B, T, H, D) -> (B, nC, H, C + left + right, D): the columns that chunk c of C rows reads (a strided view)."""
-    T = x.shape[1]
-    nC = -(-T // C)
-    xp = F.pad(x, (0, 0, 0, 0, left, nC * C - T + right), value=fill)
-    return xp.unfold(1, C + left + right, C).transpose(-1, -2)
+    return solve
 
 
-def _from_chunks(y, T: int):
-    """(B, nC, H, C, D) -> (B, T, H, D)."""
-    return y.permute(0, 1, 3, 2, 4).flatten(1, 2)[:, :T]
+def _parallel(solve, q, k, v, window: _Window, causal, mask, initial_state, output_final_state):
+    """Mask the keys, put a state before the sequence, solve, and cut the state's positions off again."""
+    if output_final_state and not causal:
+        raise ValueError("output_final_state is the state after a causal sequence: pass causal=True.")
+    check_inputs(q, k, v, mask)
+    k, v = mask_inputs(k, v, mask)
+    pos_u, pos_v = window.pos_u, window.pos_v
+    if pos_u is not None:
+        pos_u, pos_v = pos_u.to(k.dtype), pos_v.to(k.dtype)
+    before = 0
+    if initial_state is not None:
+        if not causal:
+            raise ValueError("initial_state continues a causal sequence: pass causal=True.")
+        k, v, mask, pos_v, before = prepend_state(initial_state, k, v, mask, pos_v)
+        if pos_u is not None:
+            pos_u = F.pad(pos_u.expand(k.shape[0], -1, -1), (0, 0, before, 0))
+        q = F.pad(q, (0, 0, 0, 0, before, 0))
+    if k.shape[1] == 0 or k.shape[0] == 0:
+        y = q.new_zeros(q.shape)
+    else:
+        band = window.band(pos_u, pos_v)
+        y = solve(q, k, v, band if band is None else band.to(k.dtype), window.left, window.right, causal, mask)
+    state = causal_state(k, v, window.left, pos_v) if output_final_state else None
+    return y[:, before:], state
 
 
 # The recurrent form: one token at a time against the state. The window holds the last S = s - 1 positions; the
@@ -404,3 +332,82 @@ def _recurrent(q, k, v, slots: int, bias, pos_v, causal, mask, initial_state, ou
         state = AFTState(m, n, z, keys[:, 1:], values[:, 1:], pos)
     y = torch.stack(ys, 1) if ys else v.new_zeros(v.shape)
     return gate(q, y), (state if output_final_state else None)
+
+
+# The forms of each variant, on the drivers above.
+
+
+def aft_simple_chunk(
+    q, k, v, *, causal=True, mask=None, initial_state=None, output_final_state=False, chunk_size=None
+):
+    """AFT-simple (no position bias), by chunks (of `chunk_size` rows; None: CHUNK). q, k, v: (B, T, H, D)."""
+    window = _Window(lambda pos_u, pos_v: None, 0, 0, None, None)
+    return _parallel(_chunked(chunk_size), q, k, v, window, causal, mask, initial_state, output_final_state)
+
+
+def aft_simple_exact(q, k, v, *, causal=True, mask=None, initial_state=None, output_final_state=False):
+    window = _Window(lambda pos_u, pos_v: None, 0, 0, None, None)
+    return _parallel(_exact, q, k, v, window, causal, mask, initial_state, output_final_state)
+
+
+def aft_simple_recurrent(q, k, v, *, causal=True, mask=None, initial_state=None, output_final_state=False):
+    return _recurrent(q, k, v, 0, None, None, causal, mask, initial_state, output_final_state)
+
+
+def aft_local_chunk(
+    q, k, v, pos_u, pos_v, window, *, causal=True, mask=None, initial_state=None, output_final_state=False,
+    chunk_size=None,
+):  # fmt: skip
+    """AFT-local: bias u_t . v_t' for |t - t'| < window, exactly 0 outside. pos_u, pos_v: (B|1, T, R). `chunk_size`
+    None: `band_chunk` rows when causal, else CHUNK."""
+    spec = _local(pos_u, pos_v, window, causal)
+    return _parallel(_chunked(chunk_size), q, k, v, spec, causal, mask, initial_state, output_final_state)
+
+
+def aft_local_exact(
+    q, k, v, pos_u, pos_v, window, *, causal=True, mask=None, initial_state=None, output_final_state=False
+):
+    spec = _local(pos_u, pos_v, window, causal)
+    return _parallel(_exact, q, k, v, spec, causal, mask, initial_state, output_final_state)
+
+
+def aft_local_recurrent(
+    q, k, v, pos_u, pos_v, window, *, causal=True, mask=None, initial_state=None, output_final_state=False
+):
+    def bias(t, state_pos):  # u_t . [v of the window slots, v_t]: (B, s, 1, 1)
+        keys_pos = torch.cat([state_pos, pos_v[:, t, None].to(state_pos.dtype).expand(state_pos.shape[0], -1, -1)], 1)
+        return torch.einsum("br,bsr->bs", pos_u[:, t].to(state_pos.dtype).expand(keys_pos.shape[0], -1), keys_pos)[
+            :, :, None, None
+        ]
+
+    return _recurrent(q, k, v, window - 1, bias, pos_v, causal, mask, initial_state, output_final_state)
+
+
+def conv_kernel(weight, gamma, beta, eps: float = 1e-5):
+    """AFT-conv re-parameterisation w <- gamma * (w - mean(w)) / std(w) + beta, per head.
+
+    weight: (H, s); gamma, beta: (H,). With gamma = beta = 0 (the initialisation) the kernel is 0 and the layer
+    is per-head AFT-simple.
+    """
+    w = weight.float() if weight.dtype != torch.float64 else weight
+    centred = w - w.mean(-1, keepdim=True)
+    std = centred.pow(2).mean(-1, keepdim=True).sqrt()
+    return gamma.to(w.dtype)[:, None] * centred / (std + eps) + beta.to(w.dtype)[:, None]
+
+
+def aft_conv_chunk(
+    q, k, v, kernel, *, causal=True, mask=None, initial_state=None, output_final_state=False, chunk_size=None
+):
+    """AFT-conv over a sequence: a per-head kernel (H, s) (see `conv_kernel`); k: (B, T, H, 1), one key per head."""
+    spec = _conv(kernel, causal)
+    return _parallel(_chunked(chunk_size), q, k, v, spec, causal, mask, initial_state, output_final_state)
+
+
+def aft_conv_exact(q, k, v, kernel, *, causal=True, mask=None, initial_state=None, output_final_state=False):
+    spec = _conv(kernel, causal)
+    return _parallel(_exact, q, k, v, spec, causal, mask, initial_state, output_final_state)
+
+
+def aft_conv_recurrent(q, k, v, kernel, *, causal=True, mask=None, initial_state=None, output_final_state=False):
+    bias = lambda t: kernel.T[None, :, :, None]  # noqa: E731  slot j <-> position t - s + 1 + j: (1, s, H, 1)
+    return _recurrent(q, k, v, kernel.shape[-1] - 1, bias, None, causal, mask, initial_state, output_final_state)

@@ -137,6 +137,20 @@ def test_continuing_from_a_state_equals_one_pass(variant, config, split, impleme
     torch.testing.assert_close(torch.cat([head, middle, rest], 1)[valid], whole[valid], atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("variant,config", CASES, ids=IDS)
+def test_every_form_reads_a_float32_state_in_the_inputs_dtype(variant, config):
+    """float64 inputs continuing from a float32 state (a cache kept in float32): every form joins the state to the
+    sequence the same way, so the literal formula and the fast form agree to float64 precision."""
+    case, mask = Case(variant, **config), _mask()
+    _, state = case.run("naive", 0, 16, mask=mask, output_final_state=True)
+    state = type(state)(*(x.detach().float() for x in state))
+    kw = _small(variant)
+    fast, fast_final = case.run("torch", 16, T, mask=mask, initial_state=state, output_final_state=True, **kw)
+    naive, naive_final = case.run("naive", 16, T, mask=mask, initial_state=state, output_final_state=True)
+    torch.testing.assert_close(fast, naive, atol=1e-12, rtol=1e-12)
+    _assert_same_state(fast_final, naive_final)
+
+
 def _assert_same_state(a, b):
     """Same pool whatever its scaling (log-normaliser m + log z, mean n / z), same window slots; for AFT-full, the
     same positions."""

@@ -5,6 +5,7 @@ plumbing: projections, blocks, the decoding cache and the transformers heads.
 """
 
 import os
+import weakref
 
 import torch
 from torch import nn
@@ -41,6 +42,11 @@ QUERY_ACTIVATIONS = {"sigmoid": torch.sigmoid, "relu": torch.relu}
 # the cache argument of forward() and the cache field of the model outputs from `past_key_values` to `cache`. The
 # models take either name and return the cache under the name this release's generate() reads.
 CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _dropout(module: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
+    """`module(x)` where it can change x (training, p > 0), else x itself: a decoding step skips the module call."""
+    return module(x) if module.training and module.p > 0 else x
 
 
 def _cache_argument(cache, past_key_values):
@@ -357,6 +363,40 @@ class AFTMixer(nn.Module):
         for name, (shape, how) in self.variant.parameters(config, ndim).items():
             setattr(self, name, nn.Parameter(torch.empty(shape)))
             self.variant_inits[name] = how
+        self._derived = {}  # name -> (the sources, their keys, what was made from them): see `_from_weights`
+
+    def _inference(self) -> bool:
+        """Whether derived weights may be reused across calls: no gradient to record and none to train (eager)."""
+        return not (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling())
+
+    def _from_weights(self, name: str, sources, build):
+        """`build(*sources)`, kept under `name` while every source is the same tensor with the same data: the same
+        object (held weakly), in-place version (`load_state_dict`, `copy_`), storage (`.to`, `.half()` move and
+        cast a parameter's data in place), dtype and shape."""
+        key = [(t._version, t.data_ptr(), t.dtype, t.shape) for t in sources]
+        hit = self._derived.get(name)
+        if hit is not None and hit[1] == key and all(ref() is t for ref, t in zip(hit[0], sources, strict=True)):
+            return hit[2]
+        value = build(*sources)
+        self._derived[name] = ([weakref.ref(t) for t in sources], key, value)
+        return value
+
+    def _project_qkv(self, hidden_states):
+        """q, k, v (B, T, *) of the three projections. Without gradients, out of training, as one matmul on their
+        weights joined (kept until one of them changes); not when a projection is anything but a plain nn.Linear
+        (a PEFT adapter, a quantised layer) or has hooks, whose own forward must run."""
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        if self._inference() and all(
+            type(m) is nn.Linear and m.bias is not None and not (m._forward_hooks or m._forward_pre_hooks)
+            and "forward" not in m.__dict__ and not m.weight.is_inference()
+            for m in projections
+        ):  # fmt: skip
+            sources = [x for m in projections for x in (m.weight, m.bias)]
+            weight, bias = self._from_weights("qkv", sources, lambda *w: (torch.cat(w[0::2]), torch.cat(w[1::2])))
+            sizes = [m.out_features for m in projections]
+            return torch.nn.functional.linear(hidden_states, weight, bias).split(sizes, dim=-1)
+        self._derived.pop("qkv", None)  # not kept beside weights that train or are wrapped
+        return tuple(m(hidden_states) for m in projections)
 
     def forward(self, hidden_states, position_ids=None, attention_mask=None, cache_layer=None, grid=None, update=True):
         """hidden_states (B, T, D). For ndim=2, `grid` = (Gh, Gw) with Gh * Gw == T, patches row by row, and no
@@ -367,12 +407,18 @@ class AFTMixer(nn.Module):
             raise ValueError(f"An ndim={self.ndim} AFTMixer got grid={grid} for {T} positions.")
         H = self.num_heads
         # 1. projections: q, v (B, T, H, Dh); k (B, T, H, Dk)
-        q = self.query_act(self.q_proj(hidden_states)).view(B, T, H, self.head_dim)
-        k = self.k_proj(hidden_states).view(B, T, H, self.key_dim)
-        v = self.v_proj(hidden_states).view(B, T, H, self.head_dim)
-        # 2. the variant's arguments: position factors (B|1, T, R), a kernel (H, s), ...
+        q, k, v = self._project_qkv(hidden_states)
+        q = self.query_act(q).view(B, T, H, self.head_dim)
+        k = k.view(B, T, H, self.key_dim)
+        v = v.view(B, T, H, self.head_dim)
+        # 2. the variant's arguments: position factors (B|1, T, R), a kernel (H, s), ...; those of a variant without
+        # a position bias are made from its parameters alone, and kept across inference calls
         params = {name: getattr(self, name) for name in self.variant_inits}
-        args = self.variant.operator_args(params, position_ids, self.config, self.ndim)
+        args_of = lambda *_: self.variant.operator_args(params, position_ids, self.config, self.ndim)  # noqa: E731
+        if self._inference() and not self.variant.position_bias:
+            args = self._from_weights(f"args{self.ndim}", list(params.values()), args_of)
+        else:
+            args = args_of()
         # 3. mixing: over the patch grid; else one step per token on a state (decoding), else in parallel from the
         # state (training and prefill from none, a continuation from the cache's)
         if grid is not None:
@@ -421,8 +467,8 @@ class AFTBlock(GradientCheckpointingLayer):
         mixed = self.mixer(
             self.ln_1(hidden_states), position_ids, attention_mask, cache_layer, grid=grid, update=update_cache
         )
-        hidden_states = hidden_states + self.dropout(mixed)
-        return hidden_states + self.dropout(self.mlp(self.ln_2(hidden_states)))
+        hidden_states = hidden_states + _dropout(self.dropout, mixed)
+        return hidden_states + _dropout(self.dropout, self.mlp(self.ln_2(hidden_states)))
 
 
 class AFTPreTrainedModel(PreTrainedModel):
@@ -581,7 +627,7 @@ class AFTModel(AFTPreTrainedModel):
         hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_tokens(input_ids)
         if self.config.position_embedding_type == "absolute":
             hidden_states = hidden_states + self.embed_positions(position_ids)
-        hidden_states = self.dropout(hidden_states)
+        hidden_states = _dropout(self.dropout, hidden_states)
 
         # 3. blocks
         all_hidden_states = () if output_hidden_states else None
@@ -865,7 +911,7 @@ class AFTVisionModel(AFTPreTrainedModel):
 
         # 2. patch embeddings: (B, T, D) over a (Gh, Gw) grid
         hidden_states, grid = self.patch_embeddings(pixel_values)
-        hidden_states = self.dropout(hidden_states)
+        hidden_states = _dropout(self.dropout, hidden_states)
 
         # 3. blocks, non-causal over the grid
         all_hidden_states = () if output_hidden_states else None

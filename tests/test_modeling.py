@@ -162,3 +162,84 @@ def test_large_keys_finite_in_every_dtype(variant, dtype):
         model.to(dtype)
         logits = model(ids, attention_mask=torch.ones(2, 24, dtype=torch.long)).logits
     assert torch.isfinite(logits).all()
+
+
+def _logits_both_ways(model, ids):
+    """The logits with gradients recorded (the projections one by one, every argument made afresh) and without
+    (where the mixer reuses what it made from its weights)."""
+    with torch.enable_grad():
+        reference = model(ids).logits.detach()
+    with torch.no_grad():
+        fast = model(ids).logits
+    return reference, fast
+
+
+@pytest.mark.parametrize("variant", ["simple", "local", "conv"])
+def test_weights_reused_without_gradients_follow_every_change(variant):
+    """Out of training and without gradients the mixer joins q, k, v into one matmul and keeps conv's kernel
+    between calls: the logits equal those of the plain path after every way a user changes the weights."""
+    torch.manual_seed(0)
+    model = AFTForCausalLM(tiny_config(variant)).eval()
+    ids = torch.randint(1, 37, (2, 6))
+    mixer = model.model.layers[0].mixer
+
+    def check(dtype=torch.float32, tol=1e-6):
+        reference, fast = _logits_both_ways(model, ids)
+        assert fast.dtype == dtype
+        torch.testing.assert_close(fast, reference, rtol=tol, atol=tol)
+        return fast
+
+    before = check()
+    assert "qkv" in mixer._derived  # the joined path ran
+    other = AFTForCausalLM(tiny_config(variant)).eval()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.load_state_dict(other.state_dict())  # in place: the same tensors, new values
+    loaded = check()
+    assert not torch.allclose(loaded, before)
+    with torch.no_grad():
+        mixer.k_proj.weight.mul_(2.0)
+        if variant == "conv":
+            mixer.conv_gamma.add_(1.0)
+    check()
+    mixer.v_proj.weight = torch.nn.Parameter(torch.randn_like(mixer.v_proj.weight))  # a new tensor
+    mixer.v_proj.bias = torch.nn.Parameter(torch.randn_like(mixer.v_proj.bias))
+    check()
+    model.double()  # cast in place: the same parameters, new storage and dtype
+    check(torch.float64, 1e-12)
+    model.to(torch.bfloat16)
+    check(torch.bfloat16, 0)
+    model.float()
+    model.train()
+    with torch.no_grad():
+        assert model.training
+        mixer._derived.clear()
+        model(ids)
+    assert not mixer._derived  # training: every call makes its arguments afresh
+
+
+def test_hooked_projection_runs_its_own_forward():
+    """A projection with a hook (or any module in place of the nn.Linear) keeps its own forward without gradients."""
+    torch.manual_seed(0)
+    model = AFTForCausalLM(tiny_config("local")).eval()
+    ids = torch.randint(1, 37, (1, 5))
+    calls = []
+    model.model.layers[1].mixer.v_proj.register_forward_hook(lambda m, i, o: calls.append(o.shape) or 2 * o)
+    reference, fast = _logits_both_ways(model, ids)
+    assert len(calls) == 2
+    torch.testing.assert_close(fast, reference)
+    assert "qkv" not in model.model.layers[1].mixer._derived and "qkv" in model.model.layers[0].mixer._derived
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_dropout_applies_in_training_only(variant):
+    torch.manual_seed(0)
+    model = AFTForCausalLM(tiny_config(variant, hidden_dropout_prob=0.5))
+    ids = torch.randint(1, 37, (2, 6))
+    model.train()
+    assert not torch.allclose(model(ids).logits, model(ids).logits)
+    model.eval()
+    plain = AFTForCausalLM(tiny_config(variant, hidden_dropout_prob=0.0)).eval()
+    plain.load_state_dict(model.state_dict())
+    torch.testing.assert_close(model(ids).logits, plain(ids).logits, rtol=0, atol=0)

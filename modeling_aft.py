@@ -76,6 +76,14 @@ class AFTCacheLayer(LinearAttentionCacheLayerMixin):
         return AFTState(*(self.recurrent_states[i] for i in range(3)), *(self.conv_states[i] for i in range(3)))
 
     def write(self, state: AFTState):
+        held = [*(self.recurrent_states[i] for i in range(3)), *(self.conv_states[i] for i in range(3))]
+        if (
+            all(self.has_previous_state.values())
+            and all(x.shape == y.shape and x.dtype == y.dtype for x, y in zip(held, state, strict=True))
+            and not torch.compiler.is_compiling()
+        ):  # a decoding step: the six in-place copies as one call
+            torch._foreach_copy_(held, list(state))
+            return
         for i in range(3):
             self.update_recurrent_state(state[i], i)
             self.update_conv_state(state[3 + i], i)
@@ -366,37 +374,25 @@ class AFTMixer(nn.Module):
         self._derived = {}  # name -> (the sources, their keys, what was made from them): see `_from_weights`
 
     def _inference(self) -> bool:
-        """Whether derived weights may be reused across calls: no gradient to record and none to train (eager)."""
+        """Whether what is made from the weights may be kept across calls: no gradient to record, none to train, not
+        traced by torch.compile."""
         return not (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling())
 
     def _from_weights(self, name: str, sources, build):
         """`build(*sources)`, kept under `name` while every source is the same tensor with the same data: the same
         object (held weakly), in-place version (`load_state_dict`, `copy_`), storage (`.to`, `.half()` move and
-        cast a parameter's data in place), dtype and shape."""
-        key = [(t._version, t.data_ptr(), t.dtype, t.shape) for t in sources]
+        cast a parameter's data in place), dtype and shape. None for sources that count no versions (tensors
+        made under torch.inference_mode): nothing is kept for them."""
+        try:
+            key = [(t._version, t.data_ptr(), t.dtype, t.shape) for t in sources]
+        except RuntimeError:
+            return None
         hit = self._derived.get(name)
         if hit is not None and hit[1] == key and all(ref() is t for ref, t in zip(hit[0], sources, strict=True)):
             return hit[2]
         value = build(*sources)
         self._derived[name] = ([weakref.ref(t) for t in sources], key, value)
         return value
-
-    def _project_qkv(self, hidden_states):
-        """q, k, v (B, T, *) of the three projections. Without gradients, out of training, as one matmul on their
-        weights joined (kept until one of them changes); not when a projection is anything but a plain nn.Linear
-        (a PEFT adapter, a quantised layer) or has hooks, whose own forward must run."""
-        projections = (self.q_proj, self.k_proj, self.v_proj)
-        if self._inference() and all(
-            type(m) is nn.Linear and m.bias is not None and not (m._forward_hooks or m._forward_pre_hooks)
-            and "forward" not in m.__dict__ and not m.weight.is_inference()
-            for m in projections
-        ):  # fmt: skip
-            sources = [x for m in projections for x in (m.weight, m.bias)]
-            weight, bias = self._from_weights("qkv", sources, lambda *w: (torch.cat(w[0::2]), torch.cat(w[1::2])))
-            sizes = [m.out_features for m in projections]
-            return torch.nn.functional.linear(hidden_states, weight, bias).split(sizes, dim=-1)
-        self._derived.pop("qkv", None)  # not kept beside weights that train or are wrapped
-        return tuple(m(hidden_states) for m in projections)
 
     def forward(self, hidden_states, position_ids=None, attention_mask=None, cache_layer=None, grid=None, update=True):
         """hidden_states (B, T, D). For ndim=2, `grid` = (Gh, Gw) with Gh * Gw == T, patches row by row, and no
@@ -407,18 +403,18 @@ class AFTMixer(nn.Module):
             raise ValueError(f"An ndim={self.ndim} AFTMixer got grid={grid} for {T} positions.")
         H = self.num_heads
         # 1. projections: q, v (B, T, H, Dh); k (B, T, H, Dk)
-        q, k, v = self._project_qkv(hidden_states)
-        q = self.query_act(q).view(B, T, H, self.head_dim)
-        k = k.view(B, T, H, self.key_dim)
-        v = v.view(B, T, H, self.head_dim)
-        # 2. the variant's arguments: position factors (B|1, T, R), a kernel (H, s), ...; those of a variant without
-        # a position bias are made from its parameters alone, and kept across inference calls
+        q = self.query_act(self.q_proj(hidden_states)).view(B, T, H, self.head_dim)
+        k = self.k_proj(hidden_states).view(B, T, H, self.key_dim)
+        v = self.v_proj(hidden_states).view(B, T, H, self.head_dim)
+        # 2. the variant's arguments: position factors (B|1, T, R), a kernel (H, s), ...; a variant without a
+        # position bias makes them from its parameters alone (conv's kernel), kept across inference calls
         params = {name: getattr(self, name) for name in self.variant_inits}
-        args_of = lambda *_: self.variant.operator_args(params, position_ids, self.config, self.ndim)  # noqa: E731
+        args = None
         if self._inference() and not self.variant.position_bias:
-            args = self._from_weights(f"args{self.ndim}", list(params.values()), args_of)
-        else:
-            args = args_of()
+            make = lambda *_: self.variant.operator_args(params, None, self.config, self.ndim)  # noqa: E731
+            args = self._from_weights(f"args{self.ndim}", list(params.values()), make)
+        if args is None:
+            args = self.variant.operator_args(params, position_ids, self.config, self.ndim)
         # 3. mixing: over the patch grid; else one step per token on a state (decoding), else in parallel from the
         # state (training and prefill from none, a continuation from the cache's)
         if grid is not None:

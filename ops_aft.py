@@ -7,6 +7,7 @@ flat sibling modules (flat, so that a saved folder loads as Hub remote code), to
 
     ops_aft_core.py       layout, numerics, range checks, the decoding state and how a state joins a sequence
     ops_aft_window.py     simple, local, conv (a pool plus a window): *_chunk, *_exact, *_recurrent
+    ops_aft_chunked.py    the causal *_chunk forms' autograd Functions, by units of the sequence
     ops_aft_full.py       full (a bias over every pair): aft_full_chunk, aft_full_exact, aft_full_recurrent
     ops_aft_2d.py         the image forms over a patch grid
     ops_aft_reference.py  the literal formula with dense biases, and the *_naive forms built on it

@@ -211,6 +211,21 @@ def pool_as_position(m, n, z):
     return torch.where(real, m + torch.log(one), NEG), n / one
 
 
+def join_past(past_k, past_v, past_pos, k, v, mask, pos_v):
+    """Positions before the sequence, then the sequence: the one way a state joins a sequence (the window forms'
+    pool and slots, full's past positions). past_k, past_v (B, S, H, D) with NEG keys where a past position is
+    empty, past_pos (B, S, R) or None; k (masked), v (B, T, H, D); mask (B, T) or None; pos_v (B|1, T, R) or None.
+    Returns k, v, mask (B, S + T: the past's real positions, then the sequence's), pos_v (B, S + T, R) or None."""
+    B, T = k.shape[:2]
+    real = torch.ones(B, T, dtype=torch.bool, device=k.device) if mask is None else mask.bool()
+    mask = torch.cat([is_real(past_k[:, :, 0, 0]), real], 1)
+    k = torch.cat([past_k.to(k.dtype), k], 1)
+    v = torch.cat([past_v.to(v.dtype), v], 1)
+    if pos_v is not None:
+        pos_v = torch.cat([past_pos.to(pos_v.dtype), pos_v.expand(B, -1, -1)], 1)
+    return k, v, mask, pos_v
+
+
 def prepend_state(state: AFTState, k, v, mask, pos_v=None):
     """A state as positions before the sequence: the pool as one position with key m + log z and value n / z, then
     the window slots. Every later position is at least S + 1 = s positions past the pool, so it is outside every
@@ -221,17 +236,14 @@ def prepend_state(state: AFTState, k, v, mask, pos_v=None):
     positions, pos_v (B, 1 + S + T, R) or None, and the number 1 + S of positions put before the sequence.
     """
     check_state(state, k, v)
-    B, T = k.shape[:2]
     pool_k, pool_v = pool_as_position(state.m, state.n, state.z)
-    k = torch.cat([pool_k[:, None].to(k.dtype), state.k.to(k.dtype), k], 1)
-    v = torch.cat([pool_v[:, None].to(v.dtype), state.v.to(v.dtype), v], 1)
-    before = is_real(k[:, : 1 + state.k.shape[1], 0, 0])
-    mask = torch.ones(B, T, dtype=torch.bool, device=k.device) if mask is None else mask.bool()
-    mask = torch.cat([before, mask], 1)
-    if pos_v is not None:
-        zero = pos_v.new_zeros(B, 1, pos_v.shape[-1])
-        pos_v = torch.cat([zero, state.pos.to(pos_v.dtype), pos_v.expand(B, -1, -1)], 1)
-    return k, v, mask, pos_v, 1 + state.k.shape[1]
+    past_k = torch.cat([pool_k[:, None].to(k.dtype), state.k.to(k.dtype)], 1)
+    past_v = torch.cat([pool_v[:, None].to(v.dtype), state.v.to(v.dtype)], 1)
+    past_pos = None
+    if pos_v is not None:  # the pool's position has bias 0 (see above)
+        past_pos = torch.cat([state.pos.new_zeros(k.shape[0], 1, state.pos.shape[-1]), state.pos], 1)
+    k, v, mask, pos_v = join_past(past_k, past_v, past_pos, k, v, mask, pos_v)
+    return k, v, mask, pos_v, past_k.shape[1]
 
 
 def causal_state(k, v, slots: int, pos_v=None) -> AFTState:

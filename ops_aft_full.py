@@ -28,6 +28,7 @@ from .ops_aft_core import (
     gate,
     host_flags,
     is_real,
+    join_past,
     keys_out_of_range,
     mask_inputs,
     not_empty,
@@ -186,8 +187,8 @@ def _inputs(q, k, v, pos_u, pos_v, mask, initial_state, causal, output_final_sta
         _check_state(initial_state, k, v)
         past_k, past_v = keys_and_values(FullState(*(x.to(k.dtype) for x in initial_state)))
         before = past_k.shape[1]
-        k, v = torch.cat([past_k, k], 1), torch.cat([past_v, v], 1)
-        keys_pos = torch.cat([initial_state.pos.to(k.dtype), pos_v.expand(k.shape[0], -1, -1)], 1)
+        # the mask is not needed: the past's empty positions and the sequence's padding are NEG keys already
+        k, v, _, keys_pos = join_past(past_k, past_v, initial_state.pos, k, v, None, pos_v)
     return k, v, pos_u, pos_v, keys_pos, before
 
 

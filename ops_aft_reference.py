@@ -11,7 +11,7 @@ and the `*_naive_2d` forms are the image forms over a patch grid.
 import torch
 
 from .ops_aft_2d import grid_window_index
-from .ops_aft_core import NEG, acc_dtype, causal_state, check_inputs, mask_inputs, prepend_state
+from .ops_aft_core import acc_dtype, causal_state, check_inputs, join_past, mask_inputs, prepend_state
 from .ops_aft_full import full_bias, full_state, keys_and_values
 
 
@@ -119,10 +119,7 @@ def _naive(q, k, v, bias, slots, pos_u, pos_v, causal, mask, initial_state, outp
     if initial_state is not None and slots is None:  # full: the past positions themselves
         past_k, past_v = keys_and_values(initial_state)
         before = past_k.shape[1]
-        real = torch.ones(k.shape[:2], dtype=torch.bool, device=k.device) if mask is None else mask.bool()
-        mask = torch.cat([past_k[:, :, 0, 0] > NEG / 2, real], 1)
-        k, v = torch.cat([past_k.to(k.dtype), k], 1), torch.cat([past_v.to(v.dtype), v], 1)
-        pos_v = torch.cat([initial_state.pos.to(pos_v.dtype), pos_v.expand(k.shape[0], -1, -1)], 1)
+        k, v, mask, pos_v = join_past(past_k, past_v, initial_state.pos, k, v, mask, pos_v)
     elif initial_state is not None:
         k, v, mask, pos_v, before = prepend_state(initial_state, k, v, mask, pos_v)
     if before and pos_u is not None:

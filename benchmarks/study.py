@@ -34,6 +34,7 @@ model's row of the table and the comparison).
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -176,6 +177,8 @@ def parse_args(argv=None):
                         f"GPT-2 and AFT-local changes by less than {SETTLE_TOLERANCE} bits per byte over the last "
                         f"{SETTLE_FRACTION * 100:.0f}%% of the steps, or to --steps, the cap (default {SETTLE_CAP} x "
                         "the size's steps); the schedule is planned over the cap.")  # fmt: skip
+    parser.add_argument("--settle_min_steps", type=int, default=None, help="with --settle, train at least this many "
+                        "steps before the gap may count as settled (default: the size's steps; 0: none).")  # fmt: skip
     parser.add_argument("--exit_after_steps", type=int, default=None, help=argparse.SUPPRESS)  # a kill, for tests
     parser.add_argument("--eval_every", type=int, default=None, help="steps between learning-curve points (default: "
                         "the size's points over the steps).")  # fmt: skip
@@ -215,6 +218,8 @@ def check_args(args) -> Size:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise InputError(f"--{name}={value}: it must be a positive integer.")
+    if args.settle_min_steps is not None and (args.settle_min_steps < 0 or not args.settle):
+        raise InputError(f"--settle_min_steps={args.settle_min_steps}: it is a number of steps >= 0 for --settle.")
     for name in ("learning_rate", "time_budget"):
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and value > 0):
@@ -506,13 +511,16 @@ def settled(gpt2_curve: list, local_curve: list, tolerance=SETTLE_TOLERANCE, fra
     return len(tail) >= points and max(tail) - min(tail) < tolerance
 
 
-def settle_stop(runs) -> bool:
-    """train_in_turn's `stop` for --settle: true once GPT-2's and AFT-local's curves end at the same step, settled."""
+def settle_stop(runs, min_steps: int = 0) -> bool:
+    """train_in_turn's `stop` for --settle: true once GPT-2's and AFT-local's curves end at the same step, at
+    `min_steps` or later, settled. The floor keeps an early stretch where both curves fall in step (the gap steady
+    while neither model has converged) from counting as settled."""
     by_name = {run.name: run for run in runs}
     gpt2, local = by_name.get("gpt2"), by_name.get("aft-local")
     if gpt2 is None or local is None or not gpt2.curve or not local.curve:
         return False
-    return gpt2.curve[-1]["step"] == local.curve[-1]["step"] and settled(gpt2.curve, local.curve)
+    last = gpt2.curve[-1]["step"]
+    return last == local.curve[-1]["step"] and last >= min_steps and settled(gpt2.curve, local.curve)
 
 
 def ahead_from(gap_curve: list):
@@ -543,6 +551,8 @@ class Study:
 
     def __init__(self, args, size: Size, tuned_allocator: bool):
         self.args, self.size, self.tuned_allocator = args, size, tuned_allocator
+        floor = SIZES[args.size].steps if args.settle_min_steps is None else args.settle_min_steps
+        self.settle_min_steps = min(floor, size.steps)
         self.output_dir = Path(args.output_dir)
         self.accelerator = Accelerator()
         self.metric = load_metric("cross_entropy")  # the scripts' evaluate module: nats per token, bits per byte
@@ -561,6 +571,8 @@ class Study:
             "procedure": {"sweep_rates": args.sweep_rates, "settle": args.settle, "eval_every": args.eval_every},
             "machine": {**machine(self.device), "glibc_keeps_freed_memory": self.tuned_allocator},
         }
+        if args.settle:
+            self.results["procedure"]["settle_min_steps"] = self.settle_min_steps
         self.text = None
         self.main_runs = {}  # the equal-steps runs of the first seed trained by this process
         self.done = []  # the parts in results.json
@@ -739,8 +751,8 @@ class Study:
 
     def part_steps(self):
         seed, settle = self.args.seeds[0], self.args.settle
-        self.main_runs = self.text_comparison(self.args.models, seed, stop=settle_stop if settle else None,
-                                              desc="equal steps")  # fmt: skip
+        stop = functools.partial(settle_stop, min_steps=self.settle_min_steps) if settle else None
+        self.main_runs = self.text_comparison(self.args.models, seed, stop=stop, desc="equal steps")
         done = max(r.done for r in self.main_runs.values())
         self.results["equal_steps"] = {
             "steps": done,
@@ -754,6 +766,7 @@ class Study:
                 f"per byte over the last {SETTLE_FRACTION:.0%} of the steps ({SETTLE_POINTS} curve points at "
                 "least), or the cap; the schedule is planned over the cap",
                 "cap": self.size.steps,
+                "min_steps": self.settle_min_steps,
                 "stopped_at": done,
                 "settled": "gpt2" in curves and "aft-local" in curves and settled(curves["gpt2"], curves["aft-local"]),
             }

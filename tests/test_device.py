@@ -14,8 +14,8 @@ import torch
 from conftest import VARIANTS, tiny_config
 
 import aft.ops_aft as ops
+import aft.ops_aft_chunked as ops_aft_chunked
 import aft.ops_aft_full as ops_aft_full
-import aft.ops_aft_window as ops_aft_window
 from aft import AFTCache, AFTForCausalLM, AFTModel, AFTVisionConfig
 from aft.modeling_aft import CACHE_NAME
 
@@ -27,7 +27,7 @@ B, T = 2, 21
 
 @pytest.fixture(params=ANSWERS)
 def flags(request, monkeypatch):
-    for module in (ops_aft_window, ops_aft_full):
+    for module in (ops_aft_chunked, ops_aft_full):
         monkeypatch.setattr(module, "host_flags", lambda *_: ANSWERS[request.param])
     return request.param
 

@@ -12,7 +12,7 @@ from conftest import tiny_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import aft.ops_aft as ops
-import aft.ops_aft_window as ops_aft_window
+import aft.ops_aft_chunked as ops_aft_chunked
 
 VARIANTS = list(ops.AFT_VARIANTS)
 B, T = 2, 29
@@ -212,7 +212,7 @@ def test_causal_units_equal_the_exact_twin(variant, config, unit_elements, key_s
     """The causal fast forms work through the sequence in units that each scale keys by their own reference; with
     small units (a real model's sequence spans many), float64, left padding: outputs, gradients and the final
     state equal the exact twin's, 1e-10 (a pool carried into the next unit, and its gradient carried back)."""
-    monkeypatch.setattr(ops_aft_window, "UNIT_ELEMENTS", unit_elements)
+    monkeypatch.setattr(ops_aft_chunked, "UNIT_ELEMENTS", unit_elements)
     case, mask = Case(variant, key_scale=key_scale, **config), _mask()
     y, state = case.run("torch", mask=mask, output_final_state=True, chunk_size=4)
     ref, ref_state = case.run("exact", mask=mask, output_final_state=True)

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import sysconfig
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import import_lab
@@ -194,6 +195,8 @@ def test_saved_models_load_and_carry_their_row(study):
         (["--seeds", "1", "1"], "give each seed once"),
         (["--models", "gpt2", "gpt2"], "give each model once"),
         (["--models", "aft-local", "aft-conv"], "add gpt2 to --models or pass --time_budget"),
+        (["--settle_min_steps", "100"], "--settle_min_steps=100: it is a number of steps >= 0 for --settle"),
+        (["--settle", "--settle_min_steps", "-1"], "--settle_min_steps=-1"),
     ],
 )
 def test_bad_input_is_one_line_before_any_work(run_study, tmp_path, capsys, argv, message):
@@ -293,9 +296,16 @@ def test_best_rate_and_where_gpt2_stays_ahead(run_study):
     assert run_study.ahead_from(gaps[:3]) is None
 
 
+def test_settle_waits_for_its_floor_of_steps(run_study):
+    gpt2, local = _curve([0.5, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3])  # steady from step 20 of 100
+    runs = [SimpleNamespace(name="gpt2", curve=gpt2), SimpleNamespace(name="aft-local", curve=local)]
+    assert run_study.settled(gpt2, local) and run_study.settle_stop(runs)
+    assert not run_study.settle_stop(runs, min_steps=101) and run_study.settle_stop(runs, min_steps=100)
+
+
 def test_sweep_chooses_each_models_rate_and_settle_stops_at_the_first_settled_point(quick, run_study, tmp_path):
     results = quick(tmp_path / "out", "--parts", "sweep", "steps", "--models", "gpt2", "aft-local", "--settle",
-                    "--steps", "60", "--eval_every", "2", "--sweep_steps", "4")  # fmt: skip
+                    "--settle_min_steps", "0", "--steps", "60", "--eval_every", "2", "--sweep_steps", "4")  # fmt: skip
     sweep = results["lr_sweep"]
     assert sorted((p["model"], p["learning_rate"]) for p in sweep["points"]) == sorted(
         (m, r) for m in ("gpt2", "aft-local") for r in run_study.SWEEP_RATES

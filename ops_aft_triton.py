@@ -1,4 +1,5 @@
-"""AFT-simple's causal forward as a Triton kernel: the "triton" implementation of `simple`.
+"""The "triton" implementation: Triton kernels for AFT-simple's causal forward and for the decoding step of simple,
+local and conv.
 
     aft_simple_triton(q, k, v, *, causal=True, mask=None, initial_state=None, output_final_state=False)
         -> (y, final_state)
@@ -18,9 +19,17 @@ Gradients: `_SimpleTriton.backward` is not a Triton kernel. It recomputes the to
 saved inputs and returns that form's gradients of q, k, v and the initial state, so training with this
 implementation gets the torch form's gradients and pays one torch forward more per backward.
 
-What the kernel does not cover runs the torch form instead, with one warning per reason and process: a non-causal
+    aft_simple_triton_recurrent, aft_local_triton_recurrent, aft_conv_triton_recurrent
+
+are the recurrent forms (`ops_aft_window._recurrent`, the decoding step) by one kernel, `_window_step_kernel`, with
+the variant's window bias as an argument (none for simple, u_t . the slots' position factors for local, the
+per-head kernel for conv): op for op the torch form's step in float32, from the state's pool and window slots,
+returning the state as that form does. They take no gradient. Local's and conv's parallel forms are the torch
+forms (no Triton kernel), said once.
+
+What the kernels do not cover runs the torch form instead, with one warning per reason and process: a non-causal
 call, float64 inputs, an empty batch or sequence, CPU tensors unless Triton's interpreter is on (TRITON_INTERPRET=1,
-read at the call: it is how the tests run the kernel on CPU), and the one-token decoding step (no Triton kernel).
+read at the call: it is how the tests run the kernels on CPU), and a decoding step asked for gradients.
 """
 
 import warnings
@@ -36,15 +45,22 @@ try:
 except ImportError as error:
     raise ImportError("ops_aft_triton needs triton (pip install triton)") from error
 
-from .ops_aft_core import NEG, AFTState, check_inputs, check_state, mask_inputs
-from .ops_aft_window import aft_simple_chunk, aft_simple_recurrent
+from .ops_aft_core import NEG, AFTState, check_inputs, check_state, empty_state, mask_inputs
+from .ops_aft_window import (
+    aft_conv_chunk,
+    aft_conv_recurrent,
+    aft_local_chunk,
+    aft_local_recurrent,
+    aft_simple_chunk,
+    aft_simple_recurrent,
+)
 
 # Channels per program: a power of two (tl.arange), small enough that a head of width 64 is a handful of programs.
 BLOCK_D = 32
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _WARNED: set[str] = set()
-_KERNELS: dict[bool, object] = {}
+_KERNELS: dict[tuple[str, bool], object] = {}
 
 
 def _simple_forward_kernel(
@@ -79,14 +95,14 @@ def _simple_forward_kernel(
     tl.store(z1 + s, z, mask=live)
 
 
-def _kernel():
-    """The kernel, jitted for the mode Triton is in now: its interpreter when TRITON_INTERPRET=1 (CPU tensors),
-    else compiled for the GPU. Triton picks the mode when it wraps a function, so this wraps it at the first call
-    in each mode rather than at import."""
-    interpret = bool(knobs.runtime.interpret)
-    if interpret not in _KERNELS:
-        _KERNELS[interpret] = triton.jit(_simple_forward_kernel)
-    return _KERNELS[interpret]
+def _kernel(fn):
+    """`fn` jitted for the mode Triton is in now: its interpreter when TRITON_INTERPRET=1 (CPU tensors), else
+    compiled for the GPU. Triton picks the mode when it wraps a function, so this wraps it at the first call in
+    each mode rather than at import."""
+    key = (fn.__name__, bool(knobs.runtime.interpret))
+    if key not in _KERNELS:
+        _KERNELS[key] = triton.jit(fn)
+    return _KERNELS[key]
 
 
 def _fallback(reason: str):
@@ -116,7 +132,7 @@ def _launch(q, k, v, m0, n0, z0):
     m1, n1, z1 = (torch.empty(B, H, D, dtype=torch.float32, device=q.device) for _ in range(3))
     skd = k.stride(3) if k.shape[3] > 1 else 0
     grid = (B * H, triton.cdiv(D, BLOCK_D))
-    _kernel()[grid](
+    _kernel(_simple_forward_kernel)[grid](
         q, k, v, y, m0, n0, z0, m1, n1, z1, T, H, D,
         *q.stride()[:3], *k.stride()[:3], skd, *v.stride()[:3], *y.stride()[:3],
         NEG_KEY=NEG, BLOCK=BLOCK_D,
@@ -193,9 +209,185 @@ def aft_simple_triton(q, k, v, *, causal=True, mask=None, initial_state=None, ou
     return y, AFTState(m, n, z, empty, vm.new_empty(B, 0, H, v.shape[3]), km.new_empty(B, 0, 0))
 
 
+# The decoding step of simple, local and conv: the recurrent forms' step (`ops_aft_window._recurrent`) as one
+# kernel, the variant's window bias an argument of it.
+
+
+def _window_step_kernel(
+    q, k, v, w, y, m0, n0, z0, m1, n1, z1, T, H, D, S,
+    sqb, sqt, sqh, skb, skt, skh, skd, svb, svt, svh, swb, swt, swh, syb, syt, syh,
+    NEG_KEY: tl.constexpr, BLOCK: tl.constexpr, SLOTS: tl.constexpr, HAS_BIAS: tl.constexpr,
+):  # fmt: skip
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    d = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    live = d < D
+    j = tl.arange(0, SLOTS)
+    slot = j <= S  # the S window slots and the token itself; SLOTS is a power of two >= S + 1
+    tile = slot[:, None] & live[None, :]
+    s = bh * D + d
+    m = tl.load(m0 + s, mask=live, other=NEG_KEY)
+    n = tl.load(n0 + s, mask=live, other=0.0)
+    z = tl.load(z0 + s, mask=live, other=0.0)
+    for t in range(T):
+        # token t's window is positions t .. t + S of k and v, the state's slots followed by the tokens
+        at = t + j[:, None]
+        keys = tl.load(k + b * skb + at * skt + h * skh + d[None, :] * skd, mask=tile, other=NEG_KEY)
+        values = tl.load(v + b * svb + at * svt + h * svh + d[None, :], mask=tile, other=0.0)
+        logits = keys
+        if HAS_BIAS:
+            logits = keys + tl.load(w + b * swb + t * swt + h * swh + j, mask=slot, other=0.0)[:, None]
+        logits = tl.where(tile, logits, NEG_KEY)
+        ref = tl.maximum(m, tl.max(logits, axis=0))  # every exponent below is <= 0
+        e = tl.where(tile, tl.exp(logits - ref[None, :]), 0.0)
+        scale = tl.exp(m - ref)
+        den = z * scale + tl.sum(e, axis=0)
+        seen = ref > NEG_KEY / 2  # False only while the row has seen nothing but padding (then y = 0)
+        yt = tl.where(seen, (n * scale + tl.sum(e * values, axis=0)) / tl.where(seen, den, 1.0), 0.0)
+        qt = tl.load(q + b * sqb + t * sqt + h * sqh + d, mask=live, other=0.0).to(tl.float32)
+        tl.store(y + b * syb + t * syt + h * syh + d, (qt * yt).to(y.dtype.element_ty), mask=live)
+        # the oldest slot (the token itself when S = 0) joins the pool; an empty slot or padding adds nothing
+        k0 = tl.load(k + b * skb + t * skt + h * skh + d * skd, mask=live, other=NEG_KEY)
+        v0 = tl.load(v + b * svb + t * svt + h * svh + d, mask=live, other=0.0)
+        real = k0 > NEG_KEY / 2
+        top = tl.maximum(m, k0)
+        old = tl.exp(m - top)
+        new = tl.exp(k0 - top)
+        n = n * old + tl.where(real, v0, 0.0) * new
+        z = z * old + tl.where(real, 1.0, 0.0) * new
+        m = top
+    tl.store(m1 + s, m, mask=live)
+    tl.store(n1 + s, n, mask=live)
+    tl.store(z1 + s, z, mask=live)
+
+
+def _strides(x, dims: int):
+    """x's first `dims` strides, 0 along a dimension of size 1 (broadcast)."""
+    return [x.stride(i) if x.shape[i] > 1 else 0 for i in range(dims)]
+
+
+def _window_step(q, k, v, slots: int, bias, pos_v, mask, initial_state, output_final_state):
+    """The kernel's steps over the T tokens of q, k, v (B, T, H, D) from `initial_state`. `bias(positions)` -> the
+    window bias of token t's s = slots + 1 slots, (B|1, T|1, H|1, s) float32, from the key-side position factors
+    of the slots and tokens (B, slots + T, R) (None: no bias). -> y (dtype of q) and the state as
+    `ops_aft_window._recurrent` leaves it (the pool (m, n, z) unnormalised, in float32)."""
+    check_inputs(q, k, v, mask)
+    km, vm = mask_inputs(k, v, mask)
+    B, T, H, Dk = k.shape
+    D = v.shape[3]
+    rank = pos_v.shape[-1] if pos_v is not None else 0
+    state = initial_state
+    if state is None:
+        state = empty_state(B, H, Dk, D, slots=slots, rank=rank, device=k.device)
+    check_state(state, k, v)
+    if tuple(state.k.shape) != (B, slots, H, Dk) or tuple(state.pos.shape) != (B, slots, rank):
+        raise ValueError(
+            f"initial_state has {state.k.shape[1]} window slots and position factors {tuple(state.pos.shape)}, "
+            f"but this window needs ({B}, {slots}, {rank}): the state belongs to another model."
+        )
+    keys = torch.cat([state.k.to(torch.float32), km], 1)  # (B, S + T, H, Dk)
+    values = torch.cat([state.v.to(torch.float32), vm], 1)
+    positions = state.pos.to(torch.float32)
+    if rank:
+        positions = torch.cat([positions, pos_v.to(torch.float32).expand(B, -1, -1)], 1)
+    w = None if bias is None else bias(positions).to(torch.float32).contiguous()
+    y = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    m1, n1, z1 = (torch.empty(B, H, D, dtype=torch.float32, device=q.device) for _ in range(3))
+    skd = keys.stride(3) if Dk > 1 else 0
+    sw = (0, 0, 0) if w is None else _strides(w, 3)
+    grid = (B * H, triton.cdiv(D, BLOCK_D))
+    _kernel(_window_step_kernel)[grid](
+        q, keys, values, keys if w is None else w, y, *_start(state, B, H, Dk, D, q), m1, n1, z1, T, H, D, slots,
+        *q.stride()[:3], *keys.stride()[:3], skd, *values.stride()[:3], *sw,
+        *y.stride()[:3], NEG_KEY=NEG, BLOCK=BLOCK_D, SLOTS=triton.next_power_of_2(slots + 1), HAS_BIAS=w is not None,
+    )  # fmt: skip
+    if not output_final_state:
+        return y, None
+    window_pos = positions[:, T:] if rank else positions
+    return y, AFTState(m1[..., :Dk], n1, z1[..., :Dk], keys[:, T:], values[:, T:], window_pos)
+
+
+def _step_or_torch_form(torch_form, q, k, v, causal, extra, step):
+    """The kernel's step where it applies, else the torch recurrent form (with one warning per reason)."""
+    if not causal:  # the torch form says why not
+        return torch_form()
+    reason = _uncovered(q, k, v, causal)
+    if reason is None and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, *extra)):
+        reason = "the Triton decoding step has no backward (an input requires grad)"
+    if reason is not None:
+        _fallback(reason)
+        return torch_form()
+    return step()
+
+
 def aft_simple_triton_recurrent(q, k, v, *, causal=True, mask=None, initial_state=None, output_final_state=False):
-    """The decoding step: `aft_simple_recurrent` (no Triton kernel for it yet), said once."""
-    _fallback("the decoding step has no Triton kernel")
-    return aft_simple_recurrent(
-        q, k, v, causal=causal, mask=mask, initial_state=initial_state, output_final_state=output_final_state
+    """`aft_simple_recurrent` by the Triton step where it applies (see the module's text), else that torch form."""
+    state = () if initial_state is None else initial_state
+    return _step_or_torch_form(
+        lambda: aft_simple_recurrent(
+            q, k, v, causal=causal, mask=mask, initial_state=initial_state, output_final_state=output_final_state
+        ),
+        q, k, v, causal, state,
+        lambda: _window_step(q, k, v, 0, None, None, mask, initial_state, output_final_state),
+    )  # fmt: skip
+
+
+def aft_local_triton_recurrent(
+    q, k, v, pos_u, pos_v, window, *, causal=True, mask=None, initial_state=None, output_final_state=False
+):
+    """`aft_local_recurrent` by the Triton step where it applies, else that torch form."""
+    if window < 1:
+        raise ValueError(f"AFT-local needs window >= 1, got window={window}.")
+
+    def bias(positions):  # u_t . (the key-side factors of token t's s slots): (B, T, 1, s)
+        B, T = q.shape[:2]
+        slots = positions.unfold(1, window, 1)  # (B, T, R, s)
+        return torch.einsum("btr,btrs->bts", pos_u.to(torch.float32).expand(B, T, -1), slots)[:, :, None]
+
+    state = () if initial_state is None else initial_state
+    return _step_or_torch_form(
+        lambda: aft_local_recurrent(
+            q, k, v, pos_u, pos_v, window, causal=causal, mask=mask, initial_state=initial_state,
+            output_final_state=output_final_state,
+        ),
+        q, k, v, causal, (pos_u, pos_v, *state),
+        lambda: _window_step(q, k, v, window - 1, bias, pos_v, mask, initial_state, output_final_state),
+    )  # fmt: skip
+
+
+def aft_conv_triton_recurrent(
+    q, k, v, kernel, *, causal=True, mask=None, initial_state=None, output_final_state=False
+):
+    """`aft_conv_recurrent` by the Triton step where it applies, else that torch form. kernel: (H, s)."""
+    state = () if initial_state is None else initial_state
+    return _step_or_torch_form(
+        lambda: aft_conv_recurrent(
+            q, k, v, kernel, causal=causal, mask=mask, initial_state=initial_state,
+            output_final_state=output_final_state,
+        ),
+        q, k, v, causal, (kernel, *state),
+        lambda: _window_step(
+            q, k, v, kernel.shape[-1] - 1, lambda positions: kernel[None, None], None, mask, initial_state,
+            output_final_state,
+        ),
+    )  # fmt: skip
+
+
+def aft_local_triton(
+    q, k, v, pos_u, pos_v, window, *, causal=True, mask=None, initial_state=None, output_final_state=False
+):
+    """Local's parallel form: `aft_local_chunk` (no Triton kernel for it), said once."""
+    _fallback("AFT-local's parallel form has no Triton kernel")
+    return aft_local_chunk(
+        q, k, v, pos_u, pos_v, window, causal=causal, mask=mask, initial_state=initial_state,
+        output_final_state=output_final_state,
+    )  # fmt: skip
+
+
+def aft_conv_triton(q, k, v, kernel, *, causal=True, mask=None, initial_state=None, output_final_state=False):
+    """Conv's parallel form: `aft_conv_chunk` (no Triton kernel for it), said once."""
+    _fallback("AFT-conv's parallel form has no Triton kernel")
+    return aft_conv_chunk(
+        q, k, v, kernel, causal=causal, mask=mask, initial_state=initial_state, output_final_state=output_final_state
     )

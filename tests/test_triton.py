@@ -1,7 +1,8 @@
-"""The "triton" implementation of simple against the torch form, the kernel run by Triton's CPU interpreter.
+"""The "triton" implementation against the torch forms, the kernels run by Triton's CPU interpreter.
 
-Triton reads TRITON_INTERPRET when a kernel is wrapped, and ops_aft_triton wraps it at its first call in each mode,
-so setting the variable in a test (the `interpreter` fixture) is enough, whatever was imported before.
+Triton's standard library (tl.max, tl.sum) is wrapped for the interpreter only if TRITON_INTERPRET is set when triton
+is imported: conftest.py sets it before anything imports aft. ops_aft_triton reads the variable at each call (and
+wraps its own kernels at their first call in each mode), so the `no_interpreter` fixture can turn it off.
 """
 
 import warnings
@@ -16,7 +17,14 @@ from conftest import tiny_config  # noqa: E402
 import aft.ops_aft_triton as tri  # noqa: E402
 from aft import AFTForCausalLM  # noqa: E402
 from aft.ops_aft import get_operator  # noqa: E402
-from aft.ops_aft_window import aft_simple_chunk  # noqa: E402
+from aft.ops_aft_window import (  # noqa: E402
+    aft_conv_chunk,
+    aft_conv_recurrent,
+    aft_local_chunk,
+    aft_local_recurrent,
+    aft_simple_chunk,
+    aft_simple_recurrent,
+)
 
 
 @pytest.fixture
@@ -150,6 +158,119 @@ def test_a_model_trains_and_generates_like_the_torch_one(interpreter):
     for (name, p), b in zip(fast.named_parameters(), base.parameters(), strict=True):
         torch.testing.assert_close(p.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
     kw = {"attention_mask": mask, "max_new_tokens": 3, "do_sample": False}
-    with torch.no_grad(), pytest.warns(UserWarning, match="decoding step has no Triton kernel"):
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # prefill and decoding both by kernels
         tokens = fast.eval().generate(ids, **kw)
     assert torch.equal(tokens, base.eval().generate(ids, **kw))
+
+
+def step_forms(variant, T, H, D, seed=0):
+    """(the Triton step, the torch recurrent form, a prefill form) of a variant with its arguments bound, and the
+    key width."""
+    g = torch.Generator().manual_seed(seed)
+    if variant == "simple":
+
+        def bind(form):
+            return lambda q, k, v, at=0, **kw: form(q, k, v, **kw)
+
+        return bind(tri.aft_simple_triton_recurrent), bind(aft_simple_recurrent), bind(aft_simple_chunk), D
+    if variant == "local":
+        pos_u, pos_v = (torch.randn(1, T, 3, generator=g) for _ in range(2))
+
+        def bind(form):
+            def call(q, k, v, at=0, **kw):  # positions at .. at + len(q) - 1
+                return form(q, k, v, pos_u[:, at : at + q.shape[1]], pos_v[:, at : at + q.shape[1]], 3, **kw)
+
+            return call
+
+        return bind(tri.aft_local_triton_recurrent), bind(aft_local_recurrent), bind(aft_local_chunk), D
+    kernel = torch.randn(H, 4, generator=g)
+
+    def bind(form):
+        return lambda q, k, v, at=0, **kw: form(q, k, v, kernel, **kw)
+
+    return bind(tri.aft_conv_triton_recurrent), bind(aft_conv_recurrent), bind(aft_conv_chunk), 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("variant", ["simple", "local", "conv"])
+def test_the_decoding_step_equals_the_torch_recurrent_form(interpreter, monkeypatch, variant, dtype):
+    """A prefill's state, then steps one token at a time (some padded) and a call of three tokens: every output
+    and every state equal the torch recurrent form's, by the kernel alone."""
+    B, T, H, D = 2, 9, 2, 5
+    step, torch_step, prefill, Dk = step_forms(variant, T, H, D)
+    (q, k, v), mask = inputs(B=B, T=T, H=H, D=D, Dk=Dk, dtype=dtype)
+    mask[1, 5] = 0  # a padded decoding step
+    mask[0, :4] = 0  # a row that has seen only padding when decoding starts
+    with torch.no_grad():
+        _, state = prefill(q[:, :3], k[:, :3], v[:, :3], mask=mask[:, :3], output_final_state=True)
+        mine = theirs = state
+        monkeypatch.setattr(tri, f"aft_{variant}_recurrent", None)  # the torch form would fail if it ran
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for t, n in ((3, 1), (4, 1), (5, 1), (6, 3)):
+                piece = [x[:, t : t + n] for x in (q, k, v)]
+                y, mine = step(*piece, at=t, mask=mask[:, t : t + n], initial_state=mine, output_final_state=True)
+                want, theirs = torch_step(
+                    *piece, at=t, mask=mask[:, t : t + n], initial_state=theirs, output_final_state=True
+                )
+                assert y.dtype == dtype and mine.m.dtype == torch.float32
+                tol = {"atol": 1e-2, "rtol": 1e-2} if dtype == torch.bfloat16 else {"atol": 1e-6, "rtol": 1e-5}
+                torch.testing.assert_close(y, want, **tol)
+                for a, b in zip(mine, theirs, strict=True):
+                    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        assert torch.equal(step(q[:, 3:4], k[:, 3:4], v[:, 3:4], at=3, mask=mask[:, 3:4], initial_state=state)[0][0],
+                           torch.zeros_like(q[0, 3:4]))  # fmt: skip
+
+
+def test_the_decoding_step_from_no_state_and_without_the_kernel(interpreter):
+    """No initial state is the empty one; gradients, float64 and causal=False are the torch form's (the first two
+    said once each)."""
+    (q, k, v), mask = inputs(T=4)
+    with torch.no_grad():
+        y, state = tri.aft_simple_triton_recurrent(q, k, v, mask=mask, output_final_state=True)
+        want, want_state = aft_simple_recurrent(q, k, v, mask=mask, output_final_state=True)
+    torch.testing.assert_close(y, want)
+    for a, b in zip(state, want_state, strict=True):
+        torch.testing.assert_close(a, b)
+    with pytest.warns(UserWarning, match="no backward") as caught:
+        y, _ = tri.aft_simple_triton_recurrent(q, k, v, mask=mask)
+        tri.aft_simple_triton_recurrent(q, k, v, mask=mask)
+    assert len(caught) == 1 and y.requires_grad
+    with pytest.warns(UserWarning, match="float64"):
+        tri.aft_simple_triton_recurrent(q.double(), k.double(), v.double())
+    with pytest.raises(ValueError, match="causal"):
+        tri.aft_simple_triton_recurrent(q, k, v, causal=False)
+
+
+def test_a_state_of_another_window_is_refused(interpreter):
+    step, _, _, _ = step_forms("local", 2, 2, 5)
+    (q, k, v), _ = inputs(T=4)
+    _, state = aft_simple_chunk(q, k, v, output_final_state=True)  # no window slots
+    with torch.no_grad(), pytest.raises(ValueError, match="window slots"):
+        step(q, k, v, initial_state=state)
+
+
+@pytest.mark.parametrize("variant", ["local", "conv"])
+def test_local_and_conv_models_decode_like_the_torch_ones(interpreter, variant):
+    torch.manual_seed(0)
+    base = AFTForCausalLM(tiny_config(variant, num_hidden_layers=1)).eval()
+    fast = AFTForCausalLM(tiny_config(variant, num_hidden_layers=1, aft_implementation="triton")).eval()
+    fast.load_state_dict(base.state_dict())
+    with torch.no_grad():  # a nonzero conv kernel
+        for name, p in base.named_parameters():
+            if "conv_gamma" in name or "conv_beta" in name:
+                p.normal_()
+        fast.load_state_dict(base.state_dict())
+    assert get_operator(variant, "triton").recurrent is getattr(tri, f"aft_{variant}_triton_recurrent")
+    ids = torch.randint(1, 37, (2, 5))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    kw = {"attention_mask": mask, "max_new_tokens": 3, "do_sample": False, "output_logits": True,
+          "return_dict_in_generate": True}  # fmt: skip
+    with torch.no_grad(), pytest.warns(UserWarning, match="parallel form has no Triton kernel"):
+        got = fast.generate(ids, **kw)
+    want = base.generate(ids, **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.logits, want.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

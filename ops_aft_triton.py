@@ -15,9 +15,10 @@ so every exponential is against a reference at least as large as its logit (no g
 (m, n, z) it starts from and ends with is `AFTState`'s pool. Inputs may be float32, bfloat16 or float16; sums are
 float32 and y has the dtype of q.
 
-Gradients: `_SimpleTriton.backward` is not a Triton kernel. It recomputes the torch form (`aft_simple_chunk`) on the
-saved inputs and returns that form's gradients of q, k, v and the initial state, so training with this
-implementation gets the torch form's gradients and pays one torch forward more per backward.
+Gradients: `_SimpleTriton.backward` is a Triton kernel too (`_simple_backward_kernel`): it runs the recurrence again
+to keep each row's weighted mean and log-normaliser, then walks the rows backwards carrying the two sums the
+gradients of k and v need (see the kernel), every exponent <= 0; gradients of q, k, v, the initial state and through
+the final state.
 
     aft_simple_triton_recurrent, aft_local_triton_recurrent, aft_conv_triton_recurrent
 
@@ -148,11 +149,86 @@ def _start(initial_state, B, H, Dk, D, like):
     return tuple(x.to(torch.float32).expand(B, H, D).contiguous() for x in initial_state[:3])
 
 
+def _simple_backward_kernel(
+    dy, q, k, v, m0, n0, z0, dm1, dn1, A, L, dq, dk, dv, dm0, dn0, dz0, T, H, D,
+    sqb, sqt, sqh, skb, skt, skh, skd, svb, svt, svh, syb, syt, syh, sab, sat, sah,
+    NEG_KEY: tl.constexpr, BLOCK: tl.constexpr, HAS_STATE: tl.constexpr,
+):  # fmt: skip
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    d = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    live = d < D
+    s = bh * D + d  # the states are contiguous (B, H, D)
+    m = tl.load(m0 + s, mask=live, other=NEG_KEY)
+    n = tl.load(n0 + s, mask=live, other=0.0)
+    z = tl.load(z0 + s, mask=live, other=0.0)
+    # 1. the forward again, keeping each row's weighted mean A_t = n / z and log-normaliser L_t = m + log z
+    for t in range(T):
+        kt = tl.load(k + b * skb + t * skt + h * skh + d * skd, mask=live, other=NEG_KEY).to(tl.float32)
+        vt = tl.load(v + b * svb + t * svt + h * svh + d, mask=live, other=0.0).to(tl.float32)
+        top = tl.maximum(m, kt)
+        old = tl.exp(m - top)
+        e = tl.where(kt > NEG_KEY / 2, tl.exp(kt - top), 0.0)
+        n = n * old + e * vt
+        z = z * old + e
+        m = top
+        seen = z > 0
+        one = tl.where(seen, z, 1.0)
+        row = b * sab + t * sat + h * sah + d
+        tl.store(A + row, tl.where(seen, n / one, 0.0), mask=live)
+        tl.store(L + row, tl.where(seen, m + tl.log(one), NEG_KEY), mask=live)
+    # 2. backwards over the rows. With g_t = dy_t q_t (0 for a row that has seen only padding), key s receives
+    # dv_s = e^(k_s - L_s) acc1_s and dk_s = e^(k_s - L_s) (v_s acc1_s - acc2_s), where
+    # acc1_s = sum_{t >= s} g_t e^(L_s - L_t) and acc2_s = the same sum of g_t A_t: carried as
+    # acc_s = g_s + e^(L_s - L_{s+1}) acc_{s+1}, every exponent <= 0 (L only grows with t). The final state's
+    # n = A_{T-1} adds its gradient to row T - 1's g; its m = L_{T-1} gives key s dm e^(k_s - L_{T-1}).
+    last = b * sab + (T - 1) * sat + h * sah + d
+    l_end = tl.load(L + last, mask=live, other=NEG_KEY)
+    real_end = l_end > NEG_KEY / 2
+    dm_end = tl.where(real_end, tl.load(dm1 + s, mask=live, other=0.0), 0.0)
+    dn_end = tl.where(real_end, tl.load(dn1 + s, mask=live, other=0.0), 0.0)
+    acc1 = dn_end
+    acc2 = dn_end * tl.load(A + last, mask=live, other=0.0)
+    l_next = l_end
+    for i in range(T):
+        t = T - 1 - i
+        row = b * sab + t * sat + h * sah + d
+        lt = tl.load(L + row, mask=live, other=NEG_KEY)
+        at = tl.load(A + row, mask=live, other=0.0)
+        dyt = tl.load(dy + b * syb + t * syt + h * syh + d, mask=live, other=0.0).to(tl.float32)
+        qt = tl.load(q + b * sqb + t * sqt + h * sqh + d, mask=live, other=0.0).to(tl.float32)
+        g = tl.where(lt > NEG_KEY / 2, dyt * qt, 0.0)
+        f = tl.exp(lt - l_next)
+        acc1 = g + f * acc1
+        acc2 = g * at + f * acc2
+        l_next = lt
+        kt = tl.load(k + b * skb + t * skt + h * skh + d * skd, mask=live, other=NEG_KEY).to(tl.float32)
+        vt = tl.load(v + b * svb + t * svt + h * svh + d, mask=live, other=0.0).to(tl.float32)
+        real = kt > NEG_KEY / 2
+        w = tl.where(real, tl.exp(kt - lt), 0.0)
+        tl.store(dq + row, dyt * at, mask=live)
+        tl.store(dv + row, w * acc1, mask=live)
+        tl.store(dk + row, w * (vt * acc1 - acc2) + tl.where(real, dm_end * tl.exp(kt - l_end), 0.0), mask=live)
+    if HAS_STATE:
+        # the initial pool enters every sum as n0 e^m0 and z0 e^m0 (row -1 of the scan above)
+        m = tl.load(m0 + s, mask=live, other=NEG_KEY)
+        n = tl.load(n0 + s, mask=live, other=0.0)
+        z = tl.load(z0 + s, mask=live, other=0.0)
+        real = m > NEG_KEY / 2
+        p = tl.where(real, tl.exp(m - l_next), 0.0)
+        dn = p * acc1
+        dz = tl.where(real, dm_end * tl.exp(m - l_end), 0.0) - p * acc2
+        tl.store(dn0 + s, dn, mask=live)
+        tl.store(dz0 + s, dz, mask=live)
+        tl.store(dm0 + s, n * dn + z * dz, mask=live)
+
+
 class _SimpleTriton(torch.autograd.Function):
-    """The kernel forward; the torch form's gradients (recomputed in backward: see the module's text).
-    Inputs: q (B, T, H, D), k (masked, float32), v (masked, float32), mask, the initial pool (m0, n0, z0) (Dk
-    wide) or None. Outputs: y and the final pool, canonical as `causal_state` makes it (z = 1 after a real key,
-    m = NEG, n = z = 0 before any)."""
+    """The kernel forward and the kernel backward (`_simple_backward_kernel`, which recomputes the forward's
+    per-row sums rather than keeping them). Inputs: q (B, T, H, D), k (masked, float32), v (masked, float32), mask,
+    the initial pool (m0, n0, z0) (Dk wide) or None. Outputs: y and the final pool, canonical as `causal_state`
+    makes it (z = 1 after a real key, m = NEG, n = z = 0 before any)."""
 
     @staticmethod
     def forward(ctx, q, k, v, mask, m0, n0, z0):
@@ -164,27 +240,34 @@ class _SimpleTriton(torch.autograd.Function):
         m = torch.where(real, m + torch.log(torch.where(real, z, 1.0)), NEG)[..., :Dk]
         n = torch.where(real, n / torch.where(real, z, 1.0), 0.0)
         z = real.to(torch.float32)[..., :Dk]
-        ctx.save_for_backward(q, k, v, mask, m0, n0, z0)
+        ctx.save_for_backward(q, k, v, m0, n0, z0)
         return y, m, n, z
 
     @staticmethod
     def backward(ctx, dy, dm, dn, dz):
-        q, k, v, mask, m0, n0, z0 = ctx.saved_tensors
-        inputs = [None if x is None else x.detach().requires_grad_(need) for x, need in zip(
-            (q, k, v, None, m0, n0, z0), ctx.needs_input_grad, strict=True)]  # fmt: skip
-        qq, kk, vv, _, mm, nn, zz = inputs
-        state = None
-        if mm is not None:
-            B, _, H, Dk = k.shape
-            empty = k.new_empty(B, 0, H, Dk)
-            state = AFTState(mm, nn, zz, empty, v.new_empty(B, 0, H, v.shape[3]), k.new_empty(B, 0, 0))
-        with torch.enable_grad():
-            y, final = aft_simple_chunk(qq, kk, vv, mask=mask, initial_state=state, output_final_state=True)
-            pairs = [(o, g) for o, g in zip((y, final.m, final.n, final.z), (dy, dm, dn, dz), strict=True)]
-            pairs = [(o, g) for o, g in pairs if g is not None and o.requires_grad]
-            wanted = [x for x in inputs if x is not None and x.requires_grad]
-            grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
-        return tuple(next(grads) if x is not None and x.requires_grad else None for x in inputs)
+        q, k, v, m0, n0, z0 = ctx.saved_tensors
+        B, T, H, Dk = k.shape
+        D = v.shape[3]
+        state = None if m0 is None else (m0, n0, z0)
+        start = _start(state, B, H, Dk, D, q)
+        dm_end = torch.zeros(B, H, D, dtype=torch.float32, device=q.device)
+        dm_end[..., :Dk] = dm  # a key per head: its m is one value, counted on channel 0 of the sums below
+        scratch = [torch.empty(B, T, H, D, dtype=torch.float32, device=q.device) for _ in range(5)]
+        A, L, dq, dk, dv = scratch
+        dm0, dn0, dz0 = (torch.empty(B, H, D, dtype=torch.float32, device=q.device) for _ in range(3))
+        skd = k.stride(3) if Dk > 1 else 0
+        grid = (B * H, triton.cdiv(D, BLOCK_D))
+        _kernel(_simple_backward_kernel)[grid](
+            dy, q, k, v, *start, dm_end, dn.to(torch.float32).contiguous(), A, L, dq, dk, dv, dm0, dn0, dz0, T, H, D,
+            *q.stride()[:3], *k.stride()[:3], skd, *v.stride()[:3], *dy.stride()[:3], *A.stride()[:3],
+            NEG_KEY=NEG, BLOCK=BLOCK_D, HAS_STATE=state is not None,
+        )  # fmt: skip
+        if Dk < D:  # one key per head: its gradient sums over the head's channels
+            dk, dm0, dz0 = (x.sum(-1, keepdim=True) for x in (dk, dm0, dz0))
+        grads = [dq.to(q.dtype), dk, dv, None]
+        if state is None:
+            return (*grads, None, None, None)
+        return (*grads, *(g.to(x.dtype) for g, x in zip((dm0, dn0, dz0), state, strict=True)))
 
 
 def aft_simple_triton(q, k, v, *, causal=True, mask=None, initial_state=None, output_final_state=False):

@@ -73,6 +73,35 @@ def test_outputs_states_and_gradients_equal_the_torch_form(interpreter, key_per_
         torch.testing.assert_close(a, b, atol=2e-6, rtol=2e-5)
 
 
+@pytest.mark.parametrize("key_per_head", [False, True])
+def test_the_backward_kernel_gives_the_torch_forms_gradients_of_inputs_and_states(
+    interpreter, monkeypatch, key_per_head
+):
+    """Gradients of q, k, v and of a leaf initial state (one sequence's pool empty, so its first rows see only
+    padding), through the outputs and the final state, by the kernels alone."""
+    (q, k, v), mask = inputs(T=5, Dk=1 if key_per_head else None)
+    with torch.no_grad():
+        prefix_mask = torch.ones(2, 3)
+        prefix_mask[0] = 0  # sequence 0's state is the empty pool
+        _, state = aft_simple_chunk(q[:, :3] + 1, k[:, :3] - 1, v[:, :3], mask=prefix_mask, output_final_state=True)
+    pool = [x.detach().clone().requires_grad_() for x in state[:3]]
+
+    def grads(form):
+        y, final = form(q, k, v, mask=mask, initial_state=state._replace(m=pool[0], n=pool[1], z=pool[2]),
+                        output_final_state=True)  # fmt: skip
+        loss = (y**2).sum() + (final.n * torch.arange(5.0)).sum() + final.m.sum() * 0.5
+        return torch.autograd.grad(loss, (q, k, v, *pool))
+
+    want = grads(aft_simple_chunk)
+
+    def no_torch_form(*args, **kwargs):
+        raise AssertionError("the torch form ran")
+
+    monkeypatch.setattr(tri, "aft_simple_chunk", no_torch_form)
+    for name, a, b in zip(("q", "k", "v", "m0", "n0", "z0"), grads(tri.aft_simple_triton), want, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=2e-5, msg=name)
+
+
 def test_the_kernel_runs_under_the_interpreter_and_says_nothing(interpreter, monkeypatch):
     (q, k, v), mask = inputs()
     want = aft_simple_chunk(q, k, v, mask=mask)[0]
@@ -109,6 +138,10 @@ def test_half_precision_inputs_give_outputs_in_their_dtype(interpreter, dtype):
     assert y.dtype == dtype and state.m.dtype == torch.float32
     torch.testing.assert_close(y, want, atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(state.n, want_state.n, atol=1e-5, rtol=1e-5)
+    for a, b in zip(*(torch.autograd.grad((form(q, k, v, mask=mask)[0].float() ** 2).sum(), (q, k, v))
+                      for form in (tri.aft_simple_triton, aft_simple_chunk)), strict=True):  # fmt: skip
+        assert a.dtype == dtype
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
 
 
 def test_keys_at_plus_minus_60_stay_finite(interpreter):

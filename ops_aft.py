@@ -13,8 +13,8 @@ flat sibling modules (flat, so that a saved folder loads as Hub remote code), to
     ops_aft_reference.py  the literal formula with dense biases, and the *_naive forms built on it
     ops_aft_native.py     "native": compiled CPU kernels, simple's causal forward and the decoding step of
                           simple, local and conv, where no gradient is needed
-    ops_aft_triton.py     "triton" (when triton is installed): Triton kernels for simple's causal forward and the
-                          decoding step of simple, local and conv
+    ops_aft_triton.py     "triton" (when triton is installed): Triton kernels for simple's causal forward and
+                          backward, and the decoding step of simple, local and conv (also their causal forward)
 
 Every sequence form has one signature,
 

@@ -1,5 +1,5 @@
-"""The "triton" implementation: Triton kernels for AFT-simple's causal forward and for the decoding step of simple,
-local and conv.
+"""The "triton" implementation: Triton kernels for AFT-simple's causal forward and backward, and for the decoding step
+of simple, local and conv (which is also local's and conv's causal forward).
 
     aft_simple_triton(q, k, v, *, causal=True, mask=None, initial_state=None, output_final_state=False)
         -> (y, final_state)
@@ -25,8 +25,13 @@ the final state.
 are the recurrent forms (`ops_aft_window._recurrent`, the decoding step) by one kernel, `_window_step_kernel`, with
 the variant's window bias as an argument (none for simple, u_t . the slots' position factors for local, the
 per-head kernel for conv): op for op the torch form's step in float32, from the state's pool and window slots,
-returning the state as that form does. They take no gradient. Local's and conv's parallel forms are the torch
-forms (no Triton kernel), said once.
+returning the state as that form does. They take no gradient.
+
+    aft_local_triton, aft_conv_triton
+
+are local's and conv's causal forward: the same kernel over the whole sequence, the final pool made canonical as
+the parallel forms leave it. Their gradients are not Triton: `_TorchFormGradients` recomputes the torch form
+(`aft_local_chunk`, `aft_conv_chunk`) on the saved inputs in backward and returns its gradients.
 
 What the kernels do not cover runs the torch form instead, with one warning per reason and process: a non-causal
 call, float64 inputs, an empty batch or sequence, CPU tensors unless Triton's interpreter is on (TRITON_INTERPRET=1,
@@ -46,7 +51,7 @@ try:
 except ImportError as error:
     raise ImportError("ops_aft_triton needs triton (pip install triton)") from error
 
-from .ops_aft_core import NEG, AFTState, check_inputs, check_state, empty_state, mask_inputs
+from .ops_aft_core import NEG, AFTState, check_inputs, check_state, empty_state, mask_inputs, pool_as_position
 from .ops_aft_window import (
     aft_conv_chunk,
     aft_conv_recurrent,
@@ -224,6 +229,13 @@ def _simple_backward_kernel(
         tl.store(dm0 + s, n * dn + z * dz, mask=live)
 
 
+def _canonical_pool(m, n, z):
+    """A pool as `causal_state` leaves it, against its own log-normaliser: m + log z, n / z and z = 1 after a real
+    key (m = NEG, n = z = 0 before any)."""
+    m, n = pool_as_position(m, n, z)
+    return m, n, (z > 0).to(z.dtype)
+
+
 class _SimpleTriton(torch.autograd.Function):
     """The kernel forward and the kernel backward (`_simple_backward_kernel`, which recomputes the forward's
     per-row sums rather than keeping them). Inputs: q (B, T, H, D), k (masked, float32), v (masked, float32), mask,
@@ -236,10 +248,8 @@ class _SimpleTriton(torch.autograd.Function):
         D = v.shape[3]
         state = None if m0 is None else (m0, n0, z0)
         y, m, n, z = _launch(q, k, v, *_start(state, B, H, Dk, D, q))
-        real = z > 0
-        m = torch.where(real, m + torch.log(torch.where(real, z, 1.0)), NEG)[..., :Dk]
-        n = torch.where(real, n / torch.where(real, z, 1.0), 0.0)
-        z = real.to(torch.float32)[..., :Dk]
+        m, n, z = _canonical_pool(m, n, z)
+        m, z = m[..., :Dk], z[..., :Dk]
         ctx.save_for_backward(q, k, v, m0, n0, z0)
         return y, m, n, z
 
@@ -387,7 +397,7 @@ def _window_step(q, k, v, slots: int, bias, pos_v, mask, initial_state, output_f
     )  # fmt: skip
     if not output_final_state:
         return y, None
-    window_pos = positions[:, T:] if rank else positions
+    window_pos = positions[:, T:] if rank else positions.clone()  # never an input itself (an autograd output)
     return y, AFTState(m1[..., :Dk], n1, z1[..., :Dk], keys[:, T:], values[:, T:], window_pos)
 
 
@@ -416,18 +426,41 @@ def aft_simple_triton_recurrent(q, k, v, *, causal=True, mask=None, initial_stat
     )  # fmt: skip
 
 
+def _check_factors(pos_u, pos_v, k):
+    """A clear error when local's position factors are not (B|1, T, R) for these inputs."""
+    B, T = k.shape[:2]
+    for name, x in (("pos_u", pos_u), ("pos_v", pos_v)):
+        if x.dim() != 3 or x.shape[0] not in (1, B) or x.shape[1] != T or x.shape[2] != pos_u.shape[-1]:
+            raise ValueError(
+                f"`{name}` has shape {tuple(x.shape)}; with `k` of shape {tuple(k.shape)} it must be "
+                f"(1 or {B}, {T}, R) with the R of `pos_u`: one row of factors per position."
+            )
+
+
+def _local_bias(pos_u, window: int):
+    """Local's window bias for `_window_step`: u_t . the key-side factors of token t's s slots, (B, T, 1, s)."""
+    if window < 1:
+        raise ValueError(f"AFT-local needs window >= 1, got window={window}.")
+
+    def bias(positions):  # positions (B, S + T, R)
+        B, T = positions.shape[0], positions.shape[1] - window + 1
+        slots = positions.unfold(1, window, 1)  # (B, T, R, s)
+        return torch.einsum("btr,btrs->bts", pos_u.to(torch.float32).expand(B, T, -1), slots)[:, :, None]
+
+    return bias
+
+
+def _conv_bias(kernel):
+    """Conv's window bias for `_window_step`: the per-head kernel (H, s), the same for every token."""
+    return lambda positions: kernel[None, None]
+
+
 def aft_local_triton_recurrent(
     q, k, v, pos_u, pos_v, window, *, causal=True, mask=None, initial_state=None, output_final_state=False
 ):
     """`aft_local_recurrent` by the Triton step where it applies, else that torch form."""
-    if window < 1:
-        raise ValueError(f"AFT-local needs window >= 1, got window={window}.")
-
-    def bias(positions):  # u_t . (the key-side factors of token t's s slots): (B, T, 1, s)
-        B, T = q.shape[:2]
-        slots = positions.unfold(1, window, 1)  # (B, T, R, s)
-        return torch.einsum("btr,btrs->bts", pos_u.to(torch.float32).expand(B, T, -1), slots)[:, :, None]
-
+    _check_factors(pos_u, pos_v, k)
+    bias = _local_bias(pos_u, window)
     state = () if initial_state is None else initial_state
     return _step_or_torch_form(
         lambda: aft_local_recurrent(
@@ -451,26 +484,92 @@ def aft_conv_triton_recurrent(
         ),
         q, k, v, causal, (kernel, *state),
         lambda: _window_step(
-            q, k, v, kernel.shape[-1] - 1, lambda positions: kernel[None, None], None, mask, initial_state,
-            output_final_state,
+            q, k, v, kernel.shape[-1] - 1, _conv_bias(kernel), None, mask, initial_state, output_final_state
         ),
     )  # fmt: skip
+
+
+# The causal forward of local and conv: the same window kernel over the whole sequence (one token after another),
+# its final pool made canonical as the parallel forms leave it; gradients by the torch form.
+
+
+class _TorchFormGradients(torch.autograd.Function):
+    """Outputs by `run(*inputs)` (a kernel), gradients of `torch_form(*inputs)`, recomputed in backward on the
+    saved inputs: both return the same tuple of tensors (y and the final state's six)."""
+
+    @staticmethod
+    def forward(ctx, run, torch_form, *inputs):
+        ctx.torch_form = torch_form
+        ctx.save_for_backward(*inputs)
+        return run(*inputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        inputs = [None if x is None else x.detach().requires_grad_(need) for x, need in zip(
+            ctx.saved_tensors, ctx.needs_input_grad[2:], strict=True)]  # fmt: skip
+        wanted = [x for x in inputs if x is not None and x.requires_grad]
+        with torch.enable_grad():
+            outputs = ctx.torch_form(*inputs)
+            pairs = [(o, g) for o, g in zip(outputs, grads, strict=True) if g is not None and o.requires_grad]
+            found = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
+        found = iter(found)
+        return None, None, *(next(found) if x is not None and x.requires_grad else None for x in inputs)
+
+
+def _window_parallel(torch_form, params, slots, window, q, k, v, causal, mask, initial_state, output_final_state):
+    """`torch_form(q, k, v, *params, causal, mask, initial_state, output_final_state)` by the window kernel where it
+    applies, with that form's gradients; else that form, with one warning per reason. params: the variant's
+    tensors; window(*params) -> `_window_step`'s bias function and key-side position factors (or None)."""
+    reason = _uncovered(q, k, v, causal)
+    if reason is not None:
+        _fallback(reason)
+        return torch_form(
+            q, k, v, *params, causal=causal, mask=mask, initial_state=initial_state,
+            output_final_state=output_final_state,
+        )  # fmt: skip
+    if initial_state is not None:
+        check_state(initial_state, k, v)
+    n = len(params)
+
+    def run(q, k, v, mask, *rest):
+        state = None if rest[n] is None else AFTState(*rest[n:])
+        y, final = _window_step(q, k, v, slots, *window(*rest[:n]), mask, state, True)
+        return y, *_canonical_pool(*final[:3]), *final[3:]
+
+    def torch_run(q, k, v, mask, *rest):
+        state = None if rest[n] is None else AFTState(*rest[n:])
+        y, final = torch_form(q, k, v, *rest[:n], mask=mask, initial_state=state, output_final_state=True)
+        return y, *final
+
+    state = (None,) * 6 if initial_state is None else tuple(initial_state)
+    y, *final = _TorchFormGradients.apply(run, torch_run, q, k, v, mask, *params, *state)
+    return y, (AFTState(*final) if output_final_state else None)
 
 
 def aft_local_triton(
     q, k, v, pos_u, pos_v, window, *, causal=True, mask=None, initial_state=None, output_final_state=False
 ):
-    """Local's parallel form: `aft_local_chunk` (no Triton kernel for it), said once."""
-    _fallback("AFT-local's parallel form has no Triton kernel")
-    return aft_local_chunk(
-        q, k, v, pos_u, pos_v, window, causal=causal, mask=mask, initial_state=initial_state,
-        output_final_state=output_final_state,
+    """Causal AFT-local by the window kernel where it applies (gradients by `aft_local_chunk`), else that form."""
+
+    _check_factors(pos_u, pos_v, k)
+
+    def torch_form(q, k, v, pos_u, pos_v, **kw):
+        return aft_local_chunk(q, k, v, pos_u, pos_v, window, **kw)
+
+    return _window_parallel(
+        torch_form, (pos_u, pos_v), window - 1, lambda pos_u, pos_v: (_local_bias(pos_u, window), pos_v), q, k, v,
+        causal, mask, initial_state, output_final_state,
     )  # fmt: skip
 
 
 def aft_conv_triton(q, k, v, kernel, *, causal=True, mask=None, initial_state=None, output_final_state=False):
-    """Conv's parallel form: `aft_conv_chunk` (no Triton kernel for it), said once."""
-    _fallback("AFT-conv's parallel form has no Triton kernel")
-    return aft_conv_chunk(
-        q, k, v, kernel, causal=causal, mask=mask, initial_state=initial_state, output_final_state=output_final_state
-    )
+    """Causal AFT-conv by the window kernel where it applies (gradients by `aft_conv_chunk`), else that form.
+    kernel: (H, s); k: (B, T, H, 1)."""
+
+    def torch_form(q, k, v, kernel, **kw):
+        return aft_conv_chunk(q, k, v, kernel, **kw)
+
+    return _window_parallel(
+        torch_form, (kernel,), kernel.shape[-1] - 1, lambda kernel: (_conv_bias(kernel), None), q, k, v, causal,
+        mask, initial_state, output_final_state,
+    )  # fmt: skip

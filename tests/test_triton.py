@@ -197,32 +197,35 @@ def test_a_model_trains_and_generates_like_the_torch_one(interpreter):
     assert torch.equal(tokens, base.eval().generate(ids, **kw))
 
 
-def step_forms(variant, T, H, D, seed=0):
-    """(the Triton step, the torch recurrent form, a prefill form) of a variant with its arguments bound, and the
-    key width."""
+def binder(variant, T, H, D, seed=0):
+    """bind(form) -> form(q, k, v, at=0, **kw) with the variant's tensors for positions at .. at + len(q) - 1 (a
+    window of 3 for local, a kernel of 4 for conv), the tensors (requiring grad), and the key width."""
     g = torch.Generator().manual_seed(seed)
     if variant == "simple":
-
-        def bind(form):
-            return lambda q, k, v, at=0, **kw: form(q, k, v, **kw)
-
-        return bind(tri.aft_simple_triton_recurrent), bind(aft_simple_recurrent), bind(aft_simple_chunk), D
+        return (lambda form: lambda q, k, v, at=0, **kw: form(q, k, v, **kw)), (), D
     if variant == "local":
-        pos_u, pos_v = (torch.randn(1, T, 3, generator=g) for _ in range(2))
+        pos_u, pos_v = (torch.randn(1, T, 3, generator=g).requires_grad_() for _ in range(2))
 
         def bind(form):
-            def call(q, k, v, at=0, **kw):  # positions at .. at + len(q) - 1
+            def call(q, k, v, at=0, **kw):
                 return form(q, k, v, pos_u[:, at : at + q.shape[1]], pos_v[:, at : at + q.shape[1]], 3, **kw)
 
             return call
 
-        return bind(tri.aft_local_triton_recurrent), bind(aft_local_recurrent), bind(aft_local_chunk), D
-    kernel = torch.randn(H, 4, generator=g)
+        return bind, (pos_u, pos_v), D
+    kernel = torch.randn(H, 4, generator=g).requires_grad_()
+    return (lambda form: lambda q, k, v, at=0, **kw: form(q, k, v, kernel, **kw)), (kernel,), 1
 
-    def bind(form):
-        return lambda q, k, v, at=0, **kw: form(q, k, v, kernel, **kw)
 
-    return bind(tri.aft_conv_triton_recurrent), bind(aft_conv_recurrent), bind(aft_conv_chunk), 1
+def step_forms(variant, T, H, D, seed=0):
+    """(the Triton step, the torch recurrent form, the torch prefill form) of a variant, bound, and the key width."""
+    bind, _, Dk = binder(variant, T, H, D, seed)
+    forms = [getattr(tri, f"aft_{variant}_triton_recurrent"), recurrent_forms[variant], chunk_forms[variant]]
+    return (*(bind(f) for f in forms), Dk)
+
+
+recurrent_forms = {"simple": aft_simple_recurrent, "local": aft_local_recurrent, "conv": aft_conv_recurrent}
+chunk_forms = {"simple": aft_simple_chunk, "local": aft_local_chunk, "conv": aft_conv_chunk}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -277,7 +280,7 @@ def test_the_decoding_step_from_no_state_and_without_the_kernel(interpreter):
 
 
 def test_a_state_of_another_window_is_refused(interpreter):
-    step, _, _, _ = step_forms("local", 2, 2, 5)
+    step, _, _, _ = step_forms("local", 4, 2, 5)
     (q, k, v), _ = inputs(T=4)
     _, state = aft_simple_chunk(q, k, v, output_final_state=True)  # no window slots
     with torch.no_grad(), pytest.raises(ValueError, match="window slots"):
@@ -285,25 +288,73 @@ def test_a_state_of_another_window_is_refused(interpreter):
 
 
 @pytest.mark.parametrize("variant", ["local", "conv"])
-def test_local_and_conv_models_decode_like_the_torch_ones(interpreter, variant):
+def test_local_and_conv_forwards_equal_the_torch_forms(interpreter, monkeypatch, variant):
+    """A prefill and a continuation from its state, with padding: outputs and final states by the window kernel
+    alone (the torch form replaced by a function that fails), then gradients of q, k, v and the variant's tensors
+    through both calls and the final state (the torch form's, recomputed in backward)."""
+    bind, params, Dk = binder(variant, 8, 2, 5)
+    (q, k, v), mask = inputs(B=2, T=8, H=2, D=5, Dk=Dk)
+    mask[0, :5] = 0  # a sequence that has seen only padding when the continuation starts
+
+    def run(form):
+        y1, s1 = form(q[:, :5], k[:, :5], v[:, :5], mask=mask[:, :5], output_final_state=True)
+        y2, s2 = form(q[:, 5:], k[:, 5:], v[:, 5:], at=5, mask=mask[:, 5:], initial_state=s1, output_final_state=True)
+        loss = (y1**2).sum() + y2.sin().sum() + s2.m.sum() + (s2.n * torch.arange(5.0)).sum() + s2.v.sum()
+        return [y1, y2, *s2], loss
+
+    want, loss = run(bind(chunk_forms[variant]))
+    want_grads = torch.autograd.grad(loss, (q, k, v, *params))
+    fast = bind(getattr(tri, f"aft_{variant}_triton"))
+    with torch.no_grad(), monkeypatch.context() as patch, warnings.catch_warnings():
+        patch.setattr(tri, f"aft_{variant}_chunk", None)  # the torch form would fail if it ran
+        warnings.simplefilter("error")
+        got, _ = run(fast)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=2e-5)
+    got, loss = run(fast)
+    for a, b in zip(torch.autograd.grad(loss, (q, k, v, *params)), want_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=2e-5)
+
+
+def test_what_the_window_kernel_does_not_cover_runs_the_torch_form(interpreter):
+    bind, _, _ = binder("local", 6, 2, 5)
+    (q, k, v), mask = inputs()
+    with torch.no_grad(), pytest.warns(UserWarning, match="causal only"):
+        y, _ = bind(tri.aft_local_triton)(q, k, v, causal=False, mask=mask)
+    assert torch.equal(y, bind(aft_local_chunk)(q, k, v, causal=False, mask=mask)[0])
+    with pytest.raises(ValueError, match="`pos_u` has shape"):
+        tri.aft_local_triton(q, k, v, torch.zeros(1, 5, 3), torch.zeros(1, 5, 3), 3)
+
+
+@pytest.mark.parametrize("variant", ["local", "conv"])
+def test_local_and_conv_models_train_and_decode_like_the_torch_ones(interpreter, variant):
     torch.manual_seed(0)
-    base = AFTForCausalLM(tiny_config(variant, num_hidden_layers=1)).eval()
-    fast = AFTForCausalLM(tiny_config(variant, num_hidden_layers=1, aft_implementation="triton")).eval()
-    fast.load_state_dict(base.state_dict())
+    base = AFTForCausalLM(tiny_config(variant, num_hidden_layers=1))
     with torch.no_grad():  # a nonzero conv kernel
         for name, p in base.named_parameters():
             if "conv_gamma" in name or "conv_beta" in name:
                 p.normal_()
-        fast.load_state_dict(base.state_dict())
-    assert get_operator(variant, "triton").recurrent is getattr(tri, f"aft_{variant}_triton_recurrent")
+    fast = AFTForCausalLM(tiny_config(variant, num_hidden_layers=1, aft_implementation="triton"))
+    fast.load_state_dict(base.state_dict())
+    operator = get_operator(variant, "triton")
+    assert (operator.parallel, operator.recurrent) == (
+        getattr(tri, f"aft_{variant}_triton"), getattr(tri, f"aft_{variant}_triton_recurrent"))  # fmt: skip
     ids = torch.randint(1, 37, (2, 5))
     mask = torch.ones_like(ids)
     mask[1, :2] = 0
-    kw = {"attention_mask": mask, "max_new_tokens": 3, "do_sample": False, "output_logits": True,
-          "return_dict_in_generate": True}  # fmt: skip
-    with torch.no_grad(), pytest.warns(UserWarning, match="parallel form has no Triton kernel"):
-        got = fast.generate(ids, **kw)
-    want = base.generate(ids, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # prefill and decoding both by kernels
+        outs = [m(ids, attention_mask=mask, labels=ids) for m in (fast, base)]
+        torch.testing.assert_close(outs[0].logits, outs[1].logits, atol=1e-5, rtol=1e-5)
+        for out in outs:
+            out.loss.backward()
+        for (name, p), b in zip(fast.named_parameters(), base.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
+        kw = {"attention_mask": mask, "max_new_tokens": 3, "do_sample": False, "output_logits": True,
+              "return_dict_in_generate": True}  # fmt: skip
+        with torch.no_grad():
+            got = fast.eval().generate(ids, **kw)
+    want = base.eval().generate(ids, **kw)
     assert torch.equal(got.sequences, want.sequences)
     for a, b in zip(got.logits, want.logits, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -148,9 +148,13 @@ def test_keys_at_plus_minus_60_stay_finite(interpreter):
     (q, k, v), mask = inputs(T=8)
     with torch.no_grad():
         k = torch.where(torch.arange(8)[None, :, None, None] % 2 == 0, 60.0, -60.0).expand_as(k) + k * 0.1
-        y = tri.aft_simple_triton(q, k, v, mask=mask)[0]
-    assert torch.isfinite(y).all()
-    torch.testing.assert_close(y, aft_simple_chunk(q, k, v, mask=mask)[0], atol=1e-5, rtol=1e-5)
+    k.requires_grad_()
+    got, want = (form(q, k, v, mask=mask)[0] for form in (tri.aft_simple_triton, aft_simple_chunk))
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for a, b in zip(*(torch.autograd.grad(y.sin().sum(), (q, k, v)) for y in (got, want)), strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_what_the_kernel_does_not_cover_runs_the_torch_form_with_one_warning(interpreter):
@@ -329,12 +333,12 @@ def test_what_the_window_kernel_does_not_cover_runs_the_torch_form(interpreter):
 @pytest.mark.parametrize("variant", ["local", "conv"])
 def test_local_and_conv_models_train_and_decode_like_the_torch_ones(interpreter, variant):
     torch.manual_seed(0)
-    base = AFTForCausalLM(tiny_config(variant, num_hidden_layers=1))
+    base = AFTForCausalLM(tiny_config(variant, num_hidden_layers=1, num_heads=2))
     with torch.no_grad():  # a nonzero conv kernel
         for name, p in base.named_parameters():
             if "conv_gamma" in name or "conv_beta" in name:
                 p.normal_()
-    fast = AFTForCausalLM(tiny_config(variant, num_hidden_layers=1, aft_implementation="triton"))
+    fast = AFTForCausalLM(tiny_config(variant, num_hidden_layers=1, num_heads=2, aft_implementation="triton"))
     fast.load_state_dict(base.state_dict())
     operator = get_operator(variant, "triton")
     assert (operator.parallel, operator.recurrent) == (

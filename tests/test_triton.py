@@ -179,6 +179,21 @@ def test_cpu_tensors_without_the_interpreter_run_the_torch_form_and_say_so(no_in
     assert torch.equal(y, aft_simple_chunk(q, k, v, mask=mask)[0])
 
 
+@pytest.mark.parametrize("variant", ["simple", "local", "conv"])
+def test_without_the_interpreter_every_form_runs_the_torch_one_and_says_so(no_interpreter, variant):
+    bind, _, Dk = binder(variant, 4, 2, 5)
+    (q, k, v), mask = inputs(T=4, Dk=Dk)
+    forms = [(getattr(tri, f"aft_{variant}_triton"), chunk_forms[variant]),
+             (getattr(tri, f"aft_{variant}_triton_recurrent"), recurrent_forms[variant])]  # fmt: skip
+    with torch.no_grad():
+        for fast, torch_form in forms:
+            tri._WARNED.clear()
+            with pytest.warns(UserWarning, match="TRITON_INTERPRET=1"):
+                y, state = bind(fast)(q, k, v, mask=mask, output_final_state=True)
+            want, want_state = bind(torch_form)(q, k, v, mask=mask, output_final_state=True)
+            assert torch.equal(y, want) and all(torch.equal(a, b) for a, b in zip(state, want_state, strict=True))
+
+
 def test_a_model_trains_and_generates_like_the_torch_one(interpreter):
     assert get_operator("simple", "triton").parallel is tri.aft_simple_triton
     torch.manual_seed(0)

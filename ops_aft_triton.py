@@ -5,15 +5,15 @@ of simple, local and conv (which is also local's and conv's causal forward).
         -> (y, final_state)
 
 has the signature, layouts, padding and state semantics of `aft_simple_chunk`. The kernel runs one program per
-(batch, head, block of channels) and walks the positions in order with the running-max recurrence of
-`aft_simple_recurrent` in float32:
+(batch, head, block of channels) and takes the positions by blocks of ROWS rows: each row a pool of one position,
+a parallel prefix over the block (tl.associative_scan) with the pools' combination (`ops_aft_core.combine`)
 
-    m' = max(m, k_t),  n' = n e^(m - m') + e^(k_t - m') v_t,  z' = z e^(m - m') + e^(k_t - m'),  y_t = q_t n' / z'
+    m = max(m1, m2),  n = n1 e^(m1 - m) + n2 e^(m2 - m),  z = z1 e^(m1 - m) + z2 e^(m2 - m),  y_t = q_t n / z
 
-so every exponential is against a reference at least as large as its logit (no global max), a padded position
-(key NEG) adds nothing and does not advance the state, a row that has seen only padding is 0, and the state
-(m, n, z) it starts from and ends with is `AFTState`'s pool. Inputs may be float32, bfloat16 or float16; sums are
-float32 and y has the dtype of q.
+after the pool of the blocks before, in float32, so every exponential is against a reference at least as large as
+its logit (no global max), a padded position (key NEG) adds nothing and does not advance the state, a row that has
+seen only padding is 0, and the state (m, n, z) it starts from and ends with is `AFTState`'s pool. Inputs may be
+float32, bfloat16 or float16; sums are float32 and y has the dtype of q.
 
 Gradients: `_SimpleTriton.backward` is a Triton kernel too (`_simple_backward_kernel`): it runs the recurrence again
 to keep each row's weighted mean and log-normaliser, then walks the rows backwards carrying the two sums the
@@ -63,16 +63,31 @@ from .ops_aft_window import (
 
 # Channels per program: a power of two (tl.arange), small enough that a head of width 64 is a handful of programs.
 BLOCK_D = 32
+# Rows simple's forward takes at once (a power of two): a parallel prefix over them, the pool carried between blocks.
+ROWS = 64
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _WARNED: set[str] = set()
 _KERNELS: dict[tuple[str, bool], object] = {}
 
 
+def _combine_pools(m1, n1, z1, m2, n2, z2):
+    """Two pools (n, z scaled by e^-m) as one, against the larger reference: `ops_aft_core.combine` in Triton."""
+    m = tl.maximum(m1, m2)
+    a = tl.exp(m1 - m)  # NEG - NEG = 0 where both are empty: an empty pool stays empty
+    b = tl.exp(m2 - m)
+    return m, n1 * a + n2 * b, z1 * a + z2 * b
+
+
+# Wrapped when this module is imported, in the mode Triton is in then, as triton wraps tl.max and tl.sum: the kernels
+# call it, and pass it to tl.associative_scan and tl.reduce.
+_combine = triton.jit(_combine_pools)
+
+
 def _simple_forward_kernel(
     q, k, v, y, m0, n0, z0, m1, n1, z1, T, H, D,
     sqb, sqt, sqh, skb, skt, skh, skd, svb, svt, svh, syb, syt, syh,
-    NEG_KEY: tl.constexpr, BLOCK: tl.constexpr,
+    NEG_KEY: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
     b = bh // H
@@ -83,19 +98,23 @@ def _simple_forward_kernel(
     m = tl.load(m0 + s, mask=live, other=NEG_KEY)
     n = tl.load(n0 + s, mask=live, other=0.0)
     z = tl.load(z0 + s, mask=live, other=0.0)
-    for t in range(T):
-        kt = tl.load(k + b * skb + t * skt + h * skh + d * skd, mask=live, other=NEG_KEY).to(tl.float32)
-        vt = tl.load(v + b * svb + t * svt + h * svh + d, mask=live, other=0.0).to(tl.float32)
-        qt = tl.load(q + b * sqb + t * sqt + h * sqh + d, mask=live, other=0.0).to(tl.float32)
-        top = tl.maximum(m, kt)
-        old = tl.exp(m - top)  # NEG - NEG = 0 before any real key: the empty pool stays empty
-        e = tl.where(kt > NEG_KEY / 2, tl.exp(kt - top), 0.0)
-        n = n * old + e * vt
-        z = z * old + e
-        m = top
-        seen = z > 0
-        yt = tl.where(seen, n / tl.where(seen, z, 1.0), 0.0) * qt
-        tl.store(y + b * syb + t * syt + h * syh + d, yt.to(y.dtype.element_ty), mask=live)
+    for start in range(0, T, ROWS):
+        t = start + tl.arange(0, ROWS)[:, None]
+        tile = (t < T) & live[None, :]
+        kt = tl.load(k + b * skb + t * skt + h * skh + d[None, :] * skd, mask=tile, other=NEG_KEY).to(tl.float32)
+        vt = tl.load(v + b * svb + t * svt + h * svh + d[None, :], mask=tile, other=0.0).to(tl.float32)
+        qt = tl.load(q + b * sqb + t * sqt + h * sqh + d[None, :], mask=tile, other=0.0).to(tl.float32)
+        # each row is a pool of one position (padding: the empty pool); their prefix pools along the rows, then
+        # the pool before the block in front of each
+        real = kt > NEG_KEY / 2
+        rows = (kt, tl.where(real, vt, 0.0), tl.where(real, 1.0, 0.0))
+        pm, pn, pz = tl.associative_scan(rows, 0, _combine)
+        _, pn, pz = _combine(m[None, :], n[None, :], z[None, :], pm, pn, pz)
+        seen = pz > 0
+        yt = tl.where(seen, pn / tl.where(seen, pz, 1.0), 0.0) * qt
+        tl.store(y + b * syb + t * syt + h * syh + d[None, :], yt.to(y.dtype.element_ty), mask=tile)
+        bm, bn, bz = tl.reduce(rows, 0, _combine)  # the block's pool, carried to the next block
+        m, n, z = _combine(m, n, z, bm, bn, bz)
     tl.store(m1 + s, m, mask=live)
     tl.store(n1 + s, n, mask=live)
     tl.store(z1 + s, z, mask=live)
@@ -141,7 +160,7 @@ def _launch(q, k, v, m0, n0, z0):
     _kernel(_simple_forward_kernel)[grid](
         q, k, v, y, m0, n0, z0, m1, n1, z1, T, H, D,
         *q.stride()[:3], *k.stride()[:3], skd, *v.stride()[:3], *y.stride()[:3],
-        NEG_KEY=NEG, BLOCK=BLOCK_D,
+        NEG_KEY=NEG, BLOCK=BLOCK_D, ROWS=min(ROWS, triton.next_power_of_2(T)),
     )  # fmt: skip
     return y, m1, n1, z1
 

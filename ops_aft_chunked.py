@@ -42,10 +42,19 @@ def unskew(m, W: int):
 UNIT_ELEMENTS = 2**19  # elements of a unit's [e v, e] buffer (2 MiB in float32)
 
 
-def _units(T: int, C: int, row: int, rows: int | None = None):
+class _Plan(NamedTuple):
+    """How a chunked Function goes through its sequence: `padded` (some keys may be padding: rows that have seen
+    none are 0), C rows per chunk, `rows` per unit (None: as many as UNIT_ELEMENTS allows)."""
+
+    padded: bool
+    C: int
+    rows: int | None
+
+
+def _units(T: int, row: int, plan: _Plan):
     """[(a, b, c)]: the units of a sequence of T rows, rows a .. b - 1 by chunks of c rows ((b - a) % c == 0).
-    `row`: elements of one row of the buffer; `rows`: rows per unit (default: as many as UNIT_ELEMENTS allows)."""
-    C = min(C, T)
+    `row`: elements of one row of the buffer."""
+    C, rows = min(plan.C, T), plan.rows
     full = T // C * C
     rows = rows or max(C, UNIT_ELEMENTS // max(row, 1) // C * C)
     units = [(a, min(a + rows, full), C) for a in range(0, full, rows)]
@@ -172,14 +181,15 @@ class _SimpleChunked(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, padded: bool, C: int, rows: int | None):
+    def forward(ctx, q, k, v, plan: _Plan):
         B, T, H, Dk = k.shape
         Dv = v.shape[3]
         kf = k.reshape(B, T, H * Dk)
         keep = any(ctx.needs_input_grad[:3])
         E = torch.empty_like(k) if keep else None
         y = q.new_empty(B, T, H, Dv)
-        units = _units(T, C, H * (Dv + Dk), rows)
+        units = _units(T, H * (Dv + Dk), plan)
+        padded = plan.padded
         refs, carries, over = _references(kf, units, padded)
         pool, pools = kf.new_zeros(B, H, Dv + Dk), []
         for (a, b, c), r, carry in zip(units, refs, carries, strict=True):
@@ -227,7 +237,7 @@ class _SimpleChunked(torch.autograd.Function):
             if u:  # into the unit before: the gradient of its pool, in its scale
                 later = _scale_pool(G[:, 0, 0].clone(), ctx.carries[u], Dv)
             _keys_values_grad(chunks(dv), chunks(dk), Es, vs, G[..., :Dv], G[..., Dv:])
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None
 
 
 def simple_chunked(q, k, v, mask, C: int):
@@ -236,7 +246,7 @@ def simple_chunked(q, k, v, mask, C: int):
     uses the exact `_causal_logspace`). Also returns whether every key and value was finite (if not, y is None).
     q: (B, T, H, Dv); k (masked): (B, T, H, Dk); v: (B, T, H, Dv)."""
     for rows in (None, C):
-        y, over, finite = _SimpleChunked.apply(q, k, v, mask is not None, C, rows)
+        y, over, finite = _SimpleChunked.apply(q, k, v, _Plan(mask is not None, C, rows))
         over, finite = host_flags(over, finite)  # one host synchronisation per attempt, after the work
         if not finite or not over:
             return (y if finite else None), finite
@@ -495,15 +505,16 @@ class _BandChunked(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, band, left: int, padded: bool, C: int, rows: int | None):
+    def forward(ctx, q, k, v, band, left: int, plan: _Plan):
         B, T, H, Dk = k.shape
         Dv = v.shape[3]
         kf = k.reshape(B, T, H * Dk)
         keep = any(ctx.needs_input_grad[:4])
         y = q.new_empty(B, T, H, Dv)
         lay = _layout(band, B, H, Dv + Dk)
+        padded, C = plan.padded, plan.C
         reach = -(-left // C)
-        units = _units(T, C, B * H * (Dv + Dk), rows)
+        units = _units(T, B * H * (Dv + Dk), plan)
         refs, carries, over = _references(kf, units, padded)
         G, _, _ = _band_matrix(_band_rows(band, C), reach)
         seen = is_real(torch.cummax(kf[:, :, 0], 1).values) if padded else None  # (B, T): a real key so far
@@ -568,7 +579,7 @@ class _BandChunked(torch.autograd.Function):
             _add_per_row(dG, dGu, lay, B, s)
             _positions_grad(dk, dv, lay.canonical(dXb, s.m), e, v_ctx, s, u == len(ctx.units) - 1)
         dband = _band_grad(dG, ew, off, ctx.left, band.shape[1] > 1)
-        return dq, dk, dv, dband, None, None, None, None
+        return dq, dk, dv, dband, None, None
 
 
 def band_chunked(q, k, v, band, left: int, mask, C: int):
@@ -584,7 +595,7 @@ def band_chunked(q, k, v, band, left: int, mask, C: int):
         k = F.pad(k, (0, 0, 0, 0, 0, pad), value=NEG)
         band = F.pad(band, (0, 0, 0, 0, 0, 0, 0, pad)) if band.shape[1] > 1 else band
     for rows in (None, C):
-        y, over, finite = _BandChunked.apply(q, k, v, band, left, mask is not None or pad > 0, C, rows)
+        y, over, finite = _BandChunked.apply(q, k, v, band, left, _Plan(mask is not None or pad > 0, C, rows))
         over, finite = host_flags(over, finite)  # one host synchronisation per attempt, after the work
         if not finite or not over:
             return (y[:, :T] if finite else None), finite

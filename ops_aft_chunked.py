@@ -301,6 +301,13 @@ def _piece(lay: _Layout, x, p: int, w: int, count: int):
     return x[p : p + count, :w].flatten(2)
 
 
+def _context(x, lo: int, b: int, fill: float = 0.0):
+    """Rows lo .. b - 1 of x (B, T, ...), `fill` before the sequence (a view when lo >= 0)."""
+    if lo >= 0:
+        return x[:, lo:b]
+    return F.pad(x[:, :b], (0,) * (2 * (x.dim() - 2)) + (-lo, 0), value=fill)
+
+
 class _Span(NamedTuple):
     """What a unit of the band covers: rows a .. b - 1, n chunks of c rows; its columns, positions lo .. b - 1 (m
     chunks: the `reach` chunks before its rows and its own; lo < 0 before the sequence); `count` products."""
@@ -376,13 +383,6 @@ def _add_per_row(dG, dGu, lay: _Layout, B: int, s: _Span):
         dG[0, j0:j1] += dGu
     else:
         dG += dGu
-
-
-def _context(x, lo: int, b: int, fill: float = 0.0):
-    """Rows lo .. b - 1 of x (B, T, ...), `fill` before the sequence (a view when lo >= 0)."""
-    if lo >= 0:
-        return x[:, lo:b]
-    return F.pad(x[:, :b], (0,) * (2 * (x.dim() - 2)) + (-lo, 0), value=fill)
 
 
 def _band_columns(e, v, pool, lay: _Layout, n: int, negate: bool = False):

@@ -13,6 +13,8 @@ flat sibling modules (flat, so that a saved folder loads as Hub remote code), to
     ops_aft_reference.py  the literal formula with dense biases, and the *_naive forms built on it
     ops_aft_native.py     "native": compiled CPU kernels, simple's causal forward and the decoding step of
                           simple, local and conv, where no gradient is needed
+    ops_aft_triton.py     "triton" (when triton is installed): Triton kernels for simple's causal forward and
+                          backward, and the decoding step of simple, local and conv (also their causal forward)
 
 Every sequence form has one signature,
 
@@ -269,6 +271,22 @@ register_operator("conv", "naive", AFTOperator(aft_conv_naive, aft_conv_recurren
 register_operator("full", "torch", AFTOperator(aft_full_chunk, aft_full_recurrent, _full_grid))
 register_operator("full", "exact", AFTOperator(aft_full_exact, aft_full_recurrent, _full_exact_grid))
 register_operator("full", "naive", AFTOperator(aft_full_naive, aft_full_recurrent, aft_full_naive_2d))
+
+try:  # an optional dependency: without triton there is no "triton" implementation, and the model loads as ever
+    from .ops_aft_triton import (
+        aft_conv_triton,
+        aft_conv_triton_recurrent,
+        aft_local_triton,
+        aft_local_triton_recurrent,
+        aft_simple_triton,
+        aft_simple_triton_recurrent,
+    )
+except ImportError:
+    pass
+else:
+    register_operator("simple", "triton", AFTOperator(aft_simple_triton, aft_simple_triton_recurrent, _simple_grid))
+    register_operator("local", "triton", AFTOperator(aft_local_triton, aft_local_triton_recurrent, aft_local_2d))
+    register_operator("conv", "triton", AFTOperator(aft_conv_triton, aft_conv_triton_recurrent, aft_conv_2d))
 
 __all__ = [
     "AFT_VARIANTS",

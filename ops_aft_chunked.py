@@ -42,10 +42,19 @@ def unskew(m, W: int):
 UNIT_ELEMENTS = 2**19  # elements of a unit's [e v, e] buffer (2 MiB in float32)
 
 
-def _units(T: int, C: int, row: int, rows: int | None = None):
+class _Plan(NamedTuple):
+    """How a chunked Function goes through its sequence: `padded` (some keys may be padding: rows that have seen
+    none are 0), C rows per chunk, `rows` per unit (None: as many as UNIT_ELEMENTS allows)."""
+
+    padded: bool
+    C: int
+    rows: int | None
+
+
+def _units(T: int, row: int, plan: _Plan):
     """[(a, b, c)]: the units of a sequence of T rows, rows a .. b - 1 by chunks of c rows ((b - a) % c == 0).
-    `row`: elements of one row of the buffer; `rows`: rows per unit (default: as many as UNIT_ELEMENTS allows)."""
-    C = min(C, T)
+    `row`: elements of one row of the buffer."""
+    C, rows = min(plan.C, T), plan.rows
     full = T // C * C
     rows = rows or max(C, UNIT_ELEMENTS // max(row, 1) // C * C)
     units = [(a, min(a + rows, full), C) for a in range(0, full, rows)]
@@ -127,6 +136,38 @@ def _simple_sums(E, v, pool, X=None):
     return X
 
 
+def _simple_sums_grad(G, later):
+    """The gradient of `_simple_sums`' columns [e v, e] from that of its sums G (B, n, c, H, Dv + Dk), in place:
+    suffix sums by chunks of c rows, ended by `later`, the gradient of the pool after the unit. Returns G."""
+    B, n, c, H = G.shape[:4]
+    carry = torch.matmul(_strict_tril(n, G, upper=True), G.sum(2).flatten(2)).view(B, n, H, -1)
+    G[:, :, -1] += carry.add_(later[:, None])
+    _scan_(G.view(B, n, c, -1), reverse=True)
+    return G
+
+
+def _quotient_grad(dn, dz, dy, q, ybar, den):
+    """The gradients of y = q n / z (ybar = n / z, den = z) with respect to n, dn = dy q / z, and with respect to z,
+    negated: dz = dn ybar (summed over the value channels when a head has one key). Written into dn and dz."""
+    _gate_grad(dn, dy, q)
+    dn.div_(den)
+    if dz.shape[-1] == dn.shape[-1]:
+        torch.mul(dn, ybar, out=dz)
+    else:
+        torch.sum(dn * ybar, -1, keepdim=True, out=dz)
+
+
+def _keys_values_grad(dvs, dks, e, v, dn, dz):
+    """dv = e dn and dk = e (v dn - dz) = v dv - e dz: the gradients of v and of k (through e = exp(k - r)) from
+    those of the columns [e v, e] they make, dn and dz (the latter negated). Written into dvs and dks."""
+    torch.mul(e, dn, out=dvs)
+    if dks.shape[-1] == dvs.shape[-1]:
+        torch.mul(v, dvs, out=dks)
+    else:  # one key per head
+        torch.sum(v * dvs, -1, keepdim=True, out=dks)
+    dks.addcmul_(e, dz, value=-1.0)
+
+
 class _SimpleChunked(torch.autograd.Function):
     """y = q * n / z of causal AFT-simple by units (`_units`): forward and backward written out.
 
@@ -140,14 +181,15 @@ class _SimpleChunked(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, padded: bool, C: int, rows: int | None):
+    def forward(ctx, q, k, v, plan: _Plan):
         B, T, H, Dk = k.shape
         Dv = v.shape[3]
         kf = k.reshape(B, T, H * Dk)
         keep = any(ctx.needs_input_grad[:3])
         E = torch.empty_like(k) if keep else None
         y = q.new_empty(B, T, H, Dv)
-        units = _units(T, C, H * (Dv + Dk), rows)
+        units = _units(T, H * (Dv + Dk), plan)
+        padded = plan.padded
         refs, carries, over = _references(kf, units, padded)
         pool, pools = kf.new_zeros(B, H, Dv + Dk), []
         for (a, b, c), r, carry in zip(units, refs, carries, strict=True):
@@ -187,29 +229,15 @@ class _SimpleChunked(torch.autograd.Function):
             if ctx.padded:
                 den.masked_fill_(den == 0, 1.0)
             ybar = num.div_(den)
-            if dq is not None:
+            if dq is not None:  # the gate's gradient: dq = dy ybar
                 torch.mul(gs, ybar, out=chunks(dq))
-            G = X.new_empty(X.shape)
-            ga, gb = G[..., :Dv], G[..., Dv:]
-            _gate_grad(ga, gs, qs)
-            ga.div_(den)  # a = dy q / z
-            if Dk == Dv:
-                torch.mul(ga, ybar, out=gb)  # b = a y (the gradient of z is -b)
-            else:
-                torch.sum(ga * ybar, -1, keepdim=True, out=gb)
-            n = G.shape[1]
-            carry = torch.matmul(_strict_tril(n, G, upper=True), G.sum(2).flatten(2)).view(B, n, H, -1)
-            G[:, :, -1] += carry.add_(later[:, None])
-            _scan_(G.view(B, n, c, -1), reverse=True)
+            G = X.new_empty(X.shape)  # the sums' gradient [a, b], then the columns' [A, B]
+            _quotient_grad(G[..., :Dv], G[..., Dv:], gs, qs, ybar, den)
+            _simple_sums_grad(G, later)
             if u:  # into the unit before: the gradient of its pool, in its scale
                 later = _scale_pool(G[:, 0, 0].clone(), ctx.carries[u], Dv)
-            dvs, dks = chunks(dv), chunks(dk)
-            torch.mul(Es, ga, out=dvs)  # dv = e A
-            if Dk == Dv:  # dk = e (v A - B) = v dv - e B
-                torch.mul(vs, dvs, out=dks).addcmul_(Es, gb, value=-1.0)
-            else:
-                torch.mul(Es, (vs * ga).sum(-1, keepdim=True).sub_(gb), out=dks)
-        return dq, dk, dv, None, None, None
+            _keys_values_grad(chunks(dv), chunks(dk), Es, vs, G[..., :Dv], G[..., Dv:])
+        return dq, dk, dv, None
 
 
 def simple_chunked(q, k, v, mask, C: int):
@@ -218,7 +246,7 @@ def simple_chunked(q, k, v, mask, C: int):
     uses the exact `_causal_logspace`). Also returns whether every key and value was finite (if not, y is None).
     q: (B, T, H, Dv); k (masked): (B, T, H, Dk); v: (B, T, H, Dv)."""
     for rows in (None, C):
-        y, over, finite = _SimpleChunked.apply(q, k, v, mask is not None, C, rows)
+        y, over, finite = _SimpleChunked.apply(q, k, v, _Plan(mask is not None, C, rows))
         over, finite = host_flags(over, finite)  # one host synchronisation per attempt, after the work
         if not finite or not over:
             return (y if finite else None), finite
@@ -273,6 +301,41 @@ def _piece(lay: _Layout, x, p: int, w: int, count: int):
     return x[p : p + count, :w].flatten(2)
 
 
+def _context(x, lo: int, b: int, fill: float = 0.0):
+    """Rows lo .. b - 1 of x (B, T, ...), `fill` before the sequence (a view when lo >= 0)."""
+    if lo >= 0:
+        return x[:, lo:b]
+    return F.pad(x[:, :b], (0,) * (2 * (x.dim() - 2)) + (-lo, 0), value=fill)
+
+
+class _Span(NamedTuple):
+    """What a unit of the band covers: rows a .. b - 1, n chunks of c rows; its columns, positions lo .. b - 1 (m
+    chunks: the `reach` chunks before its rows and its own; lo < 0 before the sequence); `count` products."""
+
+    a: int
+    b: int
+    c: int
+    n: int
+    m: int
+    lo: int
+    count: int
+
+    def rows(self, x):
+        """Rows a .. b - 1 of x (B, T, ...) by chunks: (B, n, c, ...)."""
+        return x[:, self.a : self.b].unflatten(1, (self.n, self.c))
+
+    def columns(self, x, fill: float = 0.0):
+        """Positions lo .. b - 1 of x (B, T, ...) by chunks, `fill` before the sequence: (B, m, c, ...)."""
+        return _context(x, self.lo, self.b, fill).unflatten(1, (self.m, self.c))
+
+
+def _span(unit, reach: int, lay: _Layout) -> _Span:
+    a, b, c = unit
+    n = (b - a) // c
+    m = n + reach
+    return _Span(a, b, c, n, m, a - reach * c, lay.count(n, m))
+
+
 def _band_rows(band, C: int):
     """The window bias of every row: (Bb, nC, C, W) for a bias row per position, else (Hb, C, W) per kernel."""
     if band.shape[1] == 1:
@@ -297,21 +360,29 @@ def _band_matrix(w, reach: int):
     return [first] + [G[..., p * c : (p + 1) * c] for p in range(1, reach + 1)], ew, off
 
 
-def _per_entry(G, lay: _Layout, B: int, j0: int, n: int, m: int, count: int):
+def _per_entry(G, lay: _Layout, B: int, s: _Span):
     """A unit's coefficients in the order of the products' batch: per bias row (Bb, nC, c, K) -> chunks j0 ..
-    j0 + n - 1, for "rows" entry b m + j for chunk j0 + j of sample b (zeros where the product is not used)."""
+    j0 + n - 1 (j0 = a / c), for "rows" entry b m + j for chunk j0 + j of sample b (zeros where the product is not
+    used)."""
+    j0, n, m = s.a // s.c, s.n, s.m
     if lay.kind == "kernels":
         return G
     if lay.kind == "shared":
         return [g[0, j0 : j0 + n] for g in G]
-    return [F.pad(g[:, j0 : j0 + n], (0, 0, 0, 0, 0, m - n)).expand(B, -1, -1, -1).flatten(0, 1)[:count] for g in G]
+    return [F.pad(g[:, j0 : j0 + n], (0, 0, 0, 0, 0, m - n)).expand(B, -1, -1, -1).flatten(0, 1)[: s.count] for g in G]
 
 
-def _context(x, lo: int, b: int, fill: float = 0.0):
-    """Rows lo .. b - 1 of x (B, T, ...), `fill` before the sequence (a view when lo >= 0)."""
-    if lo >= 0:
-        return x[:, lo:b]
-    return F.pad(x[:, :b], (0,) * (2 * (x.dim() - 2)) + (-lo, 0), value=fill)
+def _add_per_row(dG, dGu, lay: _Layout, B: int, s: _Span):
+    """dG (the coefficients' gradient per bias row, as `_band_matrix`'s w) += a unit's dGu, in the order of the
+    products' batch: the inverse of `_per_entry`."""
+    j0, j1 = s.a // s.c, s.b // s.c
+    if lay.kind == "rows":  # per sample and chunk -> per bias row
+        dGu = F.pad(dGu, (0, 0, 0, 0, 0, B * s.m - s.count)).view(B, s.m, s.c, -1)[:, : s.n]
+        dG[:, j0:j1] += dGu.sum(0, keepdim=True) if dG.shape[0] < B else dGu
+    elif lay.kind == "shared":
+        dG[0, j0:j1] += dGu
+    else:
+        dG += dGu
 
 
 def _band_columns(e, v, pool, lay: _Layout, n: int, negate: bool = False):
@@ -336,6 +407,90 @@ def _band_columns(e, v, pool, lay: _Layout, n: int, negate: bool = False):
     return X, carry[:, -1] + tot[:, -1]
 
 
+def _band_products(Gu, X, lay: _Layout, s: _Span):
+    """The unit's row sums Y = [n, z] (in the layout's buffer, c rows per chunk): per chunk, its coefficients on
+    each chunk it reads (Gu, `_per_entry`) times that chunk's columns X (`_band_columns`), the first with the
+    carry row."""
+    Yb = X.new_empty(lay.shape(s.c, s.m))
+    Yg = _piece(lay, Yb, 0, s.c, s.count)
+    torch.bmm(Gu[0], _piece(lay, X, 0, s.c + 1, s.count), out=Yg)
+    for p in range(1, len(Gu)):
+        Yg.baddbmm_(Gu[p], _piece(lay, X, p, s.c, s.count))
+    return Yb
+
+
+def _transposed_pieces(G, C: int):
+    """`_band_matrix`'s pieces transposed, for the gradient of the columns (`_band_products_grad`): piece 0 without
+    its carry column and with a column of ones (the gradient of a chunk's carry row goes to every column of the
+    chunk, which the carries of the chunks after it sum), the others as they are; and apart, the carry column's."""
+    Gt = [torch.cat([G[0][..., :C].transpose(-1, -2), torch.ones_like(G[0][..., :1])], -1)]
+    return Gt + [g.transpose(-1, -2) for g in G[1:]], G[0][..., C:].transpose(-1, -2)
+
+
+def _carry_grad(dYb, Gc, lay: _Layout, s: _Span, later):
+    """The gradient of `_band_columns`' carries (each chunk's pool of the positions before its columns) from that of
+    the row sums (dYb, rows :c), through the carry's coefficients Gc (`_transposed_pieces`, per entry); and into
+    each chunk's carry row of dYb (row c), the gradient of the chunk's column totals: the carries of the chunks
+    after it and `later`, the gradient of the pool after the unit. Returns the carries' gradient (B, n, H, Wc)."""
+    dcarry = dYb.new_empty(lay.shape(1, s.m))
+    torch.bmm(Gc, _piece(lay, dYb, 0, s.c, s.count), out=_piece(lay, dcarry, 0, 1, s.count))
+    dcarry = lay.canonical(dcarry, s.m)[:, : s.n, 0]  # (B, n, H, Wc)
+    dtot = torch.matmul(_strict_tril(s.n, dcarry, upper=True), dcarry.flatten(2)).view_as(dcarry)
+    lay.canonical(dYb, s.m)[:, : s.n, s.c].copy_(dtot.add_(later[:, None]))
+    return dcarry
+
+
+def _band_products_grad(Gtu, dYb, X, lay: _Layout, s: _Span):
+    """The gradient of `_band_products` from that of its row sums and carry rows dYb (B, m, c + 1, H, Wc in the
+    layout's buffer): of the columns X (the buffer of `_band_columns`, without the carry row) through the transposed
+    pieces Gtu (`_transposed_pieces`, per entry), and of the coefficients on each chunk read (the pieces side by
+    side, in the order of the products' batch)."""
+    c, count = s.c, s.count
+    dYg = _piece(lay, dYb, 0, c, count)
+    dXb = X.new_empty(lay.shape(c, s.m))
+    torch.bmm(Gtu[0], _piece(lay, dYb, 0, c + 1, count), out=_piece(lay, dXb, 0, c, count))
+    _piece(lay, dXb, count, c, len(Gtu) - 1).zero_()
+    dGu = [torch.bmm(dYg, _piece(lay, X, 0, c, count).transpose(1, 2))]
+    for p in range(1, len(Gtu)):
+        _piece(lay, dXb, p, c, count).baddbmm_(Gtu[p], dYg)
+        dGu.append(torch.bmm(dYg, _piece(lay, X, p, c, count).transpose(1, 2)))
+    return dXb, torch.cat(dGu, -1)
+
+
+def _positions_grad(dk, dv, dX, e, v, s: _Span, last: bool):
+    """The gradient of the unit's columns dX (B, m, c, H, Wc) back to dk and dv at its positions lo .. b - 1
+    (`_keys_values_grad`; e, v: the columns' (B, m, c, H, D)). Units go in reverse: the positions of the first n
+    chunks are met here first (written), those of the last `reach` chunks were also read by the unit after this
+    one (added); positions before the sequence are dropped."""
+    B, m, c, H, Dv = v.shape
+    Dk = e.shape[-1]
+    for c0, c1 in ((0, m),) if last else ((0, s.n), (s.n, m)):
+        p0, p1 = s.lo + c0 * c, s.lo + c1 * c
+        if p1 <= 0:  # before the sequence
+            continue
+        direct = p0 >= 0 and (last or c0 == 0)
+        if direct:
+            dvs, dks = dv[:, p0:p1].unflatten(1, (-1, c)), dk[:, p0:p1].unflatten(1, (-1, c))
+        else:
+            dvs, dks = e.new_empty(B, c1 - c0, c, H, Dv), e.new_empty(B, c1 - c0, c, H, Dk)
+        _keys_values_grad(dvs, dks, e[:, c0:c1], v[:, c0:c1], dX[:, c0:c1, :, :, :Dv], dX[:, c0:c1, :, :, Dv:])
+        if not direct:
+            start = max(p0, 0)
+            for grad, x in ((dv, dvs), (dk, dks)):
+                x = x.flatten(1, 2)[:, start - p0 :]
+                if c0 == 0:
+                    grad[:, start:p1].copy_(x)
+                else:
+                    grad[:, start:p1] += x
+
+
+def _band_grad(dG, ew, off: int, left: int, per_position: bool):
+    """The band's gradient (B|1, T, 1, 1, W) per position, else (1, 1, H|1, 1, W), from dG, the coefficients'
+    gradient on the columns read: `_band_matrix`'s exp(w - g) times its window entries (g carries no gradient)."""
+    dw = unskew(dG[..., off:], left + 1).mul_(ew)  # (Bb, nC, C, W) or (Hb, C, W)
+    return dw.flatten(1, 2)[:, :, None, None] if per_position else dw.sum(1)[None, None, :, None]
+
+
 class _BandChunked(torch.autograd.Function):
     """Causal AFT with a window band (local, conv) by units (`_units`), forward and backward written out.
 
@@ -350,40 +505,33 @@ class _BandChunked(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, band, left: int, padded: bool, C: int, rows: int | None):
+    def forward(ctx, q, k, v, band, left: int, plan: _Plan):
         B, T, H, Dk = k.shape
         Dv = v.shape[3]
         kf = k.reshape(B, T, H * Dk)
         keep = any(ctx.needs_input_grad[:4])
         y = q.new_empty(B, T, H, Dv)
         lay = _layout(band, B, H, Dv + Dk)
+        padded, C = plan.padded, plan.C
         reach = -(-left // C)
-        units = _units(T, C, B * H * (Dv + Dk), rows)
+        units = _units(T, B * H * (Dv + Dk), plan)
         refs, carries, over = _references(kf, units, padded)
         G, _, _ = _band_matrix(_band_rows(band, C), reach)
         seen = is_real(torch.cummax(kf[:, :, 0], 1).values) if padded else None  # (B, T): a real key so far
         pool, saved, lows = kf.new_zeros(B, H, Dv + Dk), [], []
-        for (a, b, c), r, carry in zip(units, refs, carries, strict=True):
-            n = (b - a) // c
-            m, lo = n + reach, a - reach * c
-            count = lay.count(n, m)
-            e = exp_(torch.sub(_context(k, lo, b, NEG), r.view(B, 1, H, Dk))).unflatten(1, (m, c))
-            v_ctx = _context(v, lo, b).unflatten(1, (m, c))
-            X, pool_next = _band_columns(e, v_ctx, _scale_pool(pool, carry, Dv), lay, n)
-            Gu = _per_entry(G, lay, B, a // c, n, m, count)
-            Yb = X.new_empty(lay.shape(c, m))
-            Yg = _piece(lay, Yb, 0, c, count)
-            torch.bmm(Gu[0], _piece(lay, X, 0, c + 1, count), out=Yg)
-            for p in range(1, reach + 1):
-                Yg.baddbmm_(Gu[p], _piece(lay, X, p, c, count))
-            Y = lay.canonical(Yb, m)[:, :n]  # (B, n, c, H, Wc)
+        for unit, r, carry in zip(units, refs, carries, strict=True):
+            s = _span(unit, reach, lay)
+            e = exp_(torch.sub(s.columns(k, NEG), r.view(B, 1, 1, H, Dk)))
+            X, pool_next = _band_columns(e, s.columns(v), _scale_pool(pool, carry, Dv), lay, s.n)
+            Yb = _band_products(_per_entry(G, lay, B, s), X, lay, s)
+            Y = lay.canonical(Yb, s.m)[:, : s.n]  # (B, n, c, H, Wc)
             num, den = Y[..., :Dv], Y[..., Dv:]
             if padded:  # rows that have seen only padding: z = 0 and n = 0, so y = 0
-                lows.append(den.masked_fill(~seen[:, a:b].view(B, n, c, 1, 1), torch.inf).amin())
+                lows.append(den.masked_fill(~s.rows(seen)[..., None, None], torch.inf).amin())
                 den.masked_fill_(den == 0, 1.0)
             else:
                 lows.append(den.amin())
-            _gate_into(y[:, a:b].unflatten(1, (n, c)), num.div_(den), q[:, a:b].unflatten(1, (n, c)))
+            _gate_into(s.rows(y), num.div_(den), s.rows(q))
             if keep:
                 saved.append((e, Yb, pool))
             pool = pool_next
@@ -399,100 +547,39 @@ class _BandChunked(torch.autograd.Function):
     def backward(ctx, dy, *_):
         q, v, band = ctx.saved_tensors
         B, T, H, Dv = v.shape
-        left = ctx.left
         Dk = ctx.saved[0][0].shape[-1]
-        Wc = Dv + Dk
-        lay = _layout(band, B, H, Wc)
+        lay = _layout(band, B, H, Dv + Dk)
         C = ctx.units[0][2]
-        reach = -(-left // C)
+        reach = -(-ctx.left // C)
         G, ew, off = _band_matrix(_band_rows(band, C), reach)
-        # the products for the columns' gradient: piece 0 also hands each chunk's carry gradient to its columns
-        Gt = [torch.cat([G[0][..., :C].transpose(-1, -2), torch.ones_like(G[0][..., :1])], -1)]
-        Gt += [g.transpose(-1, -2) for g in G[1:]] + [G[0][..., C:].transpose(-1, -2)]  # last: the carry's
+        Gt, Gc = _transposed_pieces(G, C)
         dG = ew.new_zeros(*ew.shape[:-1], (reach + 1) * C)  # the coefficients' gradient on the columns read
         dq = torch.empty_like(q) if ctx.needs_input_grad[0] else None
         dk = v.new_empty(B, T, H, Dk)
         dv = torch.empty_like(v)
-        later = v.new_zeros(B, H, Wc)  # the gradient of the pool after the unit (of its e part: negated)
+        later = v.new_zeros(B, H, Dv + Dk)  # the gradient of the pool after the unit (of its e part: negated)
         for u in range(len(ctx.units) - 1, -1, -1):
-            (a, b, c), (e, Yb, pool) = ctx.units[u], ctx.saved[u]
-            n = (b - a) // c
-            m, lo = n + reach, a - reach * c
-            count = lay.count(n, m)
-            v_ctx = _context(v, lo, b).unflatten(1, (m, c))
-            X, _ = _band_columns(e, v_ctx, pool, lay, n, negate=True)
-            Gtu = _per_entry(Gt, lay, B, a // c, n, m, count)
-            Y = lay.canonical(Yb, m)[:, :n]
+            s, (e, Yb, pool) = _span(ctx.units[u], reach, lay), ctx.saved[u]
+            v_ctx = s.columns(v)
+            X, _ = _band_columns(e, v_ctx, pool, lay, s.n, negate=True)
+            Y = lay.canonical(Yb, s.m)[:, : s.n]
             ybar, den = Y[..., :Dv], Y[..., Dv:]
-            gs, qs = dy[:, a:b].unflatten(1, (n, c)), q[:, a:b].unflatten(1, (n, c))
-            if dq is not None:
-                torch.mul(gs, ybar, out=dq[:, a:b].unflatten(1, (n, c)))
-            # dY = [a, b] with a = dy q / z, b = a y / q: the gradients of n and (negated, like X's) of z
-            dYb = Yb.new_empty(lay.shape(c + 1, m))
-            dY = lay.canonical(dYb, m)  # (B, m, c + 1, H, Wc)
-            ga, gb = dY[:, :n, :c, :, :Dv], dY[:, :n, :c, :, Dv:]
-            _gate_grad(ga, gs, qs)
-            ga.div_(den)
-            if Dk == Dv:
-                torch.mul(ga, ybar, out=gb)
-            else:
-                torch.sum(ga * ybar, -1, keepdim=True, out=gb)
-            dY[:, n:].zero_()  # the products that straddle two samples
-            dYg = _piece(lay, dYb, 0, c, count)
-            # the carry: the pool before each chunk's columns, and through the pool after the unit, every later row
-            dcarry = X.new_empty(lay.shape(1, m))
-            torch.bmm(Gtu[-1], dYg, out=_piece(lay, dcarry, 0, 1, count))
-            dcarry = lay.canonical(dcarry, m)[:, :n, 0]  # (B, n, H, Wc)
-            dtot = torch.matmul(_strict_tril(n, dcarry, upper=True), dcarry.flatten(2)).view_as(dcarry)
-            dY[:, :n, c].copy_(dtot.add_(later[:, None]))
+            gs = s.rows(dy)
+            if dq is not None:  # the gate's gradient: dq = dy ybar
+                torch.mul(gs, ybar, out=s.rows(dq))
+            # the row sums' gradient [a, b] (b negated, like X's e part), then the carry rows'
+            dYb = Yb.new_empty(lay.shape(s.c + 1, s.m))
+            dY = lay.canonical(dYb, s.m)  # (B, m, c + 1, H, Wc)
+            _quotient_grad(dY[:, : s.n, : s.c, :, :Dv], dY[:, : s.n, : s.c, :, Dv:], gs, s.rows(q), ybar, den)
+            dY[:, s.n :].zero_()  # the products that straddle two samples
+            dcarry = _carry_grad(dYb, _per_entry([Gc], lay, B, s)[0], lay, s, later)
             if u:  # into the unit before: the gradient of its pool, in its scale
                 later = _scale_pool(dcarry.sum(1).add_(later), ctx.carries[u], Dv)
-            # the columns' gradient (at positions lo .. b - 1) and the coefficients', one piece per chunk read
-            dXb = X.new_empty(lay.shape(c, m))
-            torch.bmm(Gtu[0], _piece(lay, dYb, 0, c + 1, count), out=_piece(lay, dXb, 0, c, count))
-            _piece(lay, dXb, count, c, reach).zero_()
-            dGu = [torch.bmm(dYg, _piece(lay, X, 0, c, count).transpose(1, 2))]
-            for p in range(1, reach + 1):
-                _piece(lay, dXb, p, c, count).baddbmm_(Gtu[p], dYg)
-                dGu.append(torch.bmm(dYg, _piece(lay, X, p, c, count).transpose(1, 2)))
-            dGu = torch.cat(dGu, -1)
-            if lay.kind == "rows":  # per sample and chunk -> per bias row
-                dGu = F.pad(dGu, (0, 0, 0, 0, 0, B * m - count)).view(B, m, c, -1)[:, :n]
-                dG[:, a // c : b // c] += dGu.sum(0, keepdim=True) if dG.shape[0] < B else dGu
-            elif lay.kind == "shared":
-                dG[0, a // c : b // c] += dGu
-            else:
-                dG += dGu
-            # back to the positions: dv = e dX_n, dk = e (v dX_n - dX_z) = v dv - e dX_z; the rows from
-            # b - reach c on were also read by the unit after this one (their gradient is added)
-            dX = lay.canonical(dXb, m)  # (B, m, c, H, Wc)
-            last = u == len(ctx.units) - 1
-            for c0, c1 in ((0, m),) if last else ((0, n), (n, m)):
-                p0, p1 = lo + c0 * c, lo + c1 * c
-                if p1 <= 0:  # before the sequence
-                    continue
-                direct = p0 >= 0 and (last or c0 == 0)
-                if direct:
-                    dvs, dks = dv[:, p0:p1].unflatten(1, (-1, c)), dk[:, p0:p1].unflatten(1, (-1, c))
-                else:
-                    dvs, dks = e.new_empty(B, c1 - c0, c, H, Dv), e.new_empty(B, c1 - c0, c, H, Dk)
-                torch.mul(e[:, c0:c1], dX[:, c0:c1, :, :, :Dv], out=dvs)
-                if Dk == Dv:
-                    torch.mul(v_ctx[:, c0:c1], dvs, out=dks)
-                else:
-                    torch.sum(v_ctx[:, c0:c1] * dvs, -1, keepdim=True, out=dks)
-                dks.addcmul_(e[:, c0:c1], dX[:, c0:c1, :, :, Dv:], value=-1.0)
-                if not direct:
-                    start = max(p0, 0)
-                    for grad, x in ((dv, dvs), (dk, dks)):
-                        x = x.flatten(1, 2)[:, start - p0 :]
-                        if c0 == 0:
-                            grad[:, start:p1].copy_(x)
-                        else:
-                            grad[:, start:p1] += x
-        dw = unskew(dG[..., off:], left + 1).mul_(ew)  # (Bb, nC, C, W) or (Hb, C, W)
-        dband = dw.flatten(1, 2)[:, :, None, None] if band.shape[1] > 1 else dw.sum(1)[None, None, :, None]
-        return dq, dk, dv, dband, None, None, None, None
+            dXb, dGu = _band_products_grad(_per_entry(Gt, lay, B, s), dYb, X, lay, s)
+            _add_per_row(dG, dGu, lay, B, s)
+            _positions_grad(dk, dv, lay.canonical(dXb, s.m), e, v_ctx, s, u == len(ctx.units) - 1)
+        dband = _band_grad(dG, ew, off, ctx.left, band.shape[1] > 1)
+        return dq, dk, dv, dband, None, None
 
 
 def band_chunked(q, k, v, band, left: int, mask, C: int):
@@ -508,7 +595,7 @@ def band_chunked(q, k, v, band, left: int, mask, C: int):
         k = F.pad(k, (0, 0, 0, 0, 0, pad), value=NEG)
         band = F.pad(band, (0, 0, 0, 0, 0, 0, 0, pad)) if band.shape[1] > 1 else band
     for rows in (None, C):
-        y, over, finite = _BandChunked.apply(q, k, v, band, left, mask is not None or pad > 0, C, rows)
+        y, over, finite = _BandChunked.apply(q, k, v, band, left, _Plan(mask is not None or pad > 0, C, rows))
         over, finite = host_flags(over, finite)  # one host synchronisation per attempt, after the work
         if not finite or not over:
             return (y[:, :T] if finite else None), finite

@@ -109,6 +109,16 @@ def host_flags(*flags: torch.Tensor) -> list[bool]:
     return [bool(x) for x in torch.stack(flags).tolist()]
 
 
+class CallOptions(NamedTuple):
+    """The options every form takes after its inputs (`causal`, `mask`, `initial_state`, `output_final_state`),
+    as the public form was called: built once by it and handed to the code it shares with the other forms."""
+
+    causal: bool
+    mask: torch.Tensor | None
+    initial_state: tuple | None  # the form's state: AFTState, or FullState for full
+    output_final_state: bool
+
+
 def gate(q: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """sigma_q(Q) * y, returned in the dtype of q."""
     return (q.to(y.dtype) * y).to(q.dtype)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .ops_aft_core import (
     NEG,
+    CallOptions,
     check_inputs,
     combine,
     finite_inputs,
@@ -47,9 +48,8 @@ def aft_full_chunk(
 ):  # fmt: skip
     """AFT-full with w_{t,t'} = pos_u[t] . pos_v[t']; pos_u, pos_v: (B|1, T, R). Causal: blocks of `block_size` rows;
     non-causal: one matrix product (every row sees the largest key and its own row max, so nothing underflows)."""
-    k, v, pos_u, pos_v, keys_pos, before = _inputs(
-        q, k, v, pos_u, pos_v, mask, initial_state, causal, output_final_state
-    )
+    options = CallOptions(causal, mask, initial_state, output_final_state)
+    k, v, pos_u, pos_v, keys_pos, before = _inputs(q, k, v, pos_u, pos_v, options)
     if k.shape[1] == before or k.shape[0] == 0:  # nothing to compute
         y = v.new_zeros(v[:, before:].shape)
     elif not causal:
@@ -67,18 +67,17 @@ def aft_full_chunk(
             y = torch.where(finite_prefix(k, v)[:, before:], clean, tree)
         elif y is None:  # a key far above those before it, or w and the keys both spread far: the tree
             y = _full_tree(k, v, pos_u, keys_pos, before)
-    return _finish(q, y, k, v, keys_pos, before, output_final_state, causal)
+    return _finish(q, y, k, v, keys_pos, before, options)
 
 
 def aft_full_exact(q, k, v, pos_u, pos_v, *, causal=True, mask=None, initial_state=None, output_final_state=False):
-    k, v, pos_u, pos_v, keys_pos, before = _inputs(
-        q, k, v, pos_u, pos_v, mask, initial_state, causal, output_final_state
-    )
+    options = CallOptions(causal, mask, initial_state, output_final_state)
+    k, v, pos_u, pos_v, keys_pos, before = _inputs(q, k, v, pos_u, pos_v, options)
     if k.shape[1] == before or k.shape[0] == 0:  # nothing to compute
         y = v.new_zeros(v[:, before:].shape)
     else:
         y = _full_tree(k, v, pos_u, keys_pos, before) if causal else _noncausal(k, v, pos_u, pos_v)
-    return _finish(q, y, k, v, keys_pos, before, output_final_state, causal)
+    return _finish(q, y, k, v, keys_pos, before, options)
 
 
 def aft_full_recurrent(q, k, v, pos_u, pos_v, *, causal=True, mask=None, initial_state=None, output_final_state=False):
@@ -182,9 +181,10 @@ def _pool(state: FullState, u):
     return m[..., None], out[..., :Dk], out[..., Dk:]
 
 
-def _inputs(q, k, v, pos_u, pos_v, mask, initial_state, causal, output_final_state):
+def _inputs(q, k, v, pos_u, pos_v, options: CallOptions):
     """Mask the keys and put the state's positions before the sequence. Returns k, v over S + T positions, the
     rows' pos_u (B|1, T, R), pos_v of the sequence, the keys' pos_v (B|1, S + T, R) and S."""
+    causal, mask, initial_state, output_final_state = options
     if output_final_state and not causal:
         raise ValueError("output_final_state is the state after a causal sequence: pass causal=True.")
     check_inputs(q, k, v, mask)
@@ -199,12 +199,12 @@ def _inputs(q, k, v, pos_u, pos_v, mask, initial_state, causal, output_final_sta
     return k, v, pos_u, pos_v, keys_pos, before
 
 
-def _finish(q, y, k, v, keys_pos, before, output_final_state, causal=True):
+def _finish(q, y, k, v, keys_pos, before, options: CallOptions):
     """Causal rows that have seen only padding are 0; the state is every position."""
-    if causal:
+    if options.causal:
         seen = not_empty(torch.cummax(k[..., :1, :1], 1).values[:, before:])  # (B, T, 1, 1)
         y = torch.where(seen, y, torch.zeros_like(y))
-    state = full_state(k, v, keys_pos.expand(k.shape[0], -1, -1)) if output_final_state else None
+    state = full_state(k, v, keys_pos.expand(k.shape[0], -1, -1)) if options.output_final_state else None
     return gate(q, y), state
 
 

@@ -23,6 +23,7 @@ from .ops_aft_chunked import band_chunked, simple_chunked, skew, unskew
 from .ops_aft_core import (
     NEG,
     AFTState,
+    CallOptions,
     causal_state,
     check_inputs,
     combine,
@@ -168,6 +169,9 @@ class _Window(NamedTuple):
     pos_v: torch.Tensor | None
 
 
+_NO_WINDOW = _Window(lambda pos_u, pos_v: None, 0, 0, None, None)  # simple
+
+
 def _local(pos_u, pos_v, window: int, causal: bool) -> _Window:
     if window < 1:
         raise ValueError(f"AFT-local needs window >= 1, got window={window}.")
@@ -226,10 +230,10 @@ def _causal_logspace(k, v, band, left: int, mask=None):
     return y
 
 
-def _exact(q, k, v, band, left, right, causal, mask):
+def _exact(q, k, v, band, window: _Window, causal: bool, mask):
     if not causal:
-        return gate(q, _noncausal(k, v, band, left, right, None))
-    return gate(q, _causal_logspace(k, v, band, left, mask))
+        return gate(q, _noncausal(k, v, band, window.left, window.right, None))
+    return gate(q, _causal_logspace(k, v, band, window.left, mask))
 
 
 def band_chunk(left: int) -> int:
@@ -249,9 +253,10 @@ def _chunked(chunk_size: int | None):
             y = gate(q, _causal_logspace(k, v, band, left, mask))
         return y, finite
 
-    def solve(q, k, v, band, left, right, causal, mask):
+    def solve(q, k, v, band, window: _Window, causal: bool, mask):
         if not causal:
-            return gate(q, _noncausal(k, v, band, left, right, chunk_size or CHUNK))
+            return gate(q, _noncausal(k, v, band, window.left, window.right, chunk_size or CHUNK))
+        left = window.left
         y, finite = causal_solve(q, k, v, band, left, mask)
         if finite:
             return y
@@ -264,8 +269,11 @@ def _chunked(chunk_size: int | None):
     return solve
 
 
-def _parallel(solve, q, k, v, window: _Window, causal, mask, initial_state, output_final_state):
-    """Mask the keys, put a state before the sequence, solve, and cut the state's positions off again."""
+def _parallel(solve, q, k, v, window: _Window, options: CallOptions):
+    """Mask the keys, put a state before the sequence, solve, and cut the state's positions off again.
+    `solve(q, k, v, band, window, causal, mask)` -> y of every row, the state's positions (then in k, v and mask)
+    included."""
+    causal, mask, initial_state, output_final_state = options
     if output_final_state and not causal:
         raise ValueError("output_final_state is the state after a causal sequence: pass causal=True.")
     check_inputs(q, k, v, mask)
@@ -285,7 +293,7 @@ def _parallel(solve, q, k, v, window: _Window, causal, mask, initial_state, outp
         y = q.new_zeros(q.shape)
     else:
         band = window.band(pos_u, pos_v)
-        y = solve(q, k, v, band if band is None else band.to(k.dtype), window.left, window.right, causal, mask)
+        y = solve(q, k, v, band if band is None else band.to(k.dtype), window, causal, mask)
     state = causal_state(k, v, window.left, pos_v) if output_final_state else None
     return y[:, before:], state
 
@@ -294,10 +302,11 @@ def _parallel(solve, q, k, v, window: _Window, causal, mask, initial_state, outp
 # token's own window is those plus itself (s slots), then the oldest slot leaves the window and joins the pool.
 
 
-def _recurrent(q, k, v, slots: int, bias, pos_v, causal, mask, initial_state, output_final_state):
+def _recurrent(q, k, v, slots: int, bias, pos_v, options: CallOptions):
     """q, v: (B, T, H, Dv); k: (B, T, H, Dk). `bias(t[, state.pos])` -> the bias of the s = slots + 1 window slots
     of token t, (B|1, s, H|1, 1); None: no bias (simple: the one slot is the token itself). Loops over the T
     tokens (one step when decoding)."""
+    causal, mask, initial_state, output_final_state = options
     if not causal:
         raise ValueError("The recurrent form is causal: pass causal=True.")
     check_inputs(q, k, v, mask)
@@ -341,17 +350,17 @@ def aft_simple_chunk(
     q, k, v, *, causal=True, mask=None, initial_state=None, output_final_state=False, chunk_size=None
 ):
     """AFT-simple (no position bias), by chunks (of `chunk_size` rows; None: CHUNK). q, k, v: (B, T, H, D)."""
-    window = _Window(lambda pos_u, pos_v: None, 0, 0, None, None)
-    return _parallel(_chunked(chunk_size), q, k, v, window, causal, mask, initial_state, output_final_state)
+    options = CallOptions(causal, mask, initial_state, output_final_state)
+    return _parallel(_chunked(chunk_size), q, k, v, _NO_WINDOW, options)
 
 
 def aft_simple_exact(q, k, v, *, causal=True, mask=None, initial_state=None, output_final_state=False):
-    window = _Window(lambda pos_u, pos_v: None, 0, 0, None, None)
-    return _parallel(_exact, q, k, v, window, causal, mask, initial_state, output_final_state)
+    options = CallOptions(causal, mask, initial_state, output_final_state)
+    return _parallel(_exact, q, k, v, _NO_WINDOW, options)
 
 
 def aft_simple_recurrent(q, k, v, *, causal=True, mask=None, initial_state=None, output_final_state=False):
-    return _recurrent(q, k, v, 0, None, None, causal, mask, initial_state, output_final_state)
+    return _recurrent(q, k, v, 0, None, None, CallOptions(causal, mask, initial_state, output_final_state))
 
 
 def aft_local_chunk(
@@ -360,15 +369,15 @@ def aft_local_chunk(
 ):  # fmt: skip
     """AFT-local: bias u_t . v_t' for |t - t'| < window, exactly 0 outside. pos_u, pos_v: (B|1, T, R). `chunk_size`
     None: `band_chunk` rows when causal, else CHUNK."""
-    spec = _local(pos_u, pos_v, window, causal)
-    return _parallel(_chunked(chunk_size), q, k, v, spec, causal, mask, initial_state, output_final_state)
+    options = CallOptions(causal, mask, initial_state, output_final_state)
+    return _parallel(_chunked(chunk_size), q, k, v, _local(pos_u, pos_v, window, causal), options)
 
 
 def aft_local_exact(
     q, k, v, pos_u, pos_v, window, *, causal=True, mask=None, initial_state=None, output_final_state=False
 ):
-    spec = _local(pos_u, pos_v, window, causal)
-    return _parallel(_exact, q, k, v, spec, causal, mask, initial_state, output_final_state)
+    options = CallOptions(causal, mask, initial_state, output_final_state)
+    return _parallel(_exact, q, k, v, _local(pos_u, pos_v, window, causal), options)
 
 
 def aft_local_recurrent(
@@ -380,7 +389,8 @@ def aft_local_recurrent(
             :, :, None, None
         ]
 
-    return _recurrent(q, k, v, window - 1, bias, pos_v, causal, mask, initial_state, output_final_state)
+    options = CallOptions(causal, mask, initial_state, output_final_state)
+    return _recurrent(q, k, v, window - 1, bias, pos_v, options)
 
 
 def conv_kernel(weight, gamma, beta, eps: float = 1e-5):
@@ -399,15 +409,16 @@ def aft_conv_chunk(
     q, k, v, kernel, *, causal=True, mask=None, initial_state=None, output_final_state=False, chunk_size=None
 ):
     """AFT-conv over a sequence: a per-head kernel (H, s) (see `conv_kernel`); k: (B, T, H, 1), one key per head."""
-    spec = _conv(kernel, causal)
-    return _parallel(_chunked(chunk_size), q, k, v, spec, causal, mask, initial_state, output_final_state)
+    options = CallOptions(causal, mask, initial_state, output_final_state)
+    return _parallel(_chunked(chunk_size), q, k, v, _conv(kernel, causal), options)
 
 
 def aft_conv_exact(q, k, v, kernel, *, causal=True, mask=None, initial_state=None, output_final_state=False):
-    spec = _conv(kernel, causal)
-    return _parallel(_exact, q, k, v, spec, causal, mask, initial_state, output_final_state)
+    options = CallOptions(causal, mask, initial_state, output_final_state)
+    return _parallel(_exact, q, k, v, _conv(kernel, causal), options)
 
 
 def aft_conv_recurrent(q, k, v, kernel, *, causal=True, mask=None, initial_state=None, output_final_state=False):
     bias = lambda t: kernel.T[None, :, :, None]  # noqa: E731  slot j <-> position t - s + 1 + j: (1, s, H, 1)
-    return _recurrent(q, k, v, kernel.shape[-1] - 1, bias, None, causal, mask, initial_state, output_final_state)
+    options = CallOptions(causal, mask, initial_state, output_final_state)
+    return _recurrent(q, k, v, kernel.shape[-1] - 1, bias, None, options)

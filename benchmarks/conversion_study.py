@@ -70,6 +70,10 @@ def parse_args(argv=None):
     parser.add_argument(
         "--no_total_row", action="store_true", help="skip AFT from scratch for the source's steps + the largest K."
     )
+    parser.add_argument("--learning_rate", type=float, default=None, help="the converted models' fine-tuning rate "
+                        "(default: the study's recipe rate).")  # fmt: skip
+    parser.add_argument("--scratch_learning_rate", type=float, default=None, help="AFT-local from scratch's rate "
+                        "(default: the study's sweep's choice for AFT-local, else its recipe rate).")  # fmt: skip
     parser.add_argument("--distill_temperature", type=float, default=2.0)
     parser.add_argument("--distill_weight", type=float, default=0.5)
     parser.add_argument("--curve_points", type=int, default=6, help="validation points per fine-tuning run.")
@@ -112,22 +116,32 @@ def check_args(args) -> dict:
     for name in ("curve_points", "threads", "timing_steps", "decode_tokens"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name}={getattr(args, name)}: it must be a positive integer.")
+    for name in ("learning_rate", "scratch_learning_rate", "distill_temperature"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise InputError(f"--{name}={value}: it must be a positive number.")
     out = Path(args.output_dir)
     if out.is_dir() and any(out.iterdir()) and not args.overwrite_output_dir:
         raise InputError(f"--output_dir {out} already holds files: choose another folder or --overwrite_output_dir.")
     study["gpt2"] = gpt2
+    swept = study.get("lr_sweep", {}).get("chosen", {}).get("aft-local")
+    study["learning_rates"] = {
+        "converted": args.learning_rate or study["recipe"]["learning_rate"],
+        "scratch": args.scratch_learning_rate or swept or study["recipe"]["learning_rate"],
+    }
     return study
 
 
 # 1. the recipe and the data, as the study has them
 
 
-def recipe_args(study: dict) -> list[str]:
-    """run_clm.py's arguments for the study's recipe (its schedule: cosine with 5% warm-up, run_clm's default)."""
+def recipe_args(study: dict, learning_rate: float) -> list[str]:
+    """run_clm.py's arguments for the study's recipe (its schedule: cosine with 5% warm-up, run_clm's default) at
+    `learning_rate`."""
     r = study["recipe"]
     return [
         "--block_size", r["block_size"], "--per_device_train_batch_size", r["batch_size"],
-        "--per_device_eval_batch_size", 32, "--learning_rate", r["learning_rate"], "--weight_decay", r["weight_decay"],
+        "--per_device_eval_batch_size", 32, "--learning_rate", learning_rate, "--weight_decay", r["weight_decay"],
         "--adam_beta1", r["betas"][0], "--adam_beta2", r["betas"][1], "--max_grad_norm", r["max_grad_norm"],
         "--lr_scheduler_type", "cosine", "--seed", r["seeds"][0],
     ]  # fmt: skip
@@ -211,7 +225,8 @@ def same_architecture(a: Path, b: Path) -> bool:
 
 def train(args, study, row: str, steps: int, folders: dict, out: Path, evaluator) -> dict:
     """One run_clm.py run of `row` for `steps` steps; its validation curve and final figures."""
-    argv = [*recipe_args(study), "--max_train_steps", steps, "--logging_steps", max(1, steps // 20)]
+    rate = study["learning_rates"]["scratch" if row == "scratch" else "converted"]
+    argv = [*recipe_args(study, rate), "--max_train_steps", steps, "--logging_steps", max(1, steps // 20)]
     argv += ["--eval_steps", max(1, math.ceil(steps / args.curve_points)), "--max_eval_samples", folders["n_val"]]
     if args.train_file:
         argv += [
@@ -237,7 +252,14 @@ def train(args, study, row: str, steps: int, folders: dict, out: Path, evaluator
     history = json.loads((out / "log_history.json").read_text())
     curve = [{"step": e["step"], "value": e["eval_bits_per_byte"]} for e in history if "eval_bits_per_byte" in e]
     curve = list({point["step"]: point for point in curve}.values())  # the final evaluation repeats the last step
-    record = {"row": row, "steps": steps, "curve": curve, "wall_seconds": wall, **evaluator(out)}
+    record = {
+        "row": row,
+        "steps": steps,
+        "learning_rate": rate,
+        "curve": curve,
+        "wall_seconds": wall,
+        **evaluator(out),
+    }
     terms = [e for e in history if "kl_loss" in e]
     if terms:
         record["final_ce_loss"], record["final_kl_loss"] = terms[-1]["ce_loss"], terms[-1]["kl_loss"]
@@ -471,6 +493,7 @@ def main(argv=None):
         "machine": machine(),
         "study": {"command": study["command"], "recipe": study["recipe"], "architecture": study["architecture"]},
         "distillation": {"temperature": args.distill_temperature, "weight": args.distill_weight},
+        "learning_rates": study["learning_rates"],
         "tolerance_bits_per_byte": TOLERANCE,
         "step_budget": STEP_FRACTION * study["gpt2"]["steps"],
     }

@@ -926,10 +926,16 @@ class Study:
     def save_models(self):
         """The equal-steps models as complete folders (weights, config, tokenizer); their cards come at the end."""
         tokenizer = self.load_text()[0]
+        # the tokenizer's special tokens, which training never reads: generate() stops at eos, and run_clm.py and
+        # convert_to_aft.py accept the folder as a model for this tokenizer
+        special = {f"{k}_token_id": getattr(tokenizer, f"{k}_token_id") for k in ("pad", "bos", "eos")}
         for name, run in self.main_runs.items():
             final = self.output_dir / name
             tmp = self.output_dir / f".tmp-{name}"
             shutil.rmtree(tmp, ignore_errors=True)
+            for config in (run.model.config, run.model.generation_config):
+                for key, value in special.items():
+                    setattr(config, key, value)
             run.model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             shutil.rmtree(final, ignore_errors=True)

@@ -11,8 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from aft import AFTConfig
-from aft.ops_aft import AFT_VARIANTS
+# Triton wraps its standard library (tl.max, tl.sum, ...) for its interpreter or for the GPU compiler when triton is
+# imported, which `import aft` does: the "triton" kernels run on the tests' CPU tensors only under the interpreter,
+# so it is on before that import.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from aft import AFTConfig  # noqa: E402
+from aft.ops_aft import AFT_VARIANTS  # noqa: E402
 
 # the native kernel's builds go to a folder of this test session, not the user's cache (subprocesses inherit it)
 os.environ.setdefault("AFT_NATIVE_CACHE", tempfile.mkdtemp(prefix="aft-native-tests-"))

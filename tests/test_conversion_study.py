@@ -59,6 +59,7 @@ def test_conversion_study_quick(lab, tmp_path, monkeypatch):
         "recipe": {"learning_rate": 1e-3, "weight_decay": 0.01, "betas": [0.9, 0.99], "max_grad_norm": 1.0,
                    "batch_size": 4, "block_size": 32, "seeds": [0, 1]},
         "architecture": {"window": 4, "bias_rank": 4},
+        "lr_sweep": {"chosen": {"gpt2": 1e-3, "aft-local": 2e-3}},
         "equal_steps": {"runs": [{"model": "gpt2", "steps": 10, "curve": curve, "validation_bits_per_byte": 6.5,
                                   "test_bits_per_byte": 6.4, "tokens_per_second": 1000.0}]},
     }  # fmt: skip
@@ -67,9 +68,14 @@ def test_conversion_study_quick(lab, tmp_path, monkeypatch):
     conversion = lab.conversion
     conversion.main(
         ["--quick", "--source", str(source), "--study_results", str(tmp_path / "results.json"), "--output_dir",
-         str(out), "--steps", "2", "--train_file", str(text)]
+         str(out), "--steps", "2", "--train_file", str(text), "--learning_rate", "5e-4"]
     )  # fmt: skip
     results = json.loads((out / "results.json").read_text())
+    # the converted rows at --learning_rate; from scratch at the rate the study's sweep chose for AFT-local
+    assert results["learning_rates"] == {"converted": 5e-4, "scratch": 2e-3}
+    for record in [*results["runs"], results["scratch_total"]]:
+        rate = 2e-3 if record["row"] == "scratch" else 5e-4
+        assert record["learning_rate"] == rate and f"--learning_rate {rate}" in record["command"]
     assert sorted(r["row"] for r in results["runs"]) == sorted(conversion.ROWS)
     assert results["scratch_total"]["steps"] == 12  # the source's 10 + the largest K
     for record in [*results["runs"], results["scratch_total"], results["source"]]:
@@ -85,6 +91,10 @@ def test_conversion_study_quick(lab, tmp_path, monkeypatch):
     (out / "conversion.png").unlink()
     conversion.main(["--plot_only", "--output_dir", str(out)])  # redrawn from results.json alone
     assert (out / "conversion.png").is_file()
+    with pytest.raises(lab.args.InputError, match=r"--learning_rate=0.0: it must be a positive number"):
+        conversion.main(["--source", str(source), "--study_results", str(tmp_path / "results.json"),
+                         "--output_dir", str(tmp_path / "unused"), "--learning_rate", "0"])  # fmt: skip
+    assert not (tmp_path / "unused").exists()
     with pytest.raises(lab.args.InputError, match="already holds files"):
         conversion.main(["--source", str(source), "--study_results", str(tmp_path / "results.json"),
                          "--output_dir", str(out)])  # fmt: skip

@@ -400,8 +400,8 @@ def test_conv_kernel_starts_at_zero():
 
 def test_registry_lists_and_refuses_clearly():
     assert {"torch", "exact", "naive"} <= set(ops.implementations("local"))
-    with pytest.raises(ValueError, match=r"No AFT implementation 'triton' for variant 'local': registered ones are"):
-        ops.get_operator("local", "triton")
+    with pytest.raises(ValueError, match=r"No AFT implementation 'triton' for variant 'full': registered ones are"):
+        ops.get_operator("full", "triton")
     with pytest.raises(ValueError, match="Unknown AFT variant 'sparse'"):
         ops.register_operator("sparse", "torch", ops.get_operator("local"))
 

@@ -182,6 +182,12 @@ def test_saved_models_load_and_carry_their_row(study):
         assert sum(p.numel() for p in model.parameters()) == run["parameters"]
         tokenizer = AutoTokenizer.from_pretrained(folder)
         assert tokenizer.decode(tokenizer("def f(x):\n")["input_ids"]) == "def f(x):\n"
+        # the tokenizer's special tokens in the model's config and generation config (generate() stops at eos;
+        # run_clm.py and convert_to_aft.py refuse a model whose pad id is not the data's)
+        for config in (model.config, model.generation_config):
+            assert (config.pad_token_id, config.bos_token_id, config.eos_token_id) == (
+                tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id,
+            )  # fmt: skip
         card = (folder / "README.md").read_text()
         assert f"| {run['model']} (seed {run['seed']}) | {run['parameters']:,} |" in card
         assert f"{run['test_bits_per_byte']:.4f}" in card and "| aft-local | 2 |" in card

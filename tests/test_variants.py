@@ -94,7 +94,7 @@ def test_the_model_dispatches_parallel_and_recurrent_forms_explicitly():
 
 def test_an_unregistered_implementation_is_refused_by_the_config():
     with pytest.raises(StrictDataclassClassValidationError, match=r"aft_implementation='triton' is not allowed"):
-        AFTConfig(aft_variant="local", aft_implementation="triton")
+        AFTConfig(aft_variant="full", aft_implementation="triton")
 
 
 @pytest.mark.parametrize("implementation", ["exact", "naive"])

@@ -5,6 +5,7 @@ plumbing: projections, blocks, the decoding cache and the transformers heads.
 """
 
 import os
+import weakref
 
 import torch
 from torch import nn
@@ -43,6 +44,11 @@ QUERY_ACTIVATIONS = {"sigmoid": torch.sigmoid, "relu": torch.relu}
 CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
+def _dropout(module: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
+    """`module(x)` where it can change x (training, p > 0), else x itself: a decoding step skips the module call."""
+    return module(x) if module.training and module.p > 0 else x
+
+
 def _cache_argument(cache, past_key_values):
     if cache is not None and past_key_values is not None:
         raise ValueError("Pass the cache once, as `cache` or as `past_key_values`, not both.")
@@ -70,6 +76,14 @@ class AFTCacheLayer(LinearAttentionCacheLayerMixin):
         return AFTState(*(self.recurrent_states[i] for i in range(3)), *(self.conv_states[i] for i in range(3)))
 
     def write(self, state: AFTState):
+        held = [*(self.recurrent_states[i] for i in range(3)), *(self.conv_states[i] for i in range(3))]
+        if (
+            all(self.has_previous_state.values())
+            and all(x.shape == y.shape and x.dtype == y.dtype for x, y in zip(held, state, strict=True))
+            and not torch.compiler.is_compiling()
+        ):  # a decoding step: the six in-place copies as one call
+            torch._foreach_copy_(held, list(state))
+            return
         for i in range(3):
             self.update_recurrent_state(state[i], i)
             self.update_conv_state(state[3 + i], i)
@@ -357,6 +371,28 @@ class AFTMixer(nn.Module):
         for name, (shape, how) in self.variant.parameters(config, ndim).items():
             setattr(self, name, nn.Parameter(torch.empty(shape)))
             self.variant_inits[name] = how
+        self._derived = {}  # name -> (the sources, their keys, what was made from them): see `_from_weights`
+
+    def _inference(self) -> bool:
+        """Whether what is made from the weights may be kept across calls: no gradient to record, none to train, not
+        traced by torch.compile."""
+        return not (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling())
+
+    def _from_weights(self, name: str, sources, build):
+        """`build(*sources)`, kept under `name` while every source is the same tensor with the same data: the same
+        object (held weakly), in-place version (`load_state_dict`, `copy_`), storage (`.to`, `.half()` move and
+        cast a parameter's data in place), dtype and shape. None for sources that count no versions (tensors
+        made under torch.inference_mode): nothing is kept for them."""
+        try:
+            key = [(t._version, t.data_ptr(), t.dtype, t.shape) for t in sources]
+        except RuntimeError:
+            return None
+        hit = self._derived.get(name)
+        if hit is not None and hit[1] == key and all(ref() is t for ref, t in zip(hit[0], sources, strict=True)):
+            return hit[2]
+        value = build(*sources)
+        self._derived[name] = ([weakref.ref(t) for t in sources], key, value)
+        return value
 
     def forward(self, hidden_states, position_ids=None, attention_mask=None, cache_layer=None, grid=None, update=True):
         """hidden_states (B, T, D). For ndim=2, `grid` = (Gh, Gw) with Gh * Gw == T, patches row by row, and no
@@ -370,9 +406,15 @@ class AFTMixer(nn.Module):
         q = self.query_act(self.q_proj(hidden_states)).view(B, T, H, self.head_dim)
         k = self.k_proj(hidden_states).view(B, T, H, self.key_dim)
         v = self.v_proj(hidden_states).view(B, T, H, self.head_dim)
-        # 2. the variant's arguments: position factors (B|1, T, R), a kernel (H, s), ...
+        # 2. the variant's arguments: position factors (B|1, T, R), a kernel (H, s), ...; a variant without a
+        # position bias makes them from its parameters alone (conv's kernel), kept across inference calls
         params = {name: getattr(self, name) for name in self.variant_inits}
-        args = self.variant.operator_args(params, position_ids, self.config, self.ndim)
+        args = None
+        if self._inference() and not self.variant.position_bias:
+            make = lambda *_: self.variant.operator_args(params, None, self.config, self.ndim)  # noqa: E731
+            args = self._from_weights(f"args{self.ndim}", list(params.values()), make)
+        if args is None:
+            args = self.variant.operator_args(params, position_ids, self.config, self.ndim)
         # 3. mixing: over the patch grid; else one step per token on a state (decoding), else in parallel from the
         # state (training and prefill from none, a continuation from the cache's)
         if grid is not None:
@@ -421,8 +463,8 @@ class AFTBlock(GradientCheckpointingLayer):
         mixed = self.mixer(
             self.ln_1(hidden_states), position_ids, attention_mask, cache_layer, grid=grid, update=update_cache
         )
-        hidden_states = hidden_states + self.dropout(mixed)
-        return hidden_states + self.dropout(self.mlp(self.ln_2(hidden_states)))
+        hidden_states = hidden_states + _dropout(self.dropout, mixed)
+        return hidden_states + _dropout(self.dropout, self.mlp(self.ln_2(hidden_states)))
 
 
 class AFTPreTrainedModel(PreTrainedModel):
@@ -581,7 +623,7 @@ class AFTModel(AFTPreTrainedModel):
         hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_tokens(input_ids)
         if self.config.position_embedding_type == "absolute":
             hidden_states = hidden_states + self.embed_positions(position_ids)
-        hidden_states = self.dropout(hidden_states)
+        hidden_states = _dropout(self.dropout, hidden_states)
 
         # 3. blocks
         all_hidden_states = () if output_hidden_states else None
@@ -865,7 +907,7 @@ class AFTVisionModel(AFTPreTrainedModel):
 
         # 2. patch embeddings: (B, T, D) over a (Gh, Gw) grid
         hidden_states, grid = self.patch_embeddings(pixel_values)
-        hidden_states = self.dropout(hidden_states)
+        hidden_states = _dropout(self.dropout, hidden_states)
 
         # 3. blocks, non-causal over the grid
         all_hidden_states = () if output_hidden_states else None

@@ -373,3 +373,19 @@ def test_a_reset_cache_serves_a_new_batch(variant):
         assert cache.get_seq_length() == 0 and cache.batch_size == -1
         ids = torch.randint(1, 37, (2, 4))
         torch.testing.assert_close(model(ids, **{CACHE_NAME: cache}).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("variant", ["simple", "local", "conv"])
+def test_constant_state_is_written_in_place(variant):
+    """Each decoding step writes the fixed-size state into the tensors of the first write (their addresses stay,
+    for compiled decoding), and every step's logits are those of one forward over all the tokens so far."""
+    model = _model(variant)
+    ids = torch.randint(1, 37, (2, 12))
+    with torch.no_grad():
+        whole = model(ids).logits
+        cache = getattr(model(ids[:, :4]), CACHE_NAME)
+        addresses = [[x.data_ptr() for x in layer.read()] for layer in cache.layers]
+        for t in range(4, 12):
+            step = model(ids[:, t : t + 1], **{CACHE_NAME: cache}).logits
+            assert [[x.data_ptr() for x in layer.read()] for layer in cache.layers] == addresses
+            torch.testing.assert_close(step[:, 0], whole[:, t], rtol=1e-10, atol=1e-10)

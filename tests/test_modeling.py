@@ -162,3 +162,72 @@ def test_large_keys_finite_in_every_dtype(variant, dtype):
         model.to(dtype)
         logits = model(ids, attention_mask=torch.ones(2, 24, dtype=torch.long)).logits
     assert torch.isfinite(logits).all()
+
+
+def _logits_both_ways(model, ids):
+    """The logits with gradients recorded (every argument made afresh) and without (where the mixer keeps what it
+    made from its weights)."""
+    with torch.enable_grad():
+        reference = model(ids).logits.detach()
+    with torch.no_grad():
+        fast = model(ids).logits
+    return reference, fast
+
+
+def test_conv_kernel_kept_without_gradients_follows_every_change():
+    """Out of training and without gradients the mixer keeps conv's kernel between calls: the logits equal those
+    of a call that makes it afresh after every way a user changes the weights."""
+    torch.manual_seed(0)
+    model = AFTForCausalLM(tiny_config("conv")).eval()
+    ids = torch.randint(1, 37, (2, 6))
+    mixer = model.model.layers[0].mixer
+
+    def check(dtype=torch.float32, tol=1e-6):
+        reference, fast = _logits_both_ways(model, ids)
+        assert fast.dtype == dtype
+        torch.testing.assert_close(fast, reference, rtol=tol, atol=tol)
+        return fast
+
+    with torch.no_grad():  # a kernel that is not 0 (gamma = beta = 0 at initialisation)
+        for layer in model.model.layers:
+            layer.mixer.conv_gamma.fill_(1.0)
+    before = check()
+    assert "args1" in mixer._derived  # the kept kernel was used
+    other = AFTForCausalLM(tiny_config("conv")).eval()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    model.load_state_dict(other.state_dict())  # in place: the same tensors, new values
+    assert not torch.allclose(check(), before)
+    with torch.no_grad():
+        mixer.conv_gamma.mul_(3.0)
+    check()
+    mixer.conv_weight = torch.nn.Parameter(torch.randn_like(mixer.conv_weight))  # a new tensor
+    check()
+    model.double()  # cast in place: the same parameters, new storage and dtype
+    check(torch.float64, 1e-12)
+    model.to(torch.bfloat16)
+    check(torch.bfloat16, 0)
+    model.float()
+    with torch.inference_mode():  # tensors made here count no versions: nothing is kept for them
+        inference_model = AFTForCausalLM(tiny_config("conv")).eval()
+        inference_model(ids)
+    assert not inference_model.model.layers[0].mixer._derived
+    model.train()
+    mixer._derived.clear()
+    with torch.no_grad():
+        model(ids)
+    assert not mixer._derived  # training: every call makes its arguments afresh
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_dropout_applies_in_training_only(variant):
+    torch.manual_seed(0)
+    model = AFTForCausalLM(tiny_config(variant, hidden_dropout_prob=0.5))
+    ids = torch.randint(1, 37, (2, 6))
+    model.train()
+    assert not torch.allclose(model(ids).logits, model(ids).logits)
+    model.eval()
+    plain = AFTForCausalLM(tiny_config(variant, hidden_dropout_prob=0.0)).eval()
+    plain.load_state_dict(model.state_dict())
+    torch.testing.assert_close(model(ids).logits, plain(ids).logits, rtol=0, atol=0)

@@ -373,6 +373,20 @@ class AFTMixer(nn.Module):
             self.variant_inits[name] = how
         self._derived = {}  # name -> (the sources, their keys, what was made from them): see `_from_weights`
 
+    def __getstate__(self):
+        # the variant's record and the operator hold functions defined inline, which pickle cannot name: a pickled
+        # mixer (torch.save of a whole model, deepcopy through pickle) carries its config and looks them up again
+        state = dict(super().__getstate__())
+        for name in ("variant", "operator"):
+            state.pop(name, None)
+        state["_derived"] = {}
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.variant = AFT_VARIANTS[self.config.aft_variant]
+        self.operator = get_operator(self.config.aft_variant, self.config.aft_implementation)
+
     def _inference(self) -> bool:
         """Whether what is made from the weights may be kept across calls: no gradient to record, none to train, not
         traced by torch.compile."""

@@ -953,8 +953,12 @@ class Study:
         for part in PARTS:
             if part in self.args.parts and part not in self.done:
                 logger.info(f"part {part}")
+                started = time.time()
                 getattr(self, f"part_{part}")()
                 self.done.append(part)
+                # what each part took here, so that its cost can be read off the kept results (a resumed part's
+                # time is that of its last, complete run)
+                self.results.setdefault("part_seconds", {})[part] = time.time() - started
                 self.results["summary"] = summarize(self.results)
                 self.save_results()
         self.write_cards()

@@ -96,6 +96,9 @@ def test_every_part_with_finite_numbers(study):
         assert part in results, part
     assert all(math.isfinite(x) for x in numbers(results))
     assert results["machine"]["cpus"] >= 1 and results["load_average"]["samples"] >= 1
+    # every part's own wall time, each within the whole run's
+    assert set(results["part_seconds"]) == set(results["parts_done"])
+    assert all(0 < t <= results["wall_seconds"] for t in results["part_seconds"].values())
 
 
 def test_tokens_steps_and_clocks_agree(study):
@@ -236,6 +239,8 @@ def test_resume_keeps_the_parts_done_and_runs_the_others(study, quick, tmp_path)
     assert {r["model"] for r in resumed["equal_time"]["runs"]} == {r["model"] for r in results["equal_time"]["runs"]}
     assert sum(p["reused_from_equal_steps"] for p in resumed["window_ablation"]["points"]) == 2
     assert resumed["resumed_runs"]["0"]["parts"] == ["steps", "seeds"]
+    assert resumed["part_seconds"]["steps"] == results["part_seconds"]["steps"]  # a kept part keeps its time
+    assert resumed["part_seconds"]["time"] > 0
     assert "pixels" not in resumed
     assert "| aft-local (seed 0) |" in (folder / "aft-local" / "README.md").read_text()
 

@@ -51,7 +51,7 @@ from .ops_aft_window import (
     aft_simple_recurrent,
 )
 
-KERNEL_VERSION = 2
+KERNEL_VERSION = 3
 _SOURCE = r"""
 #include <stdint.h>
 #include <stdlib.h>
@@ -160,6 +160,106 @@ static inline float max_nan(float a, float b) { return (a != a || b != b) ? a + 
 /* e^x for x <= 0 that keeps a NaN (torch.exp does) */
 static inline float exp_step(float x) { float e = exp_nonpositive(x); return x != x ? x : e; }
 
+/* One token of one sample (see aft_window_step): the state read from m0 .. wp0 and written to m .. wp (the same
+   addresses from the second token on: every loop reads an element before it writes it). `same`, a constant where
+   it is inlined, says Dk = Dv (key channel c weighs value channel c), else Dk = 1 (a head's key weighs its Dv
+   values), so that the channel loops run contiguous, without divisions. */
+static inline __attribute__((always_inline)) void window_token(
+    const float *qr, const float *kr, const float *vr, int pad, const float *kern, const float *ut, const float *pt,
+    long R, const float *m0, const float *n0, const float *z0, const float *wk0, const float *wv0, const float *wp0,
+    float *yr, float *m, float *n, float *z, float *wk, float *wv, float *wp, long H, long Dk, long Dv, long S,
+    float *scratch, const int same) {
+    const long HK = H * Dk, HV = H * Dv, s = S + 1;
+    float *e = scratch, *ref = e + s * HK, *sc = ref + HK, *den = sc + HK, *kcur = den + HK, *ab = kcur + HK;
+    float *vcur = ab + HK, *acc = vcur + HV, *wf = acc + HV;
+    /* padding and -inf keys are NEG, their values 0 (NaN stays NaN) */
+    for (long c = 0; c < HK; c++) kcur[c] = pad || kr[c] < NEG_KEY ? NEG_KEY : kr[c];
+    for (long h = 0; h < H; h++)
+        for (long d = 0; d < Dv; d++) {
+            long cv = h * Dv + d, kc = h * Dk + (same ? d : 0);
+            vcur[cv] = kcur[kc] > NEG_HALF ? vr[cv] : 0.0f;
+        }
+    /* the position bias of each slot: u_t . p_j, p_S = pv_t (local); the kernel's column j (conv) */
+    for (long j = 0; j < s && !kern; j++) {
+        const float *pj = j < S ? wp0 + j * R : pt;
+        float sum = 0.0f;
+        for (long r = 0; r < R; r++) sum += ut[r] * pj[r];
+        wf[j] = sum;
+    }
+    for (long c = 0; c < HK; c++) ref[c] = m0[c];
+    for (long j = 0; j < s; j++) {
+        const float *kj = j < S ? wk0 + j * HK : kcur;
+        float *ej = e + j * HK;
+        for (long h = 0; h < H; h++) {
+            float bias = kern ? kern[h * s + j] : wf[j];
+            for (long d = 0; d < Dk; d++) {
+                long c = h * Dk + d;
+                float x = kj[c] + bias;
+                ej[c] = x;
+                ref[c] = max_nan(ref[c], x);
+            }
+        }
+    }
+    for (long c = 0; c < HK; c++) {
+        sc[c] = exp_step(m0[c] - ref[c]);
+        den[c] = z0[c] * sc[c];
+    }
+    for (long j = 0; j < s; j++) {
+        float *ej = e + j * HK;
+        for (long c = 0; c < HK; c++) {
+            ej[c] = exp_step(ej[c] - ref[c]);
+            den[c] += ej[c];
+        }
+    }
+    /* y = q (n e^(m - ref) + sum_j e_j v_j) / den, summed slot by slot */
+    for (long h = 0; h < H; h++)
+        for (long d = 0; d < Dv; d++) {
+            long cv = h * Dv + d, kc = h * Dk + (same ? d : 0);
+            acc[cv] = n0[cv] * sc[kc];
+        }
+    for (long j = 0; j < s; j++) {
+        const float *ej = e + j * HK, *vj = j < S ? wv0 + j * HV : vcur;
+        for (long h = 0; h < H; h++)
+            for (long d = 0; d < Dv; d++) {
+                long cv = h * Dv + d, kc = h * Dk + (same ? d : 0);
+                acc[cv] += ej[kc] * vj[cv];
+            }
+    }
+    for (long h = 0; h < H; h++)
+        for (long d = 0; d < Dv; d++) {
+            long cv = h * Dv + d, kc = h * Dk + (same ? d : 0);
+            /* only padding so far: y = 0 (a NaN reference has seen something: NaN) */
+            yr[cv] = ref[kc] <= NEG_HALF ? 0.0f : qr[cv] * (acc[cv] / den[kc]);
+        }
+    /* the oldest slot (the token itself when S = 0) joins the pool; padding adds nothing */
+    const float *k0 = S > 0 ? wk0 : kcur, *v0 = S > 0 ? wv0 : vcur;
+    for (long c = 0; c < HK; c++) {
+        float mm = max_nan(m0[c], k0[c]);
+        float real = (float)(k0[c] > NEG_HALF);
+        sc[c] = exp_step(m0[c] - mm);
+        ab[c] = exp_step(k0[c] - mm);
+        z[c] = z0[c] * sc[c] + real * ab[c];
+        m[c] = mm;
+        den[c] = real;
+    }
+    for (long h = 0; h < H; h++)
+        for (long d = 0; d < Dv; d++) {
+            long cv = h * Dv + d, kc = h * Dk + (same ? d : 0);
+            n[cv] = n0[cv] * sc[kc] + (den[kc] > 0.0f ? v0[cv] : 0.0f) * ab[kc];
+        }
+    /* the window moves by one, in the one copy (slot j + 1 of the old window is slot j of the new) */
+    if (S > 0) {
+        __builtin_memmove(wk, wk0 + HK, sizeof(float) * (S - 1) * HK);
+        __builtin_memmove(wv, wv0 + HV, sizeof(float) * (S - 1) * HV);
+        __builtin_memcpy(wk + (S - 1) * HK, kcur, sizeof(float) * HK);
+        __builtin_memcpy(wv + (S - 1) * HV, vcur, sizeof(float) * HV);
+        if (R > 0) {
+            __builtin_memmove(wp, wp0 + R, sizeof(float) * (S - 1) * R);
+            __builtin_memcpy(wp + (S - 1) * R, pt, sizeof(float) * R);
+        }
+    }
+}
+
 /* One or more tokens of the recurrent form of simple, local and conv (the (m, n, z) pool of docs/operator.md, section
    7, plus a window of the last S positions), op for op the torch form's step: the window slots' logits key + bias
    against the running max,
@@ -168,95 +268,41 @@ static inline float exp_step(float x) { float e = exp_nonpositive(x); return x !
    Dk = 1 (conv) channels per head. mask (b, t): 0 is padding, or NULL; padding and -inf keys become NEG with
    value 0. The bias of slot j: kern
    (H, S + 1) per head (conv), else u_t . p_j over R factors, p_j the window's pos (B, S, R) and p_S = pv_t
-   (local), else 0. The state m0, n0, z0, wk0, wv0, wp0 (contiguous) is copied to m .. wp and updated there;
-   y (B, T, H, Dv) contiguous. */
+   (local), else 0. The state m0, n0, z0, wk0, wv0, wp0 (contiguous, not changed) is read and its successor
+   written to m .. wp (contiguous, new); y (B, T, H, Dv) contiguous. */
 int aft_window_step(const float *q, long qb, long qt, const float *k, long kb, long kt, const float *v, long vb,
                     long vt, const float *mask, long mb, long mt, const float *kern, const float *pu, long pub,
                     long put, const float *pv, long pvb, long pvt, long R, const float *m0, const float *n0,
                     const float *z0, const float *wk0, const float *wv0, const float *wp0, float *y, float *m,
                     float *n, float *z, float *wk, float *wv, float *wp, long B, long T, long H, long Dk, long Dv,
                     long S) {
-    const long HK = H * Dk, HV = H * Dv, s = S + 1, g = Dv / Dk;
-    __builtin_memcpy(m, m0, sizeof(float) * B * HK);
-    __builtin_memcpy(n, n0, sizeof(float) * B * HV);
-    __builtin_memcpy(z, z0, sizeof(float) * B * HK);
-    __builtin_memcpy(wk, wk0, sizeof(float) * B * S * HK);
-    __builtin_memcpy(wv, wv0, sizeof(float) * B * S * HV);
-    __builtin_memcpy(wp, wp0, sizeof(float) * B * S * R);
-    float *scratch = malloc(sizeof(float) * (s * HK + 5 * HK + HV + s + 1));
+    const long HK = H * Dk, HV = H * Dv, s = S + 1;
+    if (T == 0) {  /* no token: the state as it was */
+        __builtin_memcpy(m, m0, sizeof(float) * B * HK);
+        __builtin_memcpy(n, n0, sizeof(float) * B * HV);
+        __builtin_memcpy(z, z0, sizeof(float) * B * HK);
+        __builtin_memcpy(wk, wk0, sizeof(float) * B * S * HK);
+        __builtin_memcpy(wv, wv0, sizeof(float) * B * S * HV);
+        __builtin_memcpy(wp, wp0, sizeof(float) * B * S * R);
+        return 0;
+    }
+    float *scratch = malloc(sizeof(float) * (s * HK + 5 * HK + 2 * HV + s + 1));
     if (!scratch) return 1;
-    float *e = scratch, *ref = e + s * HK, *sc = ref + HK, *den = sc + HK, *kcur = den + HK, *ab = kcur + HK;
-    float *vcur = ab + HK, *wf = vcur + HV;
     for (long t = 0; t < T; t++) {
         for (long b = 0; b < B; b++) {
-            const float *kr = k + b * kb + t * kt, *vr = v + b * vb + t * vt, *qr = q + b * qb + t * qt;
-            float *mb_ = m + b * HK, *nb = n + b * HV, *zb = z + b * HK;
-            float *wkb = wk + b * S * HK, *wvb = wv + b * S * HV, *wpb = wp + b * S * R;
+            /* the first token reads the state passed, every later one the state the token before wrote */
+            const float *mc = t ? m : m0, *nc = t ? n : n0, *zc = t ? z : z0;
+            const float *wkc = t ? wk : wk0, *wvc = t ? wv : wv0, *wpc = t ? wp : wp0;
             int pad = mask && mask[b * mb + t * mt] == 0.0f;
-            /* padding and -inf keys are NEG, their values 0 (NaN stays NaN) */
-            for (long c = 0; c < HK; c++) kcur[c] = pad || kr[c] < NEG_KEY ? NEG_KEY : kr[c];
-            for (long cv = 0; cv < HV; cv++)
-                vcur[cv] = kcur[(cv / Dv) * Dk + (cv % Dv) / g] > NEG_HALF ? vr[cv] : 0.0f;
-            for (long j = 0; j < s && !kern; j++) {
-                const float *pj = j < S ? wpb + j * R : pv + b * pvb + t * pvt, *ut = pu + b * pub + t * put;
-                float acc = 0.0f;
-                for (long r = 0; r < R; r++) acc += ut[r] * pj[r];
-                wf[j] = acc;
-            }
-            for (long c = 0; c < HK; c++) ref[c] = mb_[c];
-            for (long j = 0; j < s; j++) {
-                const float *kj = j < S ? wkb + j * HK : kcur;
-                float *ej = e + j * HK;
-                for (long c = 0; c < HK; c++) {
-                    float x = kj[c] + (kern ? kern[(c / Dk) * s + j] : wf[j]);
-                    ej[c] = x;
-                    ref[c] = max_nan(ref[c], x);
-                }
-            }
-            for (long c = 0; c < HK; c++) {
-                sc[c] = exp_step(mb_[c] - ref[c]);
-                den[c] = zb[c] * sc[c];
-            }
-            for (long j = 0; j < s; j++) {
-                float *ej = e + j * HK;
-                for (long c = 0; c < HK; c++) {
-                    ej[c] = exp_step(ej[c] - ref[c]);
-                    den[c] += ej[c];
-                }
-            }
-            float *yr = y + (b * T + t) * HV;
-            for (long cv = 0; cv < HV; cv++) {
-                long kc = (cv / Dv) * Dk + (cv % Dv) / g;
-                float acc = nb[cv] * sc[kc];
-                for (long j = 0; j < s; j++) acc += e[j * HK + kc] * (j < S ? wvb[j * HV + cv] : vcur[cv]);
-                /* only padding so far: y = 0 (a NaN reference has seen something: NaN) */
-                yr[cv] = ref[kc] <= NEG_HALF ? 0.0f : qr[cv] * (acc / den[kc]);
-            }
-            /* the oldest slot (the token itself when S = 0) joins the pool; padding adds nothing */
-            const float *k0 = S > 0 ? wkb : kcur, *v0 = S > 0 ? wvb : vcur;
-            for (long c = 0; c < HK; c++) {
-                float mm = max_nan(mb_[c], k0[c]);
-                float real = (float)(k0[c] > NEG_HALF);
-                sc[c] = exp_step(mb_[c] - mm);
-                ab[c] = exp_step(k0[c] - mm);
-                zb[c] = zb[c] * sc[c] + real * ab[c];
-                mb_[c] = mm;
-                den[c] = real;
-            }
-            for (long cv = 0; cv < HV; cv++) {
-                long kc = (cv / Dv) * Dk + (cv % Dv) / g;
-                nb[cv] = nb[cv] * sc[kc] + (den[kc] > 0.0f ? v0[cv] : 0.0f) * ab[kc];
-            }
-            if (S > 0) {
-                __builtin_memmove(wkb, wkb + HK, sizeof(float) * (S - 1) * HK);
-                __builtin_memmove(wvb, wvb + HV, sizeof(float) * (S - 1) * HV);
-                __builtin_memcpy(wkb + (S - 1) * HK, kcur, sizeof(float) * HK);
-                __builtin_memcpy(wvb + (S - 1) * HV, vcur, sizeof(float) * HV);
-                if (R > 0) {
-                    __builtin_memmove(wpb, wpb + R, sizeof(float) * (S - 1) * R);
-                    __builtin_memcpy(wpb + (S - 1) * R, pv + b * pvb + t * pvt, sizeof(float) * R);
-                }
-            }
+            const float *ut = pu ? pu + b * pub + t * put : 0, *pt = pv ? pv + b * pvb + t * pvt : 0;
+            const float *qr = q + b * qb + t * qt, *kr = k + b * kb + t * kt, *vr = v + b * vb + t * vt;
+#define WINDOW_TOKEN(same)                                                                                        \
+    window_token(qr, kr, vr, pad, kern, ut, pt, R, mc + b * HK, nc + b * HV, zc + b * HK, wkc + b * S * HK,      \
+                 wvc + b * S * HV, wpc + b * S * R, y + (b * T + t) * HV, m + b * HK, n + b * HV, z + b * HK,     \
+                 wk + b * S * HK, wv + b * S * HV, wp + b * S * R, H, Dk, Dv, S, scratch, same)
+            if (Dk == Dv) WINDOW_TOKEN(1);
+            else WINDOW_TOKEN(0);
+#undef WINDOW_TOKEN
         }
     }
     free(scratch);

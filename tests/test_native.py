@@ -501,6 +501,38 @@ def test_the_decoding_step_equals_the_torch_forms_step_with_padding(fresh, varia
 
 
 @needs_compiler
+@pytest.mark.parametrize(("variant", "size"), [("local", 1), ("local", 2), ("conv", 1), ("conv", 2)])
+def test_the_decoding_step_with_the_smallest_windows_and_factors_per_row(fresh, variant, size, monkeypatch):
+    """Windows of no slot and of one (the step moves the window within the state it writes, token after token), and
+    local's factors one row per sample (as the model gathers them by each row's position ids)."""
+    fast, twin, chunk = STEP_FORMS[variant]
+    assert native.is_native_ready()
+    calls, original = [], native._step
+    monkeypatch.setattr(native, "_step", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    g = torch.Generator().manual_seed(1)
+    B, T, H, D, prefix = 3, 12, 2, 8, 7
+    q = torch.rand(B, T, H, D, generator=g)
+    k = torch.randn(B, T, H, 1 if variant == "conv" else D, generator=g) * 4
+    v = torch.randn(B, T, H, D, generator=g)
+    if variant == "local":
+        pos_u, pos_v = (torch.randn(B, T, 3, generator=g) for _ in range(2))
+        head, tail = (pos_u[:, :prefix], pos_v[:, :prefix], size), (pos_u[:, prefix:], pos_v[:, prefix:], size)
+    else:
+        head = tail = (torch.randn(H, size, generator=g),)
+    mask = torch.ones(B, T)
+    mask[1, :9] = 0  # left padding into the decoded tokens
+    mask[2, 8] = 0
+    _, state = chunk(
+        q[:, :prefix], k[:, :prefix], v[:, :prefix], *head, mask=mask[:, :prefix], output_final_state=True
+    )
+    rest = (q[:, prefix:], k[:, prefix:], v[:, prefix:], *tail)
+    want = twin(*rest, mask=mask[:, prefix:], initial_state=state, output_final_state=True)
+    got = fast(*rest, mask=mask[:, prefix:], initial_state=state, output_final_state=True)
+    _assert_same_step(got, want, atol=1e-5, rtol=1e-5)
+    assert calls == [1]
+
+
+@needs_compiler
 @pytest.mark.parametrize("variant", list(STEP_FORMS))
 def test_the_decoding_step_keeps_nan_and_weighs_minus_infinity_as_the_torch_form(fresh, variant):
     fast, twin, _ = STEP_FORMS[variant]

@@ -649,7 +649,9 @@ def _scan(lib, q, k, v, mask, initial_state, save: bool):
     """The kernel's forward: k masked here. -> y (float32), the pool (m, n, z) after the last row, the inputs as
     the kernel read them (q, k masked, v in float32), and with `save` each row's (n / z, m, z) for the backward."""
     B, T, H, D = k.shape
-    k = _rows(mask_keys(k, mask))
+    # the kernel weighs keys below NEG / 2 (-inf too) as padding: float32 keys without a mask as they are (no copy
+    # for the forward to make, nor for the backward to keep)
+    k = _rows(k if mask is None and k.dtype == torch.float32 else mask_keys(k, mask))
     q, v = _rows(q), _rows(v)
     f32 = {"dtype": torch.float32}  # whatever torch's default dtype is: the kernel writes float32
     if initial_state is None:

@@ -11,8 +11,8 @@ flat sibling modules (flat, so that a saved folder loads as Hub remote code), to
     ops_aft_full.py       full (a bias over every pair): aft_full_chunk, aft_full_exact, aft_full_recurrent
     ops_aft_2d.py         the image forms over a patch grid
     ops_aft_reference.py  the literal formula with dense biases, and the *_naive forms built on it
-    ops_aft_native.py     "native": compiled CPU kernels, simple's causal forward and the decoding step of
-                          simple, local and conv, where no gradient is needed
+    ops_aft_native.py     "native": compiled CPU kernels, simple's causal forward and backward, and the
+                          decoding step of simple, local and conv (where no gradient is needed)
     ops_aft_triton.py     "triton" (when triton is installed): Triton kernels for simple's causal forward and
                           backward, and the decoding step of simple, local and conv (also their causal forward)
 
@@ -26,9 +26,9 @@ is `form(q, k, v, *variant_args, grid) -> y`. An implementation of a variant is 
 (decoding: one step per token) and a grid form, registered under a name (`register_operator`) and looked up by
 the model's `config.aft_implementation` (`get_operator`), like transformers' attention-function registry.
 "torch" is the default and the one every other implementation is tested against; "exact" (no chunk references)
-and "naive" (the literal formula, O(T^2)) are its twins; "native" runs C kernels, built on first use, where no
-gradient is needed (simple's causal forward; the decoding step of simple, local and conv), and the torch form
-everywhere else.
+and "naive" (the literal formula, O(T^2)) are its twins; "native" runs C kernels, built on first use (simple's
+causal forward and backward; the decoding step of simple, local and conv, where no gradient is needed), and the
+torch form everywhere else.
 
 A variant is one entry of `AFT_VARIANTS`: what it learns (`parameters`), how its learned tensors become the
 forms' arguments (`operator_args`), which config fields it needs and their checks, and what decoding keeps.

@@ -1,15 +1,18 @@
-"""A compiled CPU kernel for the causal AFT-simple forward without gradients (inference, prefill): the "native"
+"""A compiled CPU kernel for causal AFT-simple, forward and backward (training, inference, prefill): the "native"
 implementation of `simple` (`AFTConfig(aft_implementation="native")`).
 
 One pass over the sequence per channel keeps the running (m, n, z) of docs/operator.md (section 4) in float32: for each
 row, with d = k - m, the larger of the two exponents is 0 and the other is -|d|, so one exponential per element; the
 row's y = q n / z is written as the row goes. That reads q, k, v and writes y once (the chunked torch form makes about
 ten passes over each unit). Large outputs are advised onto huge pages (Linux), so that glibc's fresh mapping of y costs
-32 faults of 2 MB instead of 16k of 4 KB.
+32 faults of 2 MB instead of 16k of 4 KB. For training the pass also saves each row's n / z, m and z, and the backward
+is one reverse pass per channel (`scan_back`) whose carries are scaled by Z_s / Z_(s+1) <= 1; float32 throughout,
+gradients in the inputs' dtypes, the final state's key and mean differentiable too.
 
-Everything else is the torch form (`aft_simple_chunk`), which this form is tested against: training (any input that
-needs a gradient), non-causal calls, float64, one key per head, a device other than the CPU, torch.compile's
-tracing, and any machine where the kernel cannot be built. The kernel is C, compiled on first use with the
+Everything else is the torch form (`aft_simple_chunk`), which this form is tested against: non-causal calls, an
+initial state that needs a gradient, a NaN or infinite key or value when gradients are needed (the torch form's
+NaN and gradients), float64, one key per head, a device other than the CPU, torch.compile's tracing, and any
+machine where the kernel cannot be built. The kernel is C, compiled on first use with the
 machine's C compiler (`CC`, which may carry arguments, else cc, gcc or clang) and kept in `AFT_NATIVE_CACHE`
 (default ~/.cache/aft-native), written under a temporary name and renamed, so that a build killed half-way leaves
 nothing that loads (a cache that cannot be written, or whose disk is full, builds in a temporary folder instead).
@@ -40,6 +43,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .ops_aft_core import NEG, AFTState, check_state, mask_keys, pool_as_position
 from .ops_aft_window import (
@@ -85,10 +89,12 @@ static inline float exp_nonpositive(float x) {
 }
 
 /* channels [0, w) of one sample, T rows; q, k, v rows qt, kt, vt floats apart, y rows S apart;
-   m, n, z: the running state of the w channels (n and z scaled by e^-m; empty: m = NEG, n = z = 0) */
-static void scan(const float *restrict q, long qt, const float *restrict k, long kt, const float *restrict v,
-                 long vt, float *restrict y, long S, float *restrict m, float *restrict n, float *restrict z,
-                 long T, long w) {
+   m, n, z: the running state of the w channels (n and z scaled by e^-m; empty: m = NEG, n = z = 0).
+   save: also each row's n / z, m and z (rows S apart) for the backward. */
+static inline __attribute__((always_inline)) void scan(
+    const float *restrict q, long qt, const float *restrict k, long kt, const float *restrict v, long vt,
+    float *restrict y, long S, float *restrict m, float *restrict n, float *restrict z, long T, long w, int save,
+    float *restrict ys, float *restrict ms, float *restrict zs) {
     for (long t = 0; t < T; t++) {
         const float *restrict qr = q + t * qt, *restrict kr = k + t * kt, *restrict vr = v + t * vt;
         float *restrict yr = y + t * S;
@@ -106,7 +112,44 @@ static void scan(const float *restrict q, long qt, const float *restrict k, long
             float zz = z[c] * s + e;
             n[c] = nn;
             z[c] = zz;
-            yr[c] = qr[c] * nn * ((float)(zz > 0.0f) / (zz > 0.0f ? zz : 1.0f));  /* only padding so far: 0 */
+            float inv = (float)(zz > 0.0f) / (zz > 0.0f ? zz : 1.0f);  /* only padding so far: 0 */
+            yr[c] = qr[c] * nn * inv;
+            if (save) {
+                ys[t * S + c] = nn * inv;
+                ms[t * S + c] = m[c];
+                zs[t * S + c] = zz;
+            }
+        }
+    }
+}
+
+/* The gradients of y = q n / z for channels [0, w) of one sample, a reverse scan. With Z_t = z_t e^(m_t) (all
+   positions up to t), g = dy q and ybar = n / z: dv_s = w_s a_s and dk_s = w_s (v_s a_s - b_s), where
+   w_s = e^(k_s - m_s) / z_s <= 1 is position s's weight in row s and a_s = g_s + a_(s+1) Z_s / Z_(s+1),
+   b_s = g_s ybar_s + b_(s+1) Z_s / Z_(s+1), every factor Z_s / Z_(s+1) <= 1 (Z never decreases). a, b come in as
+   the carries from after the last row (the final state's gradients), in the last row's scale. Rows dy, ys, ms, zs,
+   dq, dk, dv S apart. */
+static void scan_back(const float *restrict dy, const float *restrict q, long qt, const float *restrict k, long kt,
+                      const float *restrict v, long vt, const float *restrict ys, const float *restrict ms,
+                      const float *restrict zs, float *restrict dq, float *restrict dk, float *restrict dv, long S,
+                      float *restrict a, float *restrict b, long T, long w) {
+    for (long t = T - 1; t >= 0; t--) {
+        long o = t * S, on = (t + 1 < T ? t + 1 : t) * S;  /* the last row is its own successor: factor 1 */
+        const float *restrict qr = q + t * qt, *restrict kr = k + t * kt, *restrict vr = v + t * vt;
+        for (long c = 0; c < w; c++) {
+            float z = zs[o + c], m = ms[o + c], zn = zs[on + c], mn = ms[on + c], ybar = ys[o + c];
+            float ratio = zn > 0.0f ? z / zn : 0.0f;               /* rows of padding alone weigh nothing */
+            float f = exp_nonpositive(m - mn) * ratio;
+            float g = dy[o + c] * qr[c];
+            float aa = g + a[c] * f, bb = g * ybar + b[c] * f;
+            a[c] = aa;
+            b[c] = bb;
+            float kk = kr[c];
+            float real = (float)(kk > NEG_HALF && z > 0.0f);
+            float wt = real * exp_nonpositive(kk > NEG_HALF ? kk - m : 0.0f) / (z > 0.0f ? z : 1.0f);
+            dq[o + c] = dy[o + c] * ybar;
+            dv[o + c] = wt * aa;
+            dk[o + c] = wt * (vr[c] * aa - bb);
         }
     }
 }
@@ -116,42 +159,93 @@ typedef struct {
     long qb, qt, kb, kt, vb, vt;
     float *y, *m, *n, *z;
     long B, T, S, c0, c1;
+    float *ys, *ms, *zs;        /* saved for the backward, or NULL */
+    const float *dy;            /* the backward's: dy in, dq, dk, dv out (m and n: its carries a and b) */
+    float *dq, *dk, *dv;
 } job_t;
 
 static void *run(void *arg) {
     job_t *j = (job_t *)arg;
     for (long b = 0; b < j->B; b++) {
-        long c = j->c0, s = b * j->S + c;
-        scan(j->q + b * j->qb + c, j->qt, j->k + b * j->kb + c, j->kt, j->v + b * j->vb + c, j->vt,
-             j->y + b * j->T * j->S + c, j->S, j->m + s, j->n + s, j->z + s, j->T, j->c1 - c);
+        long c = j->c0, s = b * j->S + c, o = b * j->T * j->S + c;
+        if (j->ys)
+            scan(j->q + b * j->qb + c, j->qt, j->k + b * j->kb + c, j->kt, j->v + b * j->vb + c, j->vt, j->y + o,
+                 j->S, j->m + s, j->n + s, j->z + s, j->T, j->c1 - c, 1, j->ys + o, j->ms + o, j->zs + o);
+        else
+            scan(j->q + b * j->qb + c, j->qt, j->k + b * j->kb + c, j->kt, j->v + b * j->vb + c, j->vt, j->y + o,
+                 j->S, j->m + s, j->n + s, j->z + s, j->T, j->c1 - c, 0, 0, 0, 0);
     }
     return 0;
 }
 
-/* y (B, T, S) contiguous and new; m, n, z (B, S) contiguous, updated in place; threads split the channels */
-int aft_simple_causal(const float *q, long qb, long qt, const float *k, long kb, long kt, const float *v, long vb,
-                      long vt, float *y, float *m, float *n, float *z, long B, long T, long S, int threads) {
+static void *run_back(void *arg) {
+    job_t *j = (job_t *)arg;
+    for (long b = 0; b < j->B; b++) {
+        long c = j->c0, s = b * j->S + c, o = b * j->T * j->S + c;
+        scan_back(j->dy + o, j->q + b * j->qb + c, j->qt, j->k + b * j->kb + c, j->kt, j->v + b * j->vb + c, j->vt,
+                  j->ys + o, j->ms + o, j->zs + o, j->dq + o, j->dk + o, j->dv + o, j->S, j->m + s, j->n + s, j->T,
+                  j->c1 - c);
+    }
+    return 0;
+}
+
+static void advise_huge(float *x, long count) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
     const uintptr_t huge = (uintptr_t)1 << 21;
-    uintptr_t lo = ((uintptr_t)y + huge - 1) & ~(huge - 1), hi = (uintptr_t)(y + B * T * S) & ~(huge - 1);
+    uintptr_t lo = ((uintptr_t)x + huge - 1) & ~(huge - 1), hi = (uintptr_t)(x + count) & ~(huge - 1);
     if (hi > lo) madvise((void *)lo, hi - lo, MADV_HUGEPAGE);  /* advice only: an error changes nothing */
 #endif
+}
+
+/* `job` over the channels [0, S), split between threads in blocks of 16 */
+static void in_parallel(job_t job, void *(*work)(void *), int threads) {
     enum { MAX_THREADS = 64 };
     threads = threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads);
-    long block = ((S + threads - 1) / threads + 15) / 16 * 16;
+    long S = job.S, block = ((S + threads - 1) / threads + 15) / 16 * 16;
     pthread_t th[MAX_THREADS];
     job_t jobs[MAX_THREADS];
     int made[MAX_THREADS], count = 0;
     for (int i = 0; i < threads && i * block < S; i++, count++) {
-        long c0 = i * block, c1 = c0 + block < S ? c0 + block : S;
-        jobs[i] = (job_t){q, k, v, qb, qt, kb, kt, vb, vt, y, m, n, z, B, T, S, c0, c1};
+        jobs[i] = job;
+        jobs[i].c0 = i * block;
+        jobs[i].c1 = i * block + block < S ? i * block + block : S;
     }
-    for (int i = 1; i < count; i++) made[i] = pthread_create(&th[i], 0, run, &jobs[i]) == 0;
-    run(&jobs[0]);
+    for (int i = 1; i < count; i++) made[i] = pthread_create(&th[i], 0, work, &jobs[i]) == 0;
+    work(&jobs[0]);
     for (int i = 1; i < count; i++) {
         if (made[i]) pthread_join(th[i], 0);
-        else run(&jobs[i]);  /* no thread to be had: this one does it */
+        else work(&jobs[i]);  /* no thread to be had: this one does it */
     }
+}
+
+/* y (B, T, S) contiguous and new; m, n, z (B, S) contiguous, updated in place; ys, ms, zs (B, T, S) contiguous
+   and new, or NULL: each row's n / z, m and z, for `aft_simple_causal_backward`; threads split the channels */
+int aft_simple_causal(const float *q, long qb, long qt, const float *k, long kb, long kt, const float *v, long vb,
+                      long vt, float *y, float *m, float *n, float *z, float *ys, float *ms, float *zs, long B, long T,
+                      long S, int threads) {
+    advise_huge(y, B * T * S);
+    if (ys) {
+        advise_huge(ys, B * T * S);
+        advise_huge(ms, B * T * S);
+        advise_huge(zs, B * T * S);
+    }
+    job_t job = {q, k, v, qb, qt, kb, kt, vb, vt, y, m, n, z, B, T, S, 0, S, ys, ms, zs, 0, 0, 0, 0};
+    in_parallel(job, run, threads);
+    return 0;
+}
+
+/* dy, ys, ms, zs (B, T, S) contiguous; q, k, v as the forward read them; dq, dk, dv (B, T, S) contiguous and new;
+   a, b (B, S) contiguous: the carries from after the last row, used up */
+int aft_simple_causal_backward(const float *dy, const float *q, long qb, long qt, const float *k, long kb, long kt,
+                               const float *v, long vb, long vt, const float *ys, const float *ms, const float *zs,
+                               float *dq, float *dk, float *dv, float *a, float *b, long B, long T, long S,
+                               int threads) {
+    advise_huge(dq, B * T * S);
+    advise_huge(dk, B * T * S);
+    advise_huge(dv, B * T * S);
+    job_t job = {q, k, v, qb, qt, kb, kt, vb, vt, 0, a, b, 0, B, T, S, 0, S, (float *)ys, (float *)ms, (float *)zs,
+                 dy, dq, dk, dv};
+    in_parallel(job, run_back, threads);
     return 0;
 }
 
@@ -469,7 +563,15 @@ def _load(path: Path, digest: str):
     lib.aft_simple_causal.restype = ctypes.c_int
     lib.aft_simple_causal.argtypes = [
         *(ctypes.c_void_p, ctypes.c_long, ctypes.c_long) * 3,
-        *(ctypes.c_void_p,) * 4,
+        *(ctypes.c_void_p,) * 7,
+        *(ctypes.c_long,) * 3,
+        ctypes.c_int,
+    ]
+    lib.aft_simple_causal_backward.restype = ctypes.c_int
+    lib.aft_simple_causal_backward.argtypes = [
+        ctypes.c_void_p,
+        *(ctypes.c_void_p, ctypes.c_long, ctypes.c_long) * 3,
+        *(ctypes.c_void_p,) * 8,
         *(ctypes.c_long,) * 3,
         ctypes.c_int,
     ]
@@ -486,7 +588,8 @@ def _load(path: Path, digest: str):
 
 
 def _self_check(lib) -> None:
-    """The kernel against the torch form on a small input with padding: a miscompiled library is not used."""
+    """The kernel, forward and backward, against the torch form on a small input with padding: a miscompiled library
+    is not used."""
     gen = torch.Generator().manual_seed(0)
     B, T, H, D = 2, 37, 2, 24
     q, k, v = (torch.randn(B, T, H, D, generator=gen, dtype=torch.float32) for _ in range(3))
@@ -498,6 +601,20 @@ def _self_check(lib) -> None:
     if not torch.allclose(got[0], want[0], rtol=1e-4, atol=1e-5):
         gap = (got[0] - want[0]).abs().max()
         raise RuntimeError(f"the built kernel's output differs from the torch form's by {gap:.3g}")
+    # the backward, the final state's gradients included
+    grads = [torch.randn(x.shape, generator=gen) for x in (q, want[1].m, want[1].n)]
+    with torch.enable_grad():
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        y, key, mean, _ = _NativeSimple.apply(*leaves, lib, mask, None)
+        got = torch.autograd.grad((y, key, mean), leaves, grads)
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        y, state = aft_simple_exact(*leaves, mask=mask, output_final_state=True)
+        want_grads = torch.autograd.grad((y, state.m, state.n), leaves, grads)
+    for a, b in zip(got, want_grads, strict=True):
+        if not torch.allclose(a, b, rtol=1e-4, atol=1e-5 * (1 + b.abs().max().item())):
+            raise RuntimeError(
+                f"the built kernel's gradients differ from the torch form's by {(a - b).abs().max():.3g}"
+            )
     # the decoding step, with a window, factors and padding, three tokens on from a prefilled state
     pos_u, pos_v = (torch.randn(1, T, 3, generator=gen) for _ in range(2))
     _, state = aft_local_chunk(q[:, :-3], k[:, :-3], v[:, :-3], pos_u[:, :-3], pos_v[:, :-3], 5, mask=mask[:, :-3],
@@ -570,10 +687,17 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _forward(lib, q, k, v, mask, initial_state):
-    """The kernel's call: k masked here; -> y in q's dtype and the final state (the torch forms' convention)."""
+def _threads(x: torch.Tensor) -> int:
+    return torch.get_num_threads() if x.numel() >= THREAD_ELEMENTS else 1
+
+
+def _scan(lib, q, k, v, mask, initial_state, save: bool):
+    """The kernel's forward: k masked here. -> y (float32), the pool (m, n, z) after the last row, the inputs as
+    the kernel read them (q, k masked, v in float32), and with `save` each row's (n / z, m, z) for the backward."""
     B, T, H, D = k.shape
-    k = _rows(mask_keys(k, mask))
+    # the kernel weighs keys below NEG / 2 (-inf too) as padding: float32 keys without a mask as they are (no copy
+    # for the forward to make, nor for the backward to keep)
+    k = _rows(k if mask is None and k.dtype == torch.float32 else mask_keys(k, mask))
     q, v = _rows(q), _rows(v)
     f32 = {"dtype": torch.float32}  # whatever torch's default dtype is: the kernel writes float32
     if initial_state is None:
@@ -583,22 +707,74 @@ def _forward(lib, q, k, v, mask, initial_state):
         check_state(initial_state, k, v)
         m, n, z = (x.to(torch.float32).clone(memory_format=torch.contiguous_format) for x in initial_state[:3])
     y = torch.empty(B, T, H, D, **f32)
-    threads = torch.get_num_threads() if B * T * H * D >= THREAD_ELEMENTS else 1
+    saved = tuple(torch.empty(B, T, H, D, **f32) for _ in range(3)) if save else (None,) * 3
     lib.aft_simple_causal(
         q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), k.stride(1), v.data_ptr(), v.stride(0),
-        v.stride(1), y.data_ptr(), m.data_ptr(), n.data_ptr(), z.data_ptr(), B, T, H * D, threads,
+        v.stride(1), y.data_ptr(), m.data_ptr(), n.data_ptr(), z.data_ptr(),
+        *(x.data_ptr() if x is not None else None for x in saved), B, T, H * D, _threads(y),
     )  # fmt: skip
-    # the torch forms' state: the pool as one position, m its log-sum, n its mean, z = 1 (empty: NEG, 0, 0)
-    key, mean = pool_as_position(m, n, z)
-    state = AFTState(
+    return y, (m, n, z), (q, k, v), saved
+
+
+def _state(k, v, key, mean) -> AFTState:
+    """The torch forms' state from the pool as one position (`pool_as_position`): key its log-sum, mean its mean,
+    z = 1 (empty: NEG, 0, 0)."""
+    B, _, H, D = k.shape
+    return AFTState(
         m=key,
         n=mean,
-        z=(z > 0).to(torch.float32),
-        k=k.new_full((B, 0, H, D), NEG),
-        v=v.new_zeros(B, 0, H, D),
-        pos=k.new_zeros(B, 0, 0),
+        z=(key > NEG / 2).to(torch.float32),
+        k=k.new_full((B, 0, H, D), NEG, dtype=torch.float32),
+        v=v.new_zeros(B, 0, H, D, dtype=torch.float32),
+        pos=k.new_zeros(B, 0, 0, dtype=torch.float32),
     )
-    return y, state
+
+
+def _forward(lib, q, k, v, mask, initial_state):
+    """The kernel's call without gradients -> y in float32 and the final state (the torch forms' convention)."""
+    y, pool, _, _ = _scan(lib, q, k, v, mask, initial_state, save=False)
+    return y, _state(k, v, *pool_as_position(*pool))
+
+
+class _NativeSimple(torch.autograd.Function):
+    """y = q n / z by the kernel, forward and backward (`scan_back` in the C source): gradients of q, k, v and of
+    the final state's key and mean; the initial state takes none (a caller whose state needs one uses the torch
+    form). `finite` (a 0-d bool output): the last row's pool is finite, so no NaN or infinite key or value was met
+    (else the caller uses the torch form, whose gradients then are its own)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, lib, mask, initial_state):
+        y, (m, n, z), read, saved = _scan(lib, q, k, v, mask, initial_state, save=True)
+        key, mean = pool_as_position(m, n, z)
+        finite = torch.isfinite(n).all()
+        ctx.save_for_backward(*read, *saved, z)
+        ctx.lib, ctx.dtypes = lib, (q.dtype, k.dtype, v.dtype)
+        ctx.mark_non_differentiable(finite)
+        return y.to(q.dtype), key, mean, finite
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, dkey, dmean, _):
+        q, k, v, ys, ms, zs, z = ctx.saved_tensors
+        B, T, H, D = k.shape
+        dy = _f32(dy)
+        # the final state as a row after the last, in its scale: its mean is the last row's n / z (a gradient like
+        # g's) and its key log Z (each position's weight there: the b carry's)
+        a = dmean.to(torch.float32).clone() if dmean is not None else torch.zeros(B, H, D, dtype=torch.float32)
+        b = a * ys[:, -1]
+        if dkey is not None:
+            b -= torch.where(z > 0, dkey.to(torch.float32), 0.0)
+        dq, dk, dv = (torch.empty(B, T, H, D, dtype=torch.float32) for _ in range(3))
+        ctx.lib.aft_simple_causal_backward(
+            dy.data_ptr(), q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), k.stride(1),
+            v.data_ptr(), v.stride(0), v.stride(1), ys.data_ptr(), ms.data_ptr(), zs.data_ptr(), dq.data_ptr(),
+            dk.data_ptr(), dv.data_ptr(), a.data_ptr(), b.data_ptr(), B, T, H * D, _threads(dq),
+        )  # fmt: skip
+        grads = (
+            g.to(dtype) if need else None
+            for g, dtype, need in zip((dq, dk, dv), ctx.dtypes, ctx.needs_input_grad[:3], strict=True)
+        )
+        return *grads, None, None, None
 
 
 def _uses_kernel(q, k, v, causal, initial_state, same_keys=True) -> bool:
@@ -609,9 +785,13 @@ def _uses_kernel(q, k, v, causal, initial_state, same_keys=True) -> bool:
         and k.dim() == 4
         and k.shape[0] * k.shape[1] > 0
         and all(x.device.type == "cpu" and x.dtype != torch.float64 for x in tensors)
-        and not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors))
+        and not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors[3:]))
         and not torch.compiler.is_compiling()
     )
+
+
+def _needs_grad(q, k, v) -> bool:
+    return torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
 
 
 def aft_simple_native(q, k, v, *, causal=True, mask=None, initial_state=None, output_final_state=False):
@@ -619,9 +799,13 @@ def aft_simple_native(q, k, v, *, causal=True, mask=None, initial_state=None, ou
     q, k, v: (B, T, H, D)."""
     if _uses_kernel(q, k, v, causal, initial_state):
         lib = library()
-        if lib is not None:
+        if lib is not None and not _needs_grad(q, k, v):
             y, state = _forward(lib, q, k, v, mask, initial_state)
             return y.to(q.dtype), (state if output_final_state else None)
+        if lib is not None:
+            y, key, mean, finite = _NativeSimple.apply(q, k, v, lib, mask, initial_state)
+            if finite:  # else a NaN or infinite input: the torch form, NaN where it has NaN
+                return y, (_state(k, v, key, mean) if output_final_state else None)
     return aft_simple_chunk(
         q, k, v, causal=causal, mask=mask, initial_state=initial_state, output_final_state=output_final_state
     )

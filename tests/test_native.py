@@ -1,6 +1,7 @@
 """The "native" implementation of AFT-simple: its compiled kernel against the torch form (outputs, states, padding,
-extreme keys, dtypes, strides), the torch form wherever the kernel does not apply (gradients, compile), the model
-and generation through it, and how the build copes with a corrupt, read-only or missing cache and no compiler."""
+extreme keys, dtypes, strides), its gradients against the torch form's and a float64 reference, the torch form
+wherever the kernel does not apply (a state that needs a gradient, compile), the model, its training and generation
+through it, and how the build copes with a corrupt, read-only or missing cache and no compiler."""
 
 import os
 import shutil
@@ -151,14 +152,6 @@ def test_strided_inputs_and_many_threads(fresh):
 
 def test_where_the_kernel_does_not_apply_it_is_the_torch_form(fresh):
     q, k, v = _inputs(T=20)
-    k.requires_grad_()
-    v.requires_grad_()
-    y, _ = native.aft_simple_native(q, k, v)  # training: the torch form, with its gradients
-    want, _ = ops.aft_simple_chunk(q, k, v)
-    assert y.grad_fn is not None
-    gy = torch.randn_like(y)
-    for a, b in zip(torch.autograd.grad(y, (k, v), gy), torch.autograd.grad(want, (k, v), gy), strict=True):
-        torch.testing.assert_close(a, b)
     with torch.no_grad():  # non-causal, float64, one key per head: the torch form's results
         torch.testing.assert_close(
             native.aft_simple_native(q, k, v, causal=False)[0], ops.aft_simple_chunk(q, k, v, causal=False)[0]
@@ -189,10 +182,6 @@ def test_the_model_and_generate_run_alike_on_native_and_torch(fresh, tmp_path):
                                    atol=1e-5, rtol=1e-5)  # fmt: skip
         kw = {"attention_mask": mask, "max_new_tokens": 6, "do_sample": False}
         assert torch.equal(fast.generate(ids, **kw), base.generate(ids, **kw))
-    # training through it is training the torch form
-    loss = fast(ids, labels=ids).loss
-    loss.backward()
-    assert all(p.grad is not None for p in fast.parameters() if p.requires_grad)
     fast.save_pretrained(tmp_path / "saved")
     assert AFTForCausalLM.from_pretrained(tmp_path / "saved").config.aft_implementation == "native"
 
@@ -620,3 +609,123 @@ def test_without_a_compiler_native_decoding_is_the_torch_form(fresh, monkeypatch
     with pytest.warns(RuntimeWarning, match="no C compiler found"):
         got = native.aft_conv_native_recurrent(*inputs, mask=mask, initial_state=state, output_final_state=True)
     _assert_same_step(got, ops.aft_conv_recurrent(*inputs, mask=mask, initial_state=state, output_final_state=True))
+
+
+def _native_backward(y) -> bool:
+    return type(y.grad_fn).__name__ == "_NativeSimpleBackward"
+
+
+def _outputs_and_grads(form, inputs, mask, cotangents, dtype):
+    """form's y, final state (key, mean) and the gradients of q, k, v for the cotangents of (y, key, mean)."""
+    leaves = [x.to(dtype).requires_grad_() for x in inputs]
+    y, state = form(*leaves, mask=mask, output_final_state=True)
+    outs = (y, state.m, state.n)
+    grads = torch.autograd.grad(outs, leaves, [c.to(o.dtype) for c, o in zip(cotangents, outs, strict=True)])
+    return y, [*outs, *grads]
+
+
+@needs_compiler
+@pytest.mark.parametrize("key_scale", [1.0, 60.0])
+def test_training_gradients_equal_the_torch_forms_with_padding_and_a_final_state(fresh, key_scale):
+    B, T, H, D = 3, 203, 2, 8
+    q, k, v = _inputs(B, T, H, D, key_scale=key_scale, seed=1)
+    k = k.clamp(-60, 60)  # keys at +-60
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, :7] = 0  # left padding
+    mask[2, 50:60] = 0  # a gap
+    g = torch.Generator().manual_seed(2)
+    cot = [torch.randn(B, T, H, D, generator=g), torch.randn(B, H, D, generator=g), torch.randn(B, H, D, generator=g)]
+    y, got = _outputs_and_grads(native.aft_simple_native, (q, k, v), mask, cot, torch.float32)
+    assert _native_backward(y)
+    _, torch_form = _outputs_and_grads(ops.aft_simple_chunk, (q, k, v), mask, cot, torch.float32)
+    _, exact = _outputs_and_grads(ops.aft_simple_exact, (q, k, v), mask, cot, torch.float64)
+    for name, a, b, want in zip(("y", "key", "mean", "dq", "dk", "dv"), got, torch_form, exact, strict=True):
+        scale = want.abs().max().item()
+        gap, torch_gap = ((x.double() - want).abs().max().item() for x in (a, b))
+        assert a.dtype == torch.float32 and torch.isfinite(a).all()
+        assert gap <= max(4 * torch_gap, 1e-6 * scale), (
+            f"{name}: {gap:.3g} from float64, the torch form {torch_gap:.3g}"
+        )
+    for dv, dk in ((got[5], got[4]), (torch_form[5], torch_form[4])):  # padding takes no gradient
+        assert (dv[1, :7] == 0).all() and (dk[2, 50:60] == 0).all()
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_training_gives_the_torch_forms_gradients_in_their_dtype(fresh, dtype):
+    B, T, H, D = 2, 77, 2, 16
+    q, k, v = _inputs(B, T, H, D, key_scale=8.0, seed=3)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[0, :5] = 0
+    g = torch.Generator().manual_seed(4)
+    cot = [torch.randn(B, T, H, D, generator=g), torch.randn(B, H, D, generator=g), torch.randn(B, H, D, generator=g)]
+    y, got = _outputs_and_grads(native.aft_simple_native, (q, k, v), mask, cot, dtype)
+    assert _native_backward(y)
+    _, want = _outputs_and_grads(ops.aft_simple_chunk, (q, k, v), mask, cot, dtype)
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b)  # both accumulate in float32: they differ by the output's rounding
+
+
+@needs_compiler
+def test_gradients_of_some_inputs_and_a_state_that_needs_none(fresh):
+    q, k, v = _inputs(T=61, seed=5)
+    with torch.no_grad():
+        _, state = ops.aft_simple_chunk(q[:, :30], k[:, :30], v[:, :30], output_final_state=True)
+    tail = [x[:, 30:].clone() for x in (q, k, v)]
+    tail[1].requires_grad_()  # only the keys
+    gy = torch.randn(tail[0].shape)
+    y, _ = native.aft_simple_native(*tail, initial_state=state)
+    assert _native_backward(y)
+    want, _ = ops.aft_simple_chunk(*tail, initial_state=state)
+    torch.testing.assert_close(y, want)
+    (dk,) = torch.autograd.grad(y, tail[1], gy)
+    torch.testing.assert_close(dk, torch.autograd.grad(want, tail[1], gy)[0])
+
+
+@needs_compiler
+def test_where_the_training_kernel_does_not_apply_it_is_the_torch_form(fresh):
+    q, k, v = _inputs(T=40, seed=6)
+    gy = torch.randn(q.shape)
+
+    def check(call, *tensors, equal_nan=False):
+        leaves = [x.clone().requires_grad_() for x in tensors]
+        y, _ = call(native.aft_simple_native, leaves)
+        assert not _native_backward(y)
+        twin = [x.clone().requires_grad_() for x in tensors]
+        want, _ = call(ops.aft_simple_chunk, twin)
+        torch.testing.assert_close(y, want, equal_nan=equal_nan)
+        for a, b in zip(torch.autograd.grad(y, leaves, gy), torch.autograd.grad(want, twin, gy), strict=True):
+            torch.testing.assert_close(a, b, equal_nan=equal_nan)
+
+    with torch.no_grad():
+        _, state = ops.aft_simple_chunk(q, k, v, output_final_state=True)
+    # an initial state that needs a gradient
+    check(lambda f, x: f(*x[:3], initial_state=ops.AFTState(x[3], *state[1:])), q, k, v, state.m)
+    check(lambda f, x: f(*x, causal=False), q, k, v)  # not causal
+    bad = k.clone()
+    bad[0, 10, 1, 3] = float("nan")
+    check(lambda f, x: f(*x), q, bad, v, equal_nan=True)  # a NaN key: the torch form's NaN and gradients
+
+
+@needs_compiler
+def test_a_model_trains_alike_on_native_and_torch(fresh):
+    torch.manual_seed(0)
+    base = AFTForCausalLM(tiny_config("simple"))
+    fast = AFTForCausalLM(tiny_config("simple", aft_implementation="native"))
+    fast.load_state_dict(base.state_dict())
+    ids = torch.randint(1, 37, (2, 29))
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (base, fast)]
+    for step in range(2):
+        losses = []
+        for model, opt in zip((base, fast), optimizers, strict=True):
+            opt.zero_grad()
+            loss = model(ids, attention_mask=mask, labels=ids).loss
+            loss.backward()
+            losses.append(loss.detach())
+            opt.step()
+        torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+        for (name, a), b in zip(fast.named_parameters(), base.parameters(), strict=True):
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=f"step {step}: {name}")

@@ -55,7 +55,7 @@ from .ops_aft_window import (
     aft_simple_recurrent,
 )
 
-KERNEL_VERSION = 3
+KERNEL_VERSION = 4
 _SOURCE = r"""
 #include <stdint.h>
 #include <stdlib.h>

@@ -55,7 +55,7 @@ from .ops_aft_window import (
     aft_simple_recurrent,
 )
 
-KERNEL_VERSION = 4
+KERNEL_VERSION = 5
 _SOURCE = r"""
 #include <stdint.h>
 #include <stdlib.h>
@@ -108,7 +108,8 @@ static inline __attribute__((always_inline)) void scan(
             float s = up * x + (1.0f - up);
             m[c] = up > 0.0f ? kk : mm;                             /* a select: 0 * -inf would be NaN */
             float bad = kk < NEG_HALF ? 0.0f : kk - kk;             /* a NaN or +inf key: NaN from here on */
-            float nn = n[c] * s + e * vr[c] + bad;                  /* (-inf is a key of weight 0) */
+            float ev = real > 0.0f ? e * vr[c] : 0.0f;              /* a padding value is never read */
+            float nn = n[c] * s + ev + bad;                         /* (-inf is a key of weight 0) */
             float zz = z[c] * s + e;
             n[c] = nn;
             z[c] = zz;

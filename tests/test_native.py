@@ -409,6 +409,22 @@ def test_a_CC_with_arguments_is_used(fresh, monkeypatch):
 
 
 @needs_compiler
+def test_a_padding_positions_value_is_never_read_as_in_the_torch_form(fresh):
+    q, k, v = _inputs()
+    mask = torch.ones(2, 45)
+    mask[1, :13] = 0
+    v[1, :13] = float("nan")  # whatever a padded position holds, it weighs nothing
+    k[0, 4, 1] = -torch.inf
+    v[0, 4, 1] = float("nan")
+    y, state = native.aft_simple_native(q, k, v, mask=mask, output_final_state=True)
+    want, want_state = ops.aft_simple_chunk(q, k, v, mask=mask, output_final_state=True)
+    assert torch.isfinite(want).all() and torch.isfinite(y).all()
+    torch.testing.assert_close(y, want, atol=2e-5, rtol=1e-4)
+    for got, exp in zip(_state_values(state), _state_values(want_state), strict=True):
+        torch.testing.assert_close(got, exp, atol=2e-5, rtol=1e-5)
+
+
+@needs_compiler
 def test_keys_of_minus_infinity_weigh_nothing_as_in_the_torch_form(fresh):
     q, k, v = _inputs()
     k[0, 3:9, 1, 5] = -torch.inf  # a run of positions of weight 0 in one channel

@@ -159,7 +159,7 @@ def read_new_parameters(name: str) -> list[str] | None:
         return None
     try:
         names = json.loads(Path(path).read_text())["new_parameters"]
-        if not all(isinstance(n, str) for n in names):
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise TypeError("not a list of names")
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise InputError(f"{path} is not a record of convert_to_aft.py ({type(error).__name__}: {error}).") from error

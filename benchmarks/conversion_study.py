@@ -74,6 +74,13 @@ def parse_args(argv=None):
                         "(default: the study's recipe rate).")  # fmt: skip
     parser.add_argument("--scratch_learning_rate", type=float, default=None, help="AFT-local from scratch's rate "
                         "(default: the study's sweep's choice for AFT-local, else its recipe rate).")  # fmt: skip
+    parser.add_argument(
+        "--freeze_carried_steps",
+        type=int,
+        default=0,
+        help="the converted rows train only the parameters the conversion made new for their first N of K steps "
+        "(run_clm.py's flag; the schedule restarts after them); from scratch is unchanged. Every K must exceed N.",
+    )
     parser.add_argument("--distill_temperature", type=float, default=2.0)
     parser.add_argument("--distill_weight", type=float, default=0.5)
     parser.add_argument("--curve_points", type=int, default=6, help="validation points per fine-tuning run.")
@@ -113,6 +120,12 @@ def check_args(args) -> dict:
         ) from error
     if any(k < 1 for k in args.steps) or len(set(args.steps)) != len(args.steps):
         raise InputError(f"--steps {args.steps}: give each number of steps once, each positive.")
+    phase = args.freeze_carried_steps
+    if phase < 0 or (phase and min(args.steps) <= phase):
+        raise InputError(
+            f"--freeze_carried_steps={phase}: it must be >= 0 and below every K of --steps {args.steps} (the steps "
+            "after the phase train every parameter)."
+        )
     for name in ("curve_points", "threads", "timing_steps", "decode_tokens"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name}={getattr(args, name)}: it must be a positive integer.")
@@ -238,6 +251,8 @@ def train(args, study, row: str, steps: int, folders: dict, out: Path, evaluator
         argv += ["--tokenizer_name", args.source, "--config_overrides", scratch_overrides(folders["copy"])]
     else:
         argv += ["--model_name_or_path", folders[row.removesuffix("+distill")]]
+        if args.freeze_carried_steps:
+            argv += ["--freeze_carried_steps", args.freeze_carried_steps]
     if row.endswith("+distill"):
         argv += ["--teacher_model", args.source, "--distill_temperature", args.distill_temperature]
         argv += ["--distill_weight", args.distill_weight]
@@ -392,7 +407,9 @@ def table(results: dict) -> str:
     for name, r in results["converted_untrained"].items():
         line(f"converted, `--query_key {name}`", 0, r)
     for r in sorted(results["runs"], key=lambda r: (ROWS.index(r["row"]), r["steps"])):
-        name = {"scratch": "AFT-local from scratch"}.get(r["row"], f"converted, {r['row']}")
+        phase = results.get("freeze_carried_steps", 0)
+        name = f"converted, {r['row']}" + (f", first {phase} steps new parameters only" if phase else "")
+        name = "AFT-local from scratch" if r["row"] == "scratch" else name
         line(name, r["steps"], r)
     if results.get("scratch_total"):
         r = results["scratch_total"]
@@ -493,6 +510,7 @@ def main(argv=None):
         "machine": machine(),
         "study": {"command": study["command"], "recipe": study["recipe"], "architecture": study["architecture"]},
         "distillation": {"temperature": args.distill_temperature, "weight": args.distill_weight},
+        "freeze_carried_steps": args.freeze_carried_steps,
         "learning_rates": study["learning_rates"],
         "tolerance_bits_per_byte": TOLERANCE,
         "step_budget": STEP_FRACTION * study["gpt2"]["steps"],

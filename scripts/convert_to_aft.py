@@ -11,7 +11,8 @@ paper does: the position-bias factors of `full`/`local` (N(0, 0.01^2): the bias 
 `conv` (gamma = beta = 0: the kernel term starts at exactly 0), `conv`'s per-head key and, with `--query_key
 fresh`, the query and key projections. The README's "From a Transformer to AFT" says why. The output folder
 holds safetensors weights, the config with `auto_map` and the model code, the source's tokenizer and generation
-config, and a model card with `base_model`.
+config, a model card with `base_model`, and conversion.json: the names of the new parameters, which `run_clm.py
+--freeze_carried_steps N` trains alone for its first N steps.
 """
 
 import argparse
@@ -27,7 +28,7 @@ import transformers
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.errors import StrictDataclassError
 from training_args import InputError, check_ranges, run_main
-from training_model import count_parameters
+from training_model import count_parameters, save_conversion_record
 from training_publish import CARD_REQUIREMENTS, HUB_ID, LIMITATIONS, card_folder, public_argv, public_path
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedConfig
 
@@ -507,6 +508,8 @@ def main(argv=None):
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         card.save(folder / "README.md")
+        source = card_base_model(args)[0] or public_path(args.src)
+        save_conversion_record(folder, new, source=source, query_key=args.query_key)
 
     write_folder(dst.resolve(), write, args.overwrite)
     carried = count_parameters(model) - sum(p.numel() for n, p in model.named_parameters() if n in new)

@@ -65,13 +65,25 @@ def parse_args(argv=None):
     tok.add_argument("--tokenizer_vocab_size", type=int, default=4096)
     parser.add_argument("--eval_at_start", action="store_true", help="also evaluate the untrained model.")
     training_model.add_model_args(parser, default_preset="small")
+    parser.add_argument(
+        "--freeze_carried_steps",
+        type=int,
+        default=0,
+        help="for the first N optimizer steps train only the parameters that convert_to_aft.py made new (its "
+        "conversion.json beside --model_name_or_path), the carried ones frozen; then every parameter, the "
+        "schedule restarted (its warm-up included) over the remaining steps. 0 (default): all from the start.",
+    )
     training_distill.add_args(parser)
     training_args.add_training_args(parser, learning_rate=1e-3, batch_size=16, epochs=1)
     training_args.add_output_args(parser)
     args = parser.parse_args(argv)
     run_plan = training_checks.check_args(args)
     training_data.check_text_files(args)
-    return args, dataclasses.replace(run_plan, distillation=training_distill.check_args(args))
+    return args, dataclasses.replace(
+        run_plan,
+        distillation=training_distill.check_args(args),
+        new_parameters=training_model.check_freeze_carried(args),
+    )
 
 
 def evaluate(model, dataloader, accelerator, metric, ratio: dict | None, prefix: str) -> dict:
@@ -156,7 +168,7 @@ def main(argv=None):
         train_dataloader,
         eval_dataloader,
         "aft_clm",
-        plan_args=training_distill.PLAN_ARGS,
+        plan_args=(*training_distill.PLAN_ARGS, "freeze_carried_steps"),
     )
     logger.info(
         f"{len(train_dataset)} training blocks of {args.block_size} tokens, {len(eval_dataset)} validation blocks; "

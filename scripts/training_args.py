@@ -187,6 +187,7 @@ RANGES = {
     "adam_beta2": Range(low=0, high=1, high_open=True),
     "max_grad_norm": Range(meaning="<= 0: no clipping"),
     "num_warmup_steps": NON_NEGATIVE,
+    "freeze_carried_steps": Range(low=0, meaning="0: every parameter trains from the start"),
     "seed": Range(low=0, high=2**32 - 1),  # numpy's seeds, which transformers.set_seed sets
     "dataloader_num_workers": Range(low=0, meaning="0: load in the main process"),
     "validation_split_percentage": Range(low=0, high=100, low_open=True, high_open=True),

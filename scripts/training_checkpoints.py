@@ -340,6 +340,8 @@ PLAN_NAMES = {
     "teacher_model": "--teacher_model",
     "distill_temperature": "--distill_temperature",
     "distill_weight": "--distill_weight",
+    "freeze_carried_steps": "--freeze_carried_steps",
+    "phase_parameters": "the parameters --freeze_carried_steps trains alone (the model's conversion.json)",
 }
 
 

@@ -17,12 +17,14 @@ from training_publish import check_hub
 @dataclasses.dataclass(frozen=True)
 class RunPlan:
     """What the start-up checks settled, which the run uses beside its arguments: the checkpoint folder to resume
-    from (None without --resume_from_checkpoint), the Hub repository to upload to (None without --push_to_hub) and
-    run_clm.py's distillation (training_distill.Distillation; None without --teacher_model)."""
+    from (None without --resume_from_checkpoint), the Hub repository to upload to (None without --push_to_hub),
+    run_clm.py's distillation (training_distill.Distillation; None without --teacher_model) and the parameters its
+    --freeze_carried_steps phase trains alone (training_model.check_freeze_carried; None without the phase)."""
 
     checkpoint: Path | None = None
     hub_repo_id: str | None = None
     distillation: object = None
+    new_parameters: list | None = None
 
     def as_args(self) -> dict:
         """The settled values under the names the run's settings give them (training_loop.run_settings)."""

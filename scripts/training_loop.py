@@ -21,6 +21,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
 from allocator import keep_freed_memory
+from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 from training_args import InputError
 from training_checkpoints import (
@@ -33,7 +34,7 @@ from training_checkpoints import (
     read_lock,
     save_checkpoint,
 )
-from training_model import count_parameters
+from training_model import carried_parameters, count_parameters
 from transformers import get_scheduler
 
 logger = logging.getLogger(__name__)
@@ -108,12 +109,15 @@ def create_optimizer(model, args) -> torch.optim.AdamW:
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
     """How long a run trains (plan_steps): its optimizer steps, the epochs they take, the warm-up steps, and the
-    optimizer steps of one epoch."""
+    optimizer steps of one epoch; with a first phase (--freeze_carried_steps) its steps and its own warm-up, the
+    warm-up steps then being those of the steps after it."""
 
     max_train_steps: int
     num_train_epochs: int
     num_warmup_steps: int
     steps_per_epoch: int
+    phase_steps: int = 0
+    phase_warmup_steps: int = 0
 
     def as_args(self) -> dict:
         """The planned values under the names of the arguments they complete (--max_train_steps, ...)."""
@@ -123,25 +127,62 @@ class StepPlan:
 
 def plan_steps(args, batches_per_epoch: int) -> StepPlan:
     """The run's steps from --max_train_steps (default: --num_train_epochs epochs), --num_train_epochs (the epochs
-    the steps take) and --num_warmup_steps (default: 5% of the steps); `args` is left as it is."""
+    the steps take), --num_warmup_steps (default: 5% of the steps) and --freeze_carried_steps (the phase's steps;
+    the phase and the steps after it each warm up, by --num_warmup_steps or 5% of their own steps); `args` is left
+    as it is."""
     steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps
     if max_train_steps is None:
         max_train_steps = args.num_train_epochs * steps_per_epoch
-    num_warmup_steps = args.num_warmup_steps
-    if num_warmup_steps is None:
-        num_warmup_steps = math.ceil(0.05 * max_train_steps)
-    return StepPlan(max_train_steps, math.ceil(max_train_steps / steps_per_epoch), num_warmup_steps, steps_per_epoch)
+    phase_steps = getattr(args, "freeze_carried_steps", 0)
+    if phase_steps >= max_train_steps:
+        raise InputError(
+            f"--freeze_carried_steps={phase_steps} leaves no step of the run's {max_train_steps} to train every "
+            f"parameter: use fewer than {max_train_steps}."
+        )
+
+    def warmup(steps: int) -> int:
+        return math.ceil(0.05 * steps) if args.num_warmup_steps is None else args.num_warmup_steps
+
+    return StepPlan(
+        max_train_steps,
+        math.ceil(max_train_steps / steps_per_epoch),
+        warmup(max_train_steps - phase_steps),
+        steps_per_epoch,
+        phase_steps,
+        warmup(phase_steps) if phase_steps else 0,
+    )
 
 
 def create_scheduler(optimizer, args, steps: StepPlan, num_processes: int):
-    # Accelerate's prepared scheduler advances once per process at each optimizer step: scale the step counts.
-    return get_scheduler(
-        name=args.lr_scheduler_type,
-        optimizer=optimizer,
-        num_warmup_steps=steps.num_warmup_steps * num_processes,
-        num_training_steps=steps.max_train_steps * num_processes,
-    )
+    """--lr_scheduler_type over the run's steps; with a first phase, over the phase's steps and then again, warm-up
+    included, over the steps after it: the carried parameters join with fresh AdamW moments, whose first updates
+    are a full learning rate per weight, so they get a warm-up of their own, as a run started from the phase's
+    weights would."""
+
+    def schedule(num_warmup_steps: int, num_training_steps: int):
+        # Accelerate's prepared scheduler advances once per process at each optimizer step: scale the step counts.
+        return get_scheduler(
+            name=args.lr_scheduler_type,
+            optimizer=optimizer,
+            num_warmup_steps=num_warmup_steps * num_processes,
+            num_training_steps=num_training_steps * num_processes,
+        )
+
+    if not steps.phase_steps:
+        return schedule(steps.num_warmup_steps, steps.max_train_steps)
+    phase = schedule(steps.phase_warmup_steps, steps.phase_steps)
+    rest = schedule(steps.num_warmup_steps, steps.max_train_steps - steps.phase_steps)
+    end = steps.phase_steps * num_processes
+
+    # plain functions: LambdaLR's state (a checkpoint's) is then its step alone, rebuilt from the arguments on resume
+    def factor(step, phase_factor, rest_factor):
+        return phase_factor(step) if step < end else rest_factor(step - end)
+
+    factors = [
+        lambda step, a=a, b=b: factor(step, a, b) for a, b in zip(phase.lr_lambdas, rest.lr_lambdas, strict=True)
+    ]
+    return LambdaLR(optimizer, factors)
 
 
 def run_settings(args, run_plan, steps: StepPlan) -> dict:
@@ -208,6 +249,9 @@ class Run:
     eval_dataloader: object
     steps: StepPlan
     state: RunState
+    frozen_during_phase: list = dataclasses.field(
+        default_factory=list
+    )  # the carried parameters (--freeze_carried_steps)
 
     @classmethod
     def prepare(
@@ -225,6 +269,19 @@ class Run:
         if getattr(args, "gradient_checkpointing", False):
             # transformers 5.22 renamed the method; the floor has only the old name
             (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+        # The phase drops the carried parameters' gradients before clipping and AdamW (`train`), rather than
+        # setting requires_grad=False: DDP registers the parameters that need gradients when it wraps the model,
+        # so a parameter frozen then would never be all-reduced after the phase, and one frozen later needs
+        # find_unused_parameters=True (a search of the graph at every step of the run). A parameter without a
+        # gradient gets no AdamW step at all (no moments, no weight decay) and no part in the clipping norm.
+        frozen = (
+            carried_parameters(model, run_plan.new_parameters) if getattr(run_plan, "new_parameters", None) else []
+        )
+        if frozen and accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+            raise InputError(
+                f"--freeze_carried_steps runs on one process or under DDP; under {accelerator.distributed_type.value} "
+                "the gradients belong to the engine's shards, not to the parameters: launch with DDP."
+            )
         optimizer = create_optimizer(model, args)
         model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
             model, optimizer, train_dataloader, eval_dataloader
@@ -241,6 +298,8 @@ class Run:
             **{name: settings[name] for name in (*PLAN_ARGS, *plan_args)},
             **data_identity(args),
         }
+        if steps.phase_steps:
+            plan["phase_parameters"] = sorted(run_plan.new_parameters)
         run_id = read_lock(args.output_dir).get("run_id", "")  # recorded by create_accelerator
         state = RunState(plan=plan, run_id=run_id, model_config=model_config)
         if args.resume_from_checkpoint:
@@ -257,6 +316,7 @@ class Run:
             eval_dataloader,
             steps,
             state,
+            frozen,
         )
 
     @property
@@ -316,6 +376,9 @@ class Run:
                     with accelerator.accumulate(model):
                         loss, terms = as_loss_and_terms(compute_loss(model, batch))
                         accelerator.backward(loss)
+                        if accelerator.sync_gradients and state.completed_steps < self.steps.phase_steps:
+                            for param in self.frozen_during_phase:  # the phase: no step for them (Run.prepare)
+                                param.grad = None
                         if accelerator.sync_gradients and args.max_grad_norm > 0:  # HF Trainer's: <= 0 does not clip
                             accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                         optimizer.step()

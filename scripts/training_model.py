@@ -8,11 +8,13 @@
 import argparse
 import ast
 import dataclasses
+import json
 from pathlib import Path
 
 from huggingface_hub.errors import StrictDataclassError
 from training_args import InputError
 from transformers import PreTrainedConfig
+from transformers.utils import cached_file
 
 from aft import AFTConfig
 
@@ -132,6 +134,89 @@ def check_model_name(name: str):
             f"{AFTConfig.model_type!r}): {convert} into an AFT folder first, e.g. `python scripts/convert_to_aft.py "
             f"{name} outputs/aft-model --aft_variant local`, and pass that folder."
         )
+
+
+# Written by convert_to_aft.py beside the weights: the parameters the conversion initialised rather than copied, by
+# their state-dict names (as transformers' loading reports `missing_keys`). A file of its own, not a config field: it
+# describes these weights, not the architecture, so a model saved after training (whose parameters have all been
+# trained) carries no stale copy of it, and it travels to and from the Hub with the folder.
+CONVERSION_RECORD = "conversion.json"
+
+
+def save_conversion_record(folder: Path, new_parameters: list[str], **provenance):
+    record = {"new_parameters": sorted(new_parameters), **provenance}
+    (Path(folder) / CONVERSION_RECORD).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def read_new_parameters(name: str) -> list[str] | None:
+    """The new parameters that convert_to_aft.py recorded for the model folder or Hub id `name` (None: no record, a
+    model that was not converted or was saved again since). InputError for a record that cannot be read."""
+    try:
+        path = cached_file(name, CONVERSION_RECORD, _raise_exceptions_for_missing_entries=False)
+    except OSError as error:
+        raise InputError(f"--model_name_or_path {name}: cannot look for its {CONVERSION_RECORD} ({error}).") from error
+    if path is None:
+        return None
+    try:
+        names = json.loads(Path(path).read_text())["new_parameters"]
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise TypeError("not a list of names")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise InputError(f"{path} is not a record of convert_to_aft.py ({type(error).__name__}: {error}).") from error
+    return names
+
+
+# The schedules that can be split at the phase's end (training_loop.create_scheduler): a factor of the step.
+UNSPLITTABLE_SCHEDULES = ("reduce_lr_on_plateau", "greedy")
+
+
+def check_freeze_carried(args) -> list[str] | None:
+    """The parameters --freeze_carried_steps N trains alone for the first N steps: the new ones of the converted
+    model's record (None when N is 0). InputError, before any work, for a phase that cannot run."""
+    steps = args.freeze_carried_steps
+    if not steps:
+        return None
+    flag = f"--freeze_carried_steps={steps}"
+    if not args.model_name_or_path:
+        raise InputError(
+            f"{flag} trains the parameters a conversion made new: pass --model_name_or_path with a folder written "
+            "by scripts/convert_to_aft.py (a new model's parameters are all new)."
+        )
+    if args.max_train_steps is not None and steps >= args.max_train_steps:
+        raise InputError(
+            f"{flag} leaves no step of --max_train_steps={args.max_train_steps} to train every parameter: use "
+            f"fewer than {args.max_train_steps}."
+        )
+    if args.lr_scheduler_type in UNSPLITTABLE_SCHEDULES:
+        raise InputError(
+            f"{flag}: --lr_scheduler_type {args.lr_scheduler_type} cannot restart after the phase; use one of "
+            "linear, cosine, constant, constant_with_warmup, ... (a factor of the step)."
+        )
+    names = read_new_parameters(args.model_name_or_path)
+    if names is None:
+        raise InputError(
+            f"{flag}: --model_name_or_path {args.model_name_or_path} has no {CONVERSION_RECORD}, the record of "
+            "which parameters scripts/convert_to_aft.py made new: pass the folder the converter wrote (a model "
+            "saved again since, e.g. by run_clm.py, has none: all its parameters were trained)."
+        )
+    if not names:
+        raise InputError(
+            f"{flag}: the conversion {args.model_name_or_path} made no parameter new (its {CONVERSION_RECORD} "
+            "lists none): there is nothing to train alone; drop the flag."
+        )
+    return names
+
+
+def carried_parameters(model, new_parameters: list[str]) -> list:
+    """The parameters of `model` that are not in `new_parameters` (which must all be parameters of it)."""
+    names = dict(model.named_parameters())
+    unknown = sorted(set(new_parameters) - set(names))
+    if unknown:
+        raise InputError(
+            f"{CONVERSION_RECORD} names parameters this model does not have: {', '.join(unknown)[:300]}: the record "
+            "belongs to another model."
+        )
+    return [param for name, param in names.items() if name not in set(new_parameters)]
 
 
 def load_model(model_class, args, **task_fields):

@@ -98,3 +98,45 @@ def test_conversion_study_quick(lab, tmp_path, monkeypatch):
     with pytest.raises(lab.args.InputError, match="already holds files"):
         conversion.main(["--source", str(source), "--study_results", str(tmp_path / "results.json"),
                          "--output_dir", str(out)])  # fmt: skip
+
+
+def test_conversion_study_passes_the_phase_to_the_converted_rows(lab, tmp_path, monkeypatch):
+    """--freeze_carried_steps reaches run_clm.py for the converted rows only, and must leave steps after it."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    calls = []
+
+    def run_script(script, argv):
+        calls.append((script, argv))
+        run_in_this_process(script, argv, monkeypatch)
+
+    monkeypatch.setattr(lab.conversion, "run_script", run_script)
+    text = tmp_path / "code.txt"
+    text.write_text("".join(f"def add_{i}(a, b):\n    return a + b * {i}\n" for i in range(40)))
+    source = save_gpt2(tmp_path / "gpt2", lab)
+    curve = [{"step": 10, "value": 6.5}]
+    study = {
+        "command": "python benchmarks/study.py --quick",
+        "recipe": {"learning_rate": 1e-3, "weight_decay": 0.01, "betas": [0.9, 0.99], "max_grad_norm": 1.0,
+                   "batch_size": 4, "block_size": 32, "seeds": [0]},
+        "architecture": {"window": 4, "bias_rank": 4},
+        "equal_steps": {"runs": [{"model": "gpt2", "steps": 10, "curve": curve, "validation_bits_per_byte": 6.5,
+                                  "test_bits_per_byte": 6.4, "tokens_per_second": 1000.0}]},
+    }  # fmt: skip
+    (tmp_path / "results.json").write_text(json.dumps(study))
+    base = ["--source", str(source), "--study_results", str(tmp_path / "results.json"), "--train_file", str(text)]
+    with pytest.raises(lab.args.InputError, match=r"--freeze_carried_steps=3: .* below every K of --steps \[5, 3\]"):
+        lab.conversion.main([*base, "--output_dir", str(tmp_path / "unused"), "--steps", "5", "3",
+                             "--freeze_carried_steps", "3"])  # fmt: skip
+    assert not (tmp_path / "unused").exists() and not calls
+    out = tmp_path / "conversion"
+    lab.conversion.main([*base, "--quick", "--output_dir", str(out), "--steps", "3", "--rows", "copy+distill",
+                         "scratch", "--no_total_row", "--freeze_carried_steps", "2"])  # fmt: skip
+    results = json.loads((out / "results.json").read_text())
+    assert results["freeze_carried_steps"] == 2
+    commands = {r["row"]: r["command"] for r in results["runs"]}
+    assert (
+        "--freeze_carried_steps 2" in commands["copy+distill"] and "--freeze_carried_steps" not in commands["scratch"]
+    )
+    assert "converted, copy+distill, first 2 steps new parameters only" in results["table"]
+    trained = [argv for script, argv in calls if script == "run_clm.py" and "--freeze_carried_steps" in argv]
+    assert len(trained) == 1 and "--teacher_model" in trained[0]

@@ -198,6 +198,36 @@ def test_new_parameters_get_the_models_own_initialisation(convert_to_aft, gpt2, 
         assert model.config.num_heads == 4 and state["model.layers.0.mixer.k_proj.weight"].shape == (4, D)
 
 
+@pytest.mark.parametrize(
+    "variant, query_key", [("local", "copy"), ("conv", "copy"), ("simple", "copy"), ("local", "fresh")]
+)
+def test_the_new_parameters_are_recorded_beside_the_weights(
+    convert_to_aft, capsys, gpt2, tmp_path, variant, query_key
+):
+    """conversion.json names exactly the parameters the conversion initialised (run_clm.py --freeze_carried_steps
+    trains them alone); a model saved again has no record: its parameters are no longer the conversion's."""
+    source, src = gpt2
+    model = convert(convert_to_aft, capsys, src, tmp_path / "aft", "--aft_variant", variant, "--query_key", query_key)
+    args = convert_to_aft.parse_args(["src", "dst", "--aft_variant", variant, *SMALL])
+    _, new = convert_to_aft.convert(source, convert_to_aft.aft_config_from_gpt2(source.config, args), query_key)
+    read_new_parameters = importlib.import_module("training_model").read_new_parameters  # run_clm.py reads it so
+    recorded = read_new_parameters(str(tmp_path / "aft"))
+    assert recorded == sorted(new) and set(recorded) <= dict(model.named_parameters()).keys()
+    kinds = {name.split(".")[4] for name in recorded}
+    assert (
+        kinds
+        == {
+            ("local", "copy"): {"pos_u", "pos_v"},
+            ("conv", "copy"): {"conv_weight", "conv_gamma", "conv_beta", "k_proj"},
+            ("simple", "copy"): set(),
+            ("local", "fresh"): {"pos_u", "pos_v", "q_proj", "k_proj"},
+        }[variant, query_key]
+    )
+    assert json.loads((tmp_path / "aft" / "conversion.json").read_text())["query_key"] == query_key
+    model.save_pretrained(tmp_path / "again")
+    assert read_new_parameters(str(tmp_path / "again")) is None
+
+
 @pytest.mark.parametrize("variant, query_key", [("simple", "fresh"), ("full", "fresh"), ("local", "copy")])
 def test_converted_model_runs_and_generates(convert_to_aft, capsys, gpt2, tmp_path, variant, query_key):
     """simple and a fresh full start with no position bias; with fresh q/k the mixer is near a gated causal mean."""

@@ -28,10 +28,13 @@ Writes OUTPUT_DIR/results.json (learning curves against steps and seconds, final
 tokens seen, tokens/s, peak step memory, parameter counts, the answers to the study's two questions), the plots
 curves.png, final.png, window_ablation.png and images.png, and the models of the `steps` comparison as complete
 folders (OUTPUT_DIR/gpt2, OUTPUT_DIR/aft-local, ...: weights, config, tokenizer, and a model card carrying the
-model's row of the table and the comparison).
+model's row of the table and the comparison). While a part trains, OUTPUT_DIR/checkpoints/ holds its training
+state, written every --checkpoint_every seconds; `--resume` continues a stopped study from the parts done and the
+stopped part's last checkpoint.
 """
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -40,6 +43,7 @@ import logging
 import math
 import os
 import platform
+import re
 import shlex
 import shutil
 import statistics
@@ -99,6 +103,7 @@ SWEEP_RATES = (5e-4, 1e-3, 2e-3, 4e-3)  # the sweep's learning rates: the shared
 # bits per byte over the last SETTLE_FRACTION of the steps (at least SETTLE_POINTS curve points there), or at the cap
 SETTLE_TOLERANCE, SETTLE_FRACTION, SETTLE_POINTS = 0.01, 0.2, 3
 SETTLE_CAP = 10  # with --settle and no --steps, the cap is this many times the size's steps (30,000 at small)
+CHECKPOINT_SECONDS = 600  # a stop loses at most this much of a part's training (--checkpoint_every)
 DIGITS_SIDE, DIGITS_PATCH = 8, 2  # scikit-learn's digits are 8 x 8; patches of 2 x 2 make a 4 x 4 grid
 
 
@@ -179,6 +184,9 @@ def parse_args(argv=None):
                         "the size's steps); the schedule is planned over the cap.")  # fmt: skip
     parser.add_argument("--settle_min_steps", type=int, default=None, help="with --settle, train at least this many "
                         "steps before the gap may count as settled (default: the size's steps; 0: none).")  # fmt: skip
+    parser.add_argument("--checkpoint_every", type=float, default=CHECKPOINT_SECONDS, help="seconds between the "
+                        "checkpoints of a part's training, which --resume continues from (default "
+                        f"{CHECKPOINT_SECONDS:g}; 0: after every optimizer step).")  # fmt: skip
     parser.add_argument("--exit_after_steps", type=int, default=None, help=argparse.SUPPRESS)  # a kill, for tests
     parser.add_argument("--eval_every", type=int, default=None, help="steps between learning-curve points (default: "
                         "the size's points over the steps).")  # fmt: skip
@@ -224,6 +232,8 @@ def check_args(args) -> Size:
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and value > 0):
             raise InputError(f"--{name}={value}: it must be a positive number.")
+    if not (math.isfinite(args.checkpoint_every) and args.checkpoint_every >= 0):
+        raise InputError(f"--checkpoint_every={args.checkpoint_every}: it is a number of seconds >= 0.")
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise InputError(f"--output_dir {output_dir} is a file: choose a folder.")
@@ -439,27 +449,34 @@ def peak_step_bytes(model, compute_loss, batch, device) -> int:
     return int(peak)
 
 
+def finished(run: Run) -> bool:
+    """Whether the run has trained all it will: its planned (or stopped-at) steps, or its time budget."""
+    return run.done >= (run.last or run.steps) if run.budget is None else run.seconds >= run.budget
+
+
 def train_in_turn(runs, batch_at, compute_loss, evaluate, *, max_grad_norm, device, load, budget=None, desc="",
-                  stop=None, on_step=None):  # fmt: skip
+                  stop=None, on_step=None, checkpoint=None):  # fmt: skip
     """Train every run one optimizer step at a time, always stepping the run that is behind: in steps (round-robin),
     or with a time budget in its own training seconds. A run stops at its planned steps or, with a budget, when its
     clock reaches it. `evaluate(model)` gives the learning-curve value at the run's `eval_at` steps (with a budget:
     the first step at or past each of its `eval_at` seconds) and at its last step. `stop(runs)`, asked after every
-    evaluation, ends every run's training when it is true; `on_step()` is called after every step."""
+    evaluation, ends every run's training when it is true. After every step `checkpoint(runs)` (a
+    `TrainingCheckpoint`) saves them when one is due, and then `on_step()` is called; at the end `checkpoint(runs,
+    final=True)` saves them whole. Runs restored from a checkpoint continue where they were."""
     for run in runs:
-        run.peak_bytes = peak_step_bytes(run.model, compute_loss, batch_at(0), device)
-    active = list(runs)
-    bar = tqdm(total=sum(r.steps for r in runs), desc=desc, mininterval=5, disable=None)
+        if run.done == 0:  # a restored run keeps the peak measured before its first step
+            run.peak_bytes = peak_step_bytes(run.model, compute_loss, batch_at(0), device)
+    active = [run for run in runs if not finished(run)]
+    bar = tqdm(total=sum(r.steps for r in runs), initial=sum(r.done for r in runs), desc=desc, mininterval=5,
+               disable=None)  # fmt: skip
     while active:
         run = min(active, key=(lambda r: r.seconds) if budget else (lambda r: r.done))
         train_step(run, batch_at(run.done), compute_loss, max_grad_norm, device)
         bar.update(1)
-        if on_step is not None:
-            on_step()
-        finished = run.done >= (run.last or run.steps) if budget is None else run.seconds >= budget
+        done = finished(run)
         due = run.done in run.eval_at if budget is None else any(run.seconds >= t for t in run.eval_at)
         run.eval_at -= set() if budget is None else {t for t in run.eval_at if run.seconds >= t}
-        if due or finished:
+        if due or done:
             value = evaluate(run.model)
             run.curve.append({"step": run.done, "seconds": run.seconds, "tokens": run.done * run.tokens_per_step})
             run.curve[-1]["value"] = value
@@ -470,9 +487,108 @@ def train_in_turn(runs, batch_at, compute_loss, evaluate, *, max_grad_norm, devi
                 for other in runs:
                     other.last = last
                 active = [r for r in active if r.done < last or r is run]
-        if finished and run in active:
+        if finished(run) and run in active:
             active.remove(run)
+        if checkpoint is not None:
+            checkpoint(runs)
+        if on_step is not None:
+            on_step()
+    if checkpoint is not None:
+        checkpoint(runs, final=True)
     bar.close()
+
+
+def checkpoint_name(desc: str) -> str:
+    """The checkpoint file's name of a train_in_turn call: its description in lower case, words joined by '-'."""
+    return re.sub(r"[^a-z0-9]+", "-", desc.lower()).strip("-")
+
+
+class TrainingCheckpoint:
+    """One train_in_turn call's runs in FOLDER/<name>.pt, written whole (a temporary file renamed into place) every
+    `every` seconds and at the call's end: every model's weights, AdamW state, schedule, clock, losses and curve so
+    far, and torch's random state. The batches are a function of the step, so a run restored from it continues
+    with the steps, batches and figures of the run that was not stopped. `context` is what the part measured
+    before training (the time part's step times), kept so that a continued part trains to the same plan;
+    `elapsed()` the part's wall seconds so far, kept so that a continued part's time counts the stopped process's."""
+
+    VERSION = 1
+    FIELDS = ("done", "seconds", "cpu_seconds", "losses", "curve", "last", "peak_bytes")
+
+    def __init__(self, folder: Path, name: str, runs: list, every: float, context: dict | None = None, elapsed=None):
+        self.path = Path(folder) / f"{name}.pt"
+        self.every, self.context, self.elapsed = every, context or {}, elapsed or (lambda: 0.0)
+        self.part_seconds = 0.0  # the part's wall seconds when the restored checkpoint was written
+        self.plan = [self.plan_of(run) for run in runs]
+        self.saved = time.monotonic()
+
+    @staticmethod
+    def plan_of(run: Run) -> dict:
+        return {"name": run.name, "seed": run.seed, "steps": run.steps, "budget": run.budget,
+                "learning_rate": run.learning_rate}  # fmt: skip
+
+    @staticmethod
+    def saved_context(folder: Path, name: str) -> dict | None:
+        """The `context` of the checkpoint FOLDER/<name>.pt, or None where there is none."""
+        path = Path(folder) / f"{name}.pt"
+        return TrainingCheckpoint.read(path)["context"] if path.is_file() else None
+
+    @staticmethod
+    def read(path: Path) -> dict:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or state.get("version") != TrainingCheckpoint.VERSION:
+                raise ValueError("not a checkpoint of this script's version")
+        except Exception as error:  # a truncated or foreign file: torch raises many kinds, some over many lines
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise InputError(f"--resume: the checkpoint {path} cannot be read ({reason}): delete it to train its part "
+                             "from the part's start.") from None  # fmt: skip
+        return state
+
+    def restore(self, runs: list) -> bool:
+        """Load the saved state into `runs` (built as the call builds them); False where nothing was saved."""
+        if not self.path.is_file():
+            return False
+        state = self.read(self.path)
+        if state["plan"] != self.plan:
+            raise InputError(f"--resume: the checkpoint {self.path} holds other runs ({state['plan']}) than this part "
+                             f"trains ({self.plan}): delete it to train the part from its start.")  # fmt: skip
+        for run, saved in zip(runs, state["runs"], strict=True):
+            run.model.load_state_dict(saved["model"])
+            run.optimizer.load_state_dict(saved["optimizer"])
+            run.scheduler.load_state_dict(saved["scheduler"])
+            for field in self.FIELDS:
+                setattr(run, field, saved[field])
+            run.eval_at = set(saved["eval_at"])
+        torch.set_rng_state(state["rng"])
+        self.part_seconds = state["part_seconds"]
+        logger.info(f"continuing from {self.path}: step {', '.join(f'{r.name} {r.done}' for r in runs)}")
+        return True
+
+    def __call__(self, runs: list, final: bool = False):
+        if not final and time.monotonic() - self.saved < self.every:
+            return
+        state = {"version": self.VERSION, "plan": self.plan, "context": self.context, "rng": torch.get_rng_state()}
+        state["part_seconds"] = self.elapsed()
+        state["runs"] = [
+            {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+             "scheduler": run.scheduler.state_dict(), "eval_at": sorted(run.eval_at),
+             **{field: getattr(run, field) for field in self.FIELDS}}
+            for run in runs
+        ]  # fmt: skip
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as file:
+                torch.save(state, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(tmp, self.path)
+        except OSError as error:  # a full disk or a read-only folder: training goes on, the last checkpoint stays
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            logger.warning(f"the checkpoint {self.path} could not be written ({error}); the part trains on, and a "
+                           "stop now loses its progress since the last checkpoint written.")  # fmt: skip
+        self.saved = time.monotonic()
 
 
 def run_record(run: Run, metric: str, **final) -> dict:
@@ -574,6 +690,9 @@ class Study:
         if args.settle:
             self.results["procedure"]["settle_min_steps"] = self.settle_min_steps
         self.text = None
+        self.checkpoints = self.output_dir / "checkpoints"  # the running part's training, while it runs
+        self.part_checkpoints = []  # the running part's checkpoint files
+        self.part_started = time.time()  # the running part's start (for a continued part, the stopped process's)
         self.main_runs = {}  # the equal-steps runs of the first seed trained by this process
         self.done = []  # the parts in results.json
         self.steps_trained = 0  # optimizer steps of text models trained by this process
@@ -671,6 +790,27 @@ class Study:
                 )
         return self.text
 
+    def checkpoint(self, desc: str, runs: list, context: dict | None = None) -> TrainingCheckpoint:
+        """The checkpoint of one train_in_turn call (named after its `desc`), the runs restored from it if this
+        process continues a study that saved one."""
+        checkpoint = TrainingCheckpoint(
+            self.checkpoints, checkpoint_name(desc), runs, self.args.checkpoint_every, context, self.part_elapsed
+        )
+        self.part_checkpoints.append(checkpoint.path)
+        if self.args.resume and checkpoint.restore(runs):
+            last = self.results["resumed_runs"][str(len(self.results["resumed_runs"]) - 1)]
+            last.setdefault("checkpointed_steps", {})[desc] = {run.name: run.done for run in runs}
+            # the part's time counts the stopped process's up to its last checkpoint
+            self.part_started = min(self.part_started, time.time() - checkpoint.part_seconds)
+        return checkpoint
+
+    def part_elapsed(self) -> float:
+        return time.time() - self.part_started
+
+    def saved_context(self, desc: str) -> dict | None:
+        """What the part measured before the training that the checkpoint named after `desc` holds, if continued."""
+        return TrainingCheckpoint.saved_context(self.checkpoints, checkpoint_name(desc)) if self.args.resume else None
+
     def count_step(self):
         """The hidden --exit_after_steps: the process ends at once, as a killed one does (no cleanup, no save)."""
         self.steps_trained += 1
@@ -686,10 +826,10 @@ class Study:
         return self.results.get("equal_steps", {}).get("steps", self.size.steps)
 
     def text_comparison(self, names, seed, *, budget=None, step_times=None, windows=None, rates=None, steps=None,
-                        last=None, stop=None, desc=""):  # fmt: skip
+                        last=None, stop=None, desc="", context=None):  # fmt: skip
         """Train text models in turn on the same batches, each at its rate (`rates`, else `rate(model)`), planned
-        for `steps` (the size's) and stopped at `last` or by `stop`; returns {name: Run}, the final metrics in
-        run.extra."""
+        for `steps` (the size's) and stopped at `last` or by `stop`, checkpointed as `desc` (with `context`);
+        returns {name: Run}, the final metrics in run.extra."""
         tokenizer, splits, ratios = self.load_text()
         size = self.size
         batches = Batches({"input_ids": splits["train"]}, size.batch, seed, self.device)
@@ -724,6 +864,7 @@ class Study:
             desc=desc,
             stop=stop,
             on_step=self.count_step,
+            checkpoint=self.checkpoint(desc, runs, context),
         )
         for run in runs:
             for split in ("validation", "test"):
@@ -803,10 +944,12 @@ class Study:
 
     def part_time(self):
         seed = self.args.seeds[0]
-        step_times = self.step_seconds(self.args.models, seed)
+        # a continued part keeps the step times measured when it started: its runs were planned from them
+        step_times = (self.saved_context("equal time") or {}).get("step_times")
+        step_times = step_times or self.step_seconds(self.args.models, seed)
         budget = self.args.time_budget or step_times["gpt2"] * self.main_steps()
         runs = self.text_comparison(self.args.models, seed, budget=budget, step_times=step_times,
-                                    desc="equal time")  # fmt: skip
+                                    desc="equal time", context={"step_times": step_times})  # fmt: skip
         self.results["equal_time"] = {
             "budget_seconds": budget,
             "budget_from": "--time_budget"
@@ -870,8 +1013,10 @@ class Study:
             def bits_per_dim(model, held_out=held_out):  # the mean negative log2-likelihood of every sub-pixel
                 return next_token_cross_entropy(model, held_out, self.accelerator, self.metric)["bits_per_token"]
 
+            desc = f"pixels, seed {seed}"
             train_in_turn(runs, batches, lm_loss, bits_per_dim, max_grad_norm=self.recipe.max_grad_norm,
-                          device=self.device, load=self.load, desc=f"pixels, seed {seed}")  # fmt: skip
+                          device=self.device, load=self.load, desc=desc, on_step=self.count_step,
+                          checkpoint=self.checkpoint(desc, runs))  # fmt: skip
             records += [run_record(r, "validation_bits_per_dim", validation_bits_per_dim=r.curve[-1]["value"])
                         for r in runs]  # fmt: skip
         self.results["pixels"] = {
@@ -907,9 +1052,10 @@ class Study:
             def accuracy(model, held_out=held_out):
                 return evaluate_classifier(model, held_out, self.accelerator, metrics, 0)["eval_accuracy"]
 
+            desc = f"classification, seed {seed}"
             train_in_turn(runs, batches, lambda model, batch: model(**batch).loss, accuracy,
-                          max_grad_norm=self.recipe.max_grad_norm, device=self.device, load=self.load,
-                          desc=f"classification, seed {seed}")  # fmt: skip
+                          max_grad_norm=self.recipe.max_grad_norm, device=self.device, load=self.load, desc=desc,
+                          on_step=self.count_step, checkpoint=self.checkpoint(desc, runs))  # fmt: skip
             records += [run_record(r, "validation_accuracy", validation_accuracy=r.curve[-1]["value"]) for r in runs]
         self.results["classification"] = {
             "data": f"scikit-learn digits, {DIGITS_SIDE}x{DIGITS_SIDE} grey, patches of {DIGITS_PATCH}x{DIGITS_PATCH}",
@@ -950,17 +1096,23 @@ class Study:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.args.resume:
             self.resume()
+        else:  # an overwritten folder's checkpoints are of another study
+            shutil.rmtree(self.checkpoints, ignore_errors=True)
         for part in PARTS:
             if part in self.args.parts and part not in self.done:
                 logger.info(f"part {part}")
-                started = time.time()
+                self.part_started, self.part_checkpoints = time.time(), []
                 getattr(self, f"part_{part}")()
                 self.done.append(part)
-                # what each part took here, so that its cost can be read off the kept results (a resumed part's
-                # time is that of its last, complete run)
-                self.results.setdefault("part_seconds", {})[part] = time.time() - started
+                # what each part took here, so that its cost can be read off the kept results (a part run again
+                # from its start counts its last run; a continued one the stopped process's up to its checkpoint)
+                self.results.setdefault("part_seconds", {})[part] = time.time() - self.part_started
                 self.results["summary"] = summarize(self.results)
                 self.save_results()
+                for path in self.part_checkpoints:  # the part's figures are in results.json now
+                    path.unlink(missing_ok=True)
+        if self.checkpoints.is_dir() and not any(self.checkpoints.iterdir()):
+            self.checkpoints.rmdir()
         self.write_cards()
         self.results["complete"] = True
         self.save_results()

@@ -5,9 +5,11 @@ results.json holds every part, its numbers are finite and agree with each other,
 carry their row in their cards.
 """
 
+import argparse
 import importlib
 import importlib.util
 import json
+import logging
 import math
 import os
 import shutil
@@ -18,6 +20,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from conftest import import_lab
 
 pytest.importorskip("accelerate")
@@ -59,6 +62,7 @@ def quick(tmp_path_factory):
         command += ["--train_file", str(root / "train.txt"), "--validation_file", str(root / "valid.txt")]
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
         assert result.returncode == returncode, result.stderr[-4000:]
+        run.stderr = result.stderr
         return json.loads((Path(out) / "results.json").read_text())
 
     return run
@@ -206,6 +210,7 @@ def test_saved_models_load_and_carry_their_row(study):
         (["--models", "aft-local", "aft-conv"], "add gpt2 to --models or pass --time_budget"),
         (["--settle_min_steps", "100"], "--settle_min_steps=100: it is a number of steps >= 0 for --settle"),
         (["--settle", "--settle_min_steps", "-1"], "--settle_min_steps=-1"),
+        (["--checkpoint_every", "-1"], "--checkpoint_every=-1.0: it is a number of seconds >= 0"),
     ],
 )
 def test_bad_input_is_one_line_before_any_work(run_study, tmp_path, capsys, argv, message):
@@ -335,17 +340,70 @@ def test_sweep_chooses_each_models_rate_and_settle_stops_at_the_first_settled_po
 
 
 def test_a_killed_run_resumed_gives_the_uninterrupted_runs_figures(quick, tmp_path):
+    """Killed 10 steps into its main part, before its first checkpoint (the part trains again from its start) and
+    with a checkpoint after every step (it continues from the step it was killed at): the uninterrupted run's
+    figures either way. A checkpoint that cannot be read is refused with its path."""
     argv = ["--parts", "sweep", "steps", "--models", "gpt2", "aft-local", "--sweep_rates", "1e-3", "2e-3",
             "--sweep_steps", "4"]  # fmt: skip
     whole = quick(tmp_path / "whole", *argv)
-    # 2 x 2 sweep runs of 4 steps, then 16 steps each of the main two: killed 10 steps into the main part
-    killed = quick(tmp_path / "killed", *argv, "--exit_after_steps", "26", returncode=137)
-    assert killed["parts_done"] == ["sweep"] and "equal_steps" not in killed
-    resumed = quick(tmp_path / "killed", *argv, "--resume")
 
     def figures(results):
         runs = results["lr_sweep"]["points"] + results["equal_steps"]["runs"]
         return [(r["model"], r["learning_rate"], r["steps"], r["validation_bits_per_byte"], r["test_bits_per_byte"],
-                 [p["value"] for p in r["curve"]]) for r in runs]  # fmt: skip
+                 [p["value"] for p in r["curve"]], r["final_train_loss"]) for r in runs]  # fmt: skip
 
-    assert figures(resumed) == figures(whole) and resumed["lr_sweep"]["chosen"] == whole["lr_sweep"]["chosen"]
+    for every in ("600", "0"):
+        folder = tmp_path / f"killed-{every}"
+        # 2 x 2 sweep runs of 4 steps, then 16 steps each of the main two: killed 10 steps into the main part
+        killed = quick(folder, *argv, "--checkpoint_every", every, "--exit_after_steps", "26", returncode=137)
+        assert killed["parts_done"] == ["sweep"] and "equal_steps" not in killed
+        checkpoints = sorted(p.name for p in (folder / "checkpoints").glob("*")) if every == "0" else []
+        assert checkpoints == (["equal-steps.pt"] if every == "0" else [])  # the sweep's went with its part
+        if every == "0":
+            corrupt = tmp_path / "corrupt"
+            shutil.copytree(folder, corrupt)
+            (corrupt / "checkpoints" / "equal-steps.pt").write_bytes(b"not a checkpoint")
+            quick(corrupt, *argv, "--resume", returncode=2)
+            error = quick.stderr.strip().splitlines()[-1]
+            assert "equal-steps.pt cannot be read" in error and error.endswith("from the part's start.")
+        resumed = quick(folder, *argv, "--resume")
+        assert figures(resumed) == figures(whole) and resumed["lr_sweep"]["chosen"] == whole["lr_sweep"]["chosen"]
+        continued = resumed["resumed_runs"]["0"].get("checkpointed_steps")
+        assert continued == ({"equal steps": {"gpt2": 5, "aft-local": 5}} if every == "0" else None)
+        assert not (folder / "checkpoints").exists()  # removed with the part that finished
+
+
+def tiny_run(run_study, learning_rate=1e-3):
+    parser = argparse.ArgumentParser(add_help=False)
+    run_study.add_training_args(parser, learning_rate=1e-3, batch_size=4, epochs=1)
+    size = run_study.SIZES["quick"]
+    model = run_study.build_lm("aft-local", size, 16, size.block, 0)
+    return run_study.new_run("aft-local", 0, model, 4, 4 * size.block, parser.parse_args([]), 10, 2,
+                             torch.device("cpu"), learning_rate=learning_rate)  # fmt: skip
+
+
+def test_a_checkpoint_is_restored_only_into_the_runs_it_holds(run_study, tmp_path):
+    run = tiny_run(run_study)
+    batch = {"input_ids": torch.randint(0, 16, (4, run_study.SIZES["quick"].block))}
+    run_study.train_step(run, batch, run_study.lm_loss, 1.0, torch.device("cpu"))
+    run_study.TrainingCheckpoint(tmp_path, "equal-steps", [run], 600, elapsed=lambda: 12.5)([run], final=True)
+    again = tiny_run(run_study)
+    checkpoint = run_study.TrainingCheckpoint(tmp_path, "equal-steps", [again], 600)
+    assert checkpoint.restore([again]) and checkpoint.part_seconds == 12.5  # the stopped process's part time
+    assert again.done == 1 and again.losses == run.losses and again.scheduler.last_epoch == 1
+    weights, restored = run.model.state_dict(), again.model.state_dict()
+    assert all(torch.equal(weights[k], restored[k]) for k in weights)
+    other = tiny_run(run_study, learning_rate=2e-3)
+    with pytest.raises(run_study.InputError, match="holds other runs"):
+        run_study.TrainingCheckpoint(tmp_path, "equal-steps", [other], 600).restore([other])
+    assert not run_study.TrainingCheckpoint(tmp_path, "equal-time", [other], 600).restore([other])
+
+
+def test_a_checkpoint_that_cannot_be_written_leaves_training_going(run_study, tmp_path, caplog):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("in the way of the checkpoints folder")
+    run = tiny_run(run_study)
+    with caplog.at_level(logging.WARNING, logger="study"):
+        run_study.TrainingCheckpoint(blocked / "checkpoints", "equal-steps", [run], 0)([run], final=True)
+    assert "equal-steps.pt could not be written" in caplog.text and "the part trains on" in caplog.text
+    assert list(tmp_path.iterdir()) == [blocked] and blocked.read_text().startswith("in the way")

@@ -221,6 +221,7 @@ def convert(args, study, dst: Path, query_key: str) -> Path:
     run_script("convert_to_aft.py", [
         args.source, str(dst), "--aft_variant", "local", "--query_key", query_key,
         "--local_window_size", str(architecture["window"]), "--position_bias_rank", str(architecture["bias_rank"]),
+        "--seed", str(study["recipe"]["seeds"][0]),
     ])  # fmt: skip
     return dst
 

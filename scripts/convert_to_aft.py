@@ -60,6 +60,8 @@ def parse_args(argv=None):
         "sigmoid gate and key (conv: the query only, its key is one scalar per head); 'fresh': AFT's own "
         "initialisation, as in the paper's DeiT fine-tuning.",
     )
+    parser.add_argument("--seed", type=int, default=42, help="seeds the initialisation of the new parameters "
+                        "(the training scripts' default): a conversion gives the same folder every time.")  # fmt: skip
     new = parser.add_argument_group("AFT fields (default: AFTConfig's; num_heads: GPT-2's n_head)")
     new.add_argument("--local_window_size", type=int, default=None, help="window s of `local`.")
     new.add_argument("--position_bias_rank", type=int, default=None, help="rank of the bias of `full`/`local`.")
@@ -495,6 +497,7 @@ def main(argv=None):
 
     # 2. the conversion
     source = load_source_model(args)
+    transformers.set_seed(args.seed)  # the new parameters' initialisation
     model, new = convert(source, config, args.query_key)
     model.generation_config = source.generation_config  # the source's decoding defaults (special tokens, ...)
     if tokenizer is not None and config.has_position_limit:
@@ -509,7 +512,7 @@ def main(argv=None):
             tokenizer.save_pretrained(folder)
         card.save(folder / "README.md")
         source = card_base_model(args)[0] or public_path(args.src)
-        save_conversion_record(folder, new, source=source, query_key=args.query_key)
+        save_conversion_record(folder, new, source=source, query_key=args.query_key, seed=args.seed)
 
     write_folder(dst.resolve(), write, args.overwrite)
     carried = count_parameters(model) - sum(p.numel() for n, p in model.named_parameters() if n in new)

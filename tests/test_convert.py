@@ -228,6 +228,24 @@ def test_the_new_parameters_are_recorded_beside_the_weights(
     assert read_new_parameters(str(tmp_path / "again")) is None
 
 
+def test_a_conversion_is_the_same_every_time_for_its_seed(convert_to_aft, capsys, gpt2, tmp_path):
+    """The new parameters (here a fresh query and key and the position factors) come from --seed: the same seed
+    gives the same folder whatever ran before in the process, another seed other new parameters and the same
+    carried ones; conversion.json records it."""
+    _, src = gpt2
+    argv = ["--aft_variant", "local", "--query_key", "fresh"]
+    first = convert(convert_to_aft, capsys, src, tmp_path / "a", *argv)
+    torch.rand(100)  # the global random state moves on
+    again = convert(convert_to_aft, capsys, src, tmp_path / "b", *argv)
+    other = convert(convert_to_aft, capsys, src, tmp_path / "c", *argv, "--seed", "7")
+    weights = [dict(m.named_parameters()) for m in (first, again, other)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    new = set(json.loads((tmp_path / "c" / "conversion.json").read_text())["new_parameters"])
+    random = {k for k in new if weights[0][k].any()}  # the biases start at zero whatever the seed
+    assert random and all(torch.equal(weights[0][k], weights[2][k]) != (k in random) for k in weights[0])
+    assert json.loads((tmp_path / "c" / "conversion.json").read_text())["seed"] == 7
+
+
 @pytest.mark.parametrize("variant, query_key", [("simple", "fresh"), ("full", "fresh"), ("local", "copy")])
 def test_converted_model_runs_and_generates(convert_to_aft, capsys, gpt2, tmp_path, variant, query_key):
     """simple and a fresh full start with no position bias; with fresh q/k the mixer is near a gated causal mean."""

@@ -5,7 +5,7 @@ One pass over the sequence per channel keeps the running (m, n, z) of docs/opera
 row, with d = k - m, the larger of the two exponents is 0 and the other is -|d|, so one exponential per element; the
 row's y = q n / z is written as the row goes. That reads q, k, v and writes y once (the chunked torch form makes about
 ten passes over each unit). Large outputs are advised onto huge pages (Linux), so that glibc's fresh mapping of y costs
-32 faults of 2 MB instead of 16k of 4 KB. For training the pass also saves each row's n / z, m and z, and the backward
+32 faults of 2 MB instead of 16k of 4 KB. For training the pass also saves each row's n / z and log Z, and the backward
 is one reverse pass per channel (`scan_back`) whose carries are scaled by Z_s / Z_(s+1) <= 1; float32 throughout,
 gradients in the inputs' dtypes, the final state's key and mean differentiable too.
 
@@ -55,7 +55,7 @@ from .ops_aft_window import (
     aft_simple_recurrent,
 )
 
-KERNEL_VERSION = 5
+KERNEL_VERSION = 6
 _SOURCE = r"""
 #include <stdint.h>
 #include <stdlib.h>
@@ -88,13 +88,33 @@ static inline float exp_nonpositive(float x) {
     return p * keep;
 }
 
+/* ln x for a normal float x > 0 (here z >= 1: the running max's own term is e^0); branch-free, so that the row
+   loop vectorises: x = 2^e u with u in [sqrt(1/2), sqrt(2)), ln u = 2 atanh(s) with s = (u - 1) / (u + 1),
+   |s| <= 0.172, by its series to s^9 (error < 1e-8). */
+static inline float log_positive(float x) {
+    int32_t bits;
+    __builtin_memcpy(&bits, &x, 4);
+    int32_t e = ((bits - 0x3f3504f3) >> 23);               /* 0x3f3504f3: sqrt(1/2) */
+    bits -= e << 23;
+    float u;
+    __builtin_memcpy(&u, &bits, 4);
+    float s = (u - 1.0f) / (u + 1.0f), s2 = s * s;
+    float p = 1.0f / 9.0f;
+    p = p * s2 + 1.0f / 7.0f;
+    p = p * s2 + 1.0f / 5.0f;
+    p = p * s2 + 1.0f / 3.0f;
+    p = p * s2 + 1.0f;
+    return (float)e * 0.693147180559945309f + 2.0f * s * p;
+}
+
 /* channels [0, w) of one sample, T rows; q, k, v rows qt, kt, vt floats apart, y rows S apart;
    m, n, z: the running state of the w channels (n and z scaled by e^-m; empty: m = NEG, n = z = 0).
-   save: also each row's n / z, m and z (rows S apart) for the backward. */
+   save: also each row's n / z and log Z = m + ln z (NEG while only padding was seen; rows S apart) for the
+   backward. */
 static inline __attribute__((always_inline)) void scan(
     const float *restrict q, long qt, const float *restrict k, long kt, const float *restrict v, long vt,
     float *restrict y, long S, float *restrict m, float *restrict n, float *restrict z, long T, long w, int save,
-    float *restrict ys, float *restrict ms, float *restrict zs) {
+    float *restrict ys, float *restrict ls) {
     for (long t = 0; t < T; t++) {
         const float *restrict qr = q + t * qt, *restrict kr = k + t * kt, *restrict vr = v + t * vt;
         float *restrict yr = y + t * S;
@@ -117,37 +137,36 @@ static inline __attribute__((always_inline)) void scan(
             yr[c] = qr[c] * nn * inv;
             if (save) {
                 ys[t * S + c] = nn * inv;
-                ms[t * S + c] = m[c];
-                zs[t * S + c] = zz;
+                ls[t * S + c] = zz > 0.0f ? m[c] + log_positive(zz > 0.0f ? zz : 1.0f) : NEG_KEY;
             }
         }
     }
 }
 
-/* The gradients of y = q n / z for channels [0, w) of one sample, a reverse scan. With Z_t = z_t e^(m_t) (all
+/* The gradients of y = q n / z for channels [0, w) of one sample, a reverse scan. With log Z_t = m_t + ln z_t (all
    positions up to t), g = dy q and ybar = n / z: dv_s = w_s a_s and dk_s = w_s (v_s a_s - b_s), where
-   w_s = e^(k_s - m_s) / z_s <= 1 is position s's weight in row s and a_s = g_s + a_(s+1) Z_s / Z_(s+1),
+   w_s = e^(k_s - log Z_s) <= 1 is position s's weight in row s and a_s = g_s + a_(s+1) Z_s / Z_(s+1),
    b_s = g_s ybar_s + b_(s+1) Z_s / Z_(s+1), every factor Z_s / Z_(s+1) <= 1 (Z never decreases). a, b come in as
-   the carries from after the last row (the final state's gradients), in the last row's scale. Rows dy, ys, ms, zs,
+   the carries from after the last row (the final state's gradients), in the last row's scale. Rows dy, ys, ls,
    dq, dk, dv S apart. */
 static void scan_back(const float *restrict dy, const float *restrict q, long qt, const float *restrict k, long kt,
-                      const float *restrict v, long vt, const float *restrict ys, const float *restrict ms,
-                      const float *restrict zs, float *restrict dq, float *restrict dk, float *restrict dv, long S,
-                      float *restrict a, float *restrict b, long T, long w) {
+                      const float *restrict v, long vt, const float *restrict ys, const float *restrict ls,
+                      float *restrict dq, float *restrict dk, float *restrict dv, long S, float *restrict a,
+                      float *restrict b, long T, long w) {
     for (long t = T - 1; t >= 0; t--) {
         long o = t * S, on = (t + 1 < T ? t + 1 : t) * S;  /* the last row is its own successor: factor 1 */
         const float *restrict qr = q + t * qt, *restrict kr = k + t * kt, *restrict vr = v + t * vt;
         for (long c = 0; c < w; c++) {
-            float z = zs[o + c], m = ms[o + c], zn = zs[on + c], mn = ms[on + c], ybar = ys[o + c];
-            float ratio = zn > 0.0f ? z / zn : 0.0f;               /* rows of padding alone weigh nothing */
-            float f = exp_nonpositive(m - mn) * ratio;
+            float l = ls[o + c], ln = ls[on + c], ybar = ys[o + c];
+            float seen = (float)(l > NEG_HALF), d = l - ln;        /* rows of padding alone weigh nothing */
+            float f = seen * exp_nonpositive(d < 0.0f ? d : 0.0f);
             float g = dy[o + c] * qr[c];
             float aa = g + a[c] * f, bb = g * ybar + b[c] * f;
             a[c] = aa;
             b[c] = bb;
-            float kk = kr[c];
-            float real = (float)(kk > NEG_HALF && z > 0.0f);
-            float wt = real * exp_nonpositive(kk > NEG_HALF ? kk - m : 0.0f) / (z > 0.0f ? z : 1.0f);
+            float kk = kr[c], x = kk - l;
+            float real = (float)(kk > NEG_HALF) * seen;
+            float wt = real * exp_nonpositive(real > 0.0f && x < 0.0f ? x : 0.0f);
             dq[o + c] = dy[o + c] * ybar;
             dv[o + c] = wt * aa;
             dk[o + c] = wt * (vr[c] * aa - bb);
@@ -160,7 +179,7 @@ typedef struct {
     long qb, qt, kb, kt, vb, vt;
     float *y, *m, *n, *z;
     long B, T, S, c0, c1;
-    float *ys, *ms, *zs;        /* saved for the backward, or NULL */
+    float *ys, *ls;             /* saved for the backward, or NULL */
     const float *dy;            /* the backward's: dy in, dq, dk, dv out (m and n: its carries a and b) */
     float *dq, *dk, *dv;
 } job_t;
@@ -171,10 +190,10 @@ static void *run(void *arg) {
         long c = j->c0, s = b * j->S + c, o = b * j->T * j->S + c;
         if (j->ys)
             scan(j->q + b * j->qb + c, j->qt, j->k + b * j->kb + c, j->kt, j->v + b * j->vb + c, j->vt, j->y + o,
-                 j->S, j->m + s, j->n + s, j->z + s, j->T, j->c1 - c, 1, j->ys + o, j->ms + o, j->zs + o);
+                 j->S, j->m + s, j->n + s, j->z + s, j->T, j->c1 - c, 1, j->ys + o, j->ls + o);
         else
             scan(j->q + b * j->qb + c, j->qt, j->k + b * j->kb + c, j->kt, j->v + b * j->vb + c, j->vt, j->y + o,
-                 j->S, j->m + s, j->n + s, j->z + s, j->T, j->c1 - c, 0, 0, 0, 0);
+                 j->S, j->m + s, j->n + s, j->z + s, j->T, j->c1 - c, 0, 0, 0);
     }
     return 0;
 }
@@ -184,8 +203,7 @@ static void *run_back(void *arg) {
     for (long b = 0; b < j->B; b++) {
         long c = j->c0, s = b * j->S + c, o = b * j->T * j->S + c;
         scan_back(j->dy + o, j->q + b * j->qb + c, j->qt, j->k + b * j->kb + c, j->kt, j->v + b * j->vb + c, j->vt,
-                  j->ys + o, j->ms + o, j->zs + o, j->dq + o, j->dk + o, j->dv + o, j->S, j->m + s, j->n + s, j->T,
-                  j->c1 - c);
+                  j->ys + o, j->ls + o, j->dq + o, j->dk + o, j->dv + o, j->S, j->m + s, j->n + s, j->T, j->c1 - c);
     }
     return 0;
 }
@@ -219,33 +237,31 @@ static void in_parallel(job_t job, void *(*work)(void *), int threads) {
     }
 }
 
-/* y (B, T, S) contiguous and new; m, n, z (B, S) contiguous, updated in place; ys, ms, zs (B, T, S) contiguous
-   and new, or NULL: each row's n / z, m and z, for `aft_simple_causal_backward`; threads split the channels */
+/* y (B, T, S) contiguous and new; m, n, z (B, S) contiguous, updated in place; ys, ls (B, T, S) contiguous and
+   new, or NULL: each row's n / z and log Z, for `aft_simple_causal_backward`; threads split the channels */
 int aft_simple_causal(const float *q, long qb, long qt, const float *k, long kb, long kt, const float *v, long vb,
-                      long vt, float *y, float *m, float *n, float *z, float *ys, float *ms, float *zs, long B, long T,
-                      long S, int threads) {
+                      long vt, float *y, float *m, float *n, float *z, float *ys, float *ls, long B, long T, long S,
+                      int threads) {
     advise_huge(y, B * T * S);
     if (ys) {
         advise_huge(ys, B * T * S);
-        advise_huge(ms, B * T * S);
-        advise_huge(zs, B * T * S);
+        advise_huge(ls, B * T * S);
     }
-    job_t job = {q, k, v, qb, qt, kb, kt, vb, vt, y, m, n, z, B, T, S, 0, S, ys, ms, zs, 0, 0, 0, 0};
+    job_t job = {q, k, v, qb, qt, kb, kt, vb, vt, y, m, n, z, B, T, S, 0, S, ys, ls, 0, 0, 0, 0};
     in_parallel(job, run, threads);
     return 0;
 }
 
-/* dy, ys, ms, zs (B, T, S) contiguous; q, k, v as the forward read them; dq, dk, dv (B, T, S) contiguous and new;
+/* dy, ys, ls (B, T, S) contiguous; q, k, v as the forward read them; dq, dk, dv (B, T, S) contiguous and new;
    a, b (B, S) contiguous: the carries from after the last row, used up */
 int aft_simple_causal_backward(const float *dy, const float *q, long qb, long qt, const float *k, long kb, long kt,
-                               const float *v, long vb, long vt, const float *ys, const float *ms, const float *zs,
-                               float *dq, float *dk, float *dv, float *a, float *b, long B, long T, long S,
-                               int threads) {
+                               const float *v, long vb, long vt, const float *ys, const float *ls, float *dq,
+                               float *dk, float *dv, float *a, float *b, long B, long T, long S, int threads) {
     advise_huge(dq, B * T * S);
     advise_huge(dk, B * T * S);
     advise_huge(dv, B * T * S);
-    job_t job = {q, k, v, qb, qt, kb, kt, vb, vt, 0, a, b, 0, B, T, S, 0, S, (float *)ys, (float *)ms, (float *)zs,
-                 dy, dq, dk, dv};
+    job_t job = {q, k, v, qb, qt, kb, kt, vb, vt, 0, a, b, 0, B, T, S, 0, S, (float *)ys, (float *)ls, dy, dq, dk,
+                 dv};
     in_parallel(job, run_back, threads);
     return 0;
 }
@@ -564,7 +580,7 @@ def _load(path: Path, digest: str):
     lib.aft_simple_causal.restype = ctypes.c_int
     lib.aft_simple_causal.argtypes = [
         *(ctypes.c_void_p, ctypes.c_long, ctypes.c_long) * 3,
-        *(ctypes.c_void_p,) * 7,
+        *(ctypes.c_void_p,) * 6,
         *(ctypes.c_long,) * 3,
         ctypes.c_int,
     ]
@@ -572,7 +588,7 @@ def _load(path: Path, digest: str):
     lib.aft_simple_causal_backward.argtypes = [
         ctypes.c_void_p,
         *(ctypes.c_void_p, ctypes.c_long, ctypes.c_long) * 3,
-        *(ctypes.c_void_p,) * 8,
+        *(ctypes.c_void_p,) * 7,
         *(ctypes.c_long,) * 3,
         ctypes.c_int,
     ]
@@ -694,7 +710,7 @@ def _threads(x: torch.Tensor) -> int:
 
 def _scan(lib, q, k, v, mask, initial_state, save: bool):
     """The kernel's forward: k masked here. -> y (float32), the pool (m, n, z) after the last row, the inputs as
-    the kernel read them (q, k masked, v in float32), and with `save` each row's (n / z, m, z) for the backward."""
+    the kernel read them (q, k masked, v in float32), and with `save` each row's (n / z, log Z) for the backward."""
     B, T, H, D = k.shape
     # the kernel weighs keys below NEG / 2 (-inf too) as padding: float32 keys without a mask as they are (no copy
     # for the forward to make, nor for the backward to keep)
@@ -708,7 +724,7 @@ def _scan(lib, q, k, v, mask, initial_state, save: bool):
         check_state(initial_state, k, v)
         m, n, z = (x.to(torch.float32).clone(memory_format=torch.contiguous_format) for x in initial_state[:3])
     y = torch.empty(B, T, H, D, **f32)
-    saved = tuple(torch.empty(B, T, H, D, **f32) for _ in range(3)) if save else (None,) * 3
+    saved = tuple(torch.empty(B, T, H, D, **f32) for _ in range(2)) if save else (None,) * 2
     lib.aft_simple_causal(
         q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), k.stride(1), v.data_ptr(), v.stride(0),
         v.stride(1), y.data_ptr(), m.data_ptr(), n.data_ptr(), z.data_ptr(),
@@ -756,7 +772,7 @@ class _NativeSimple(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, dkey, dmean, _):
-        q, k, v, ys, ms, zs, z = ctx.saved_tensors
+        q, k, v, ys, ls, z = ctx.saved_tensors
         B, T, H, D = k.shape
         dy = _f32(dy)
         # the final state as a row after the last, in its scale: its mean is the last row's n / z (a gradient like
@@ -768,8 +784,8 @@ class _NativeSimple(torch.autograd.Function):
         dq, dk, dv = (torch.empty(B, T, H, D, dtype=torch.float32) for _ in range(3))
         ctx.lib.aft_simple_causal_backward(
             dy.data_ptr(), q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), k.stride(1),
-            v.data_ptr(), v.stride(0), v.stride(1), ys.data_ptr(), ms.data_ptr(), zs.data_ptr(), dq.data_ptr(),
-            dk.data_ptr(), dv.data_ptr(), a.data_ptr(), b.data_ptr(), B, T, H * D, _threads(dq),
+            v.data_ptr(), v.stride(0), v.stride(1), ys.data_ptr(), ls.data_ptr(), dq.data_ptr(), dk.data_ptr(),
+            dv.data_ptr(), a.data_ptr(), b.data_ptr(), B, T, H * D, _threads(dq),
         )  # fmt: skip
         grads = (
             g.to(dtype) if need else None

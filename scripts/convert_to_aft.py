@@ -329,11 +329,12 @@ attention, so this checkpoint is a starting point for fine-tuning, not a finishe
 | | parameters |
 |---|---|
 | carried over exactly from GPT-2 | {{ carried }} |
-| new, initialised by `AFTForCausalLM` | {{ new }} |
+| new, initialised by `AFTForCausalLM` (seed {{ seed }}) | {{ new }} |
 | not used | {{ dropped }} |
 
 GPT-2's Conv1D weights (`x @ W + b`) are stored transposed, in `nn.Linear` layout; `c_attn` is split into its
-query, key and value parts. {{ query_key_note }}
+query, key and value parts. {{ query_key_note }} `conversion.json` beside the weights names every new parameter
+(`run_clm.py --freeze_carried_steps N` trains them alone for the first N steps), the source and the seed.
 
 ## Fine-tuning and usage
 
@@ -441,6 +442,7 @@ def model_card(args, model: AFTForCausalLM, new: list[str], has_tokenizer: bool 
         new=", ".join(f"`{kind}`" for kind in new_kinds) or "none",
         dropped=", ".join(dropped),
         query_key_note=query_key_note,
+        seed=args.seed,
         model_id=repr(card_folder(args.dst)),
         folder=shlex.quote(card_folder(args.dst)),
         install=shlex.join(CARD_REQUIREMENTS),

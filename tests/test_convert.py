@@ -281,6 +281,7 @@ def test_folder_is_complete_and_loads_as_remote_code(convert_to_aft, capsys, gpt
         "text-generation",
     )
     assert "convert_to_aft.py" in card.text and "pos_u" in card.text
+    assert "(seed 42)" in card.text and "`conversion.json`" in card.text  # what a user needs to repeat it
     text = "the lazy dog"
     assert (
         AutoTokenizer.from_pretrained(dst)(text)["input_ids"] == AutoTokenizer.from_pretrained(src)(text)["input_ids"]

@@ -242,7 +242,7 @@ def check_args(args) -> Size:
     if output_dir.is_dir() and any(output_dir.iterdir()) and not (args.overwrite_output_dir or args.resume):
         raise InputError(
             f"--output_dir {output_dir} already holds files that this study would overwrite: choose another "
-            "folder or pass --overwrite_output_dir."
+            "folder, pass --resume to continue the study in it, or --overwrite_output_dir."
         )
     steps = args.steps if args.steps or not args.settle else SETTLE_CAP * SIZES[args.size].steps
     sweep_steps = args.sweep_steps or max(1, SIZES[args.size].steps // 3)
@@ -1098,6 +1098,7 @@ class Study:
             self.resume()
         else:  # an overwritten folder's checkpoints are of another study
             shutil.rmtree(self.checkpoints, ignore_errors=True)
+            self.save_results()  # before the first part: a study stopped in it can be continued with --resume
         for part in PARTS:
             if part in self.args.parts and part not in self.done:
                 logger.info(f"part {part}")

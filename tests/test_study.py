@@ -341,8 +341,8 @@ def test_sweep_chooses_each_models_rate_and_settle_stops_at_the_first_settled_po
 
 def test_a_killed_run_resumed_gives_the_uninterrupted_runs_figures(quick, tmp_path):
     """Killed 10 steps into its main part, before its first checkpoint (the part trains again from its start) and
-    with a checkpoint after every step (it continues from the step it was killed at): the uninterrupted run's
-    figures either way. A checkpoint that cannot be read is refused with its path."""
+    with a checkpoint after every step (it continues from the step it was killed at), and 6 steps into its first
+    part: the uninterrupted run's figures every time. A checkpoint that cannot be read is refused with its path."""
     argv = ["--parts", "sweep", "steps", "--models", "gpt2", "aft-local", "--sweep_rates", "1e-3", "2e-3",
             "--sweep_steps", "4"]  # fmt: skip
     whole = quick(tmp_path / "whole", *argv)
@@ -352,13 +352,24 @@ def test_a_killed_run_resumed_gives_the_uninterrupted_runs_figures(quick, tmp_pa
         return [(r["model"], r["learning_rate"], r["steps"], r["validation_bits_per_byte"], r["test_bits_per_byte"],
                  [p["value"] for p in r["curve"]], r["final_train_loss"]) for r in runs]  # fmt: skip
 
-    for every in ("600", "0"):
-        folder = tmp_path / f"killed-{every}"
-        # 2 x 2 sweep runs of 4 steps, then 16 steps each of the main two: killed 10 steps into the main part
-        killed = quick(folder, *argv, "--checkpoint_every", every, "--exit_after_steps", "26", returncode=137)
-        assert killed["parts_done"] == ["sweep"] and "equal_steps" not in killed
+    # 2 x 2 sweep runs of 4 steps, then 16 steps each of the main two: killed 10 steps into the main part, or 6
+    # into the sweep (the first process's only part)
+    for every, kill in (("600", 26), ("0", 26), ("0", 6)):
+        folder = tmp_path / f"killed-{every}-{kill}"
+        argv_kill = ["--checkpoint_every", every, "--exit_after_steps", str(kill)]
+        killed = quick(folder, *argv, *argv_kill, returncode=137)
+        assert killed["parts_done"] == ([] if kill == 6 else ["sweep"]) and "equal_steps" not in killed
         checkpoints = sorted(p.name for p in (folder / "checkpoints").glob("*")) if every == "0" else []
-        assert checkpoints == (["equal-steps.pt"] if every == "0" else [])  # the sweep's went with its part
+        expected = {"600": [], "0": ["learning-rate-sweep.pt" if kill == 6 else "equal-steps.pt"]}[every]
+        assert checkpoints == expected  # the sweep's went with its part
+        if kill == 6:
+            resumed = quick(folder, *argv, "--resume")
+            assert figures(resumed) == figures(whole) and not (folder / "checkpoints").exists()
+            assert resumed["resumed_runs"]["0"]["checkpointed_steps"] == {
+                "learning-rate sweep": {f"{m}/lr={r}": 2 if m == "gpt2" else 1  # in turn: 4 x 1, then 2 more
+                                        for m in ("gpt2", "aft-local") for r in ("0.001", "0.002")}
+            }  # fmt: skip
+            continue
         if every == "0":
             corrupt = tmp_path / "corrupt"
             shutil.copytree(folder, corrupt)

@@ -1535,12 +1535,17 @@ def report(folder: Path):
     """--plot_only: the plots and the cards of the saved equal-steps models, from results.json alone."""
     try:
         results = json.loads((folder / "results.json").read_text())
-        first = results["recipe"]["seeds"][0]
-        main_runs = [r for r in results["equal_steps"]["runs"] if r["seed"] == first]
-    except (OSError, ValueError, KeyError) as error:
+        first, done = results["recipe"]["seeds"][0], results.get("parts_done")
+        main_runs = [r for r in results.get("equal_steps", {"runs": []})["runs"] if r["seed"] == first]
+    except (OSError, ValueError, KeyError, TypeError) as error:
         raise InputError(
             f"--plot_only: {folder / 'results.json'} is not a results.json of this study ({error})."
         ) from None
+    if "equal_steps" not in results:  # a sweep alone, or a study stopped before its steps part
+        raise InputError(
+            f"--plot_only: {folder / 'results.json'} holds no equal-steps runs to plot (parts done: "
+            f"{', '.join(done or []) or 'none'}; a stopped study continues with --resume)."
+        )
     for record in main_runs:
         if (folder / record["model"] / "config.json").is_file():
             write_card(folder / record["model"], record["model"], first, results)

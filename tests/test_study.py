@@ -283,6 +283,12 @@ def test_plot_only_needs_a_results_json(run_study, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_study.run_main(lambda: run_study.main(["--plot_only", "--output_dir", str(tmp_path)]))
     assert exit_info.value.code == 2 and "--plot_only" in capsys.readouterr().err
+    (tmp_path / "results.json").write_text(json.dumps({"recipe": {"seeds": [0]}, "parts_done": []}))  # just begun
+    with pytest.raises(SystemExit):
+        run_study.run_main(lambda: run_study.main(["--plot_only", "--output_dir", str(tmp_path)]))
+    assert "holds no equal-steps runs to plot (parts done: none; a stopped study continues with --resume)" in (
+        capsys.readouterr().err
+    )
 
 
 # The procedure: a learning rate per model, training until the ranking settles, runs that survive a kill
